@@ -46,8 +46,8 @@ class TinyModelSpec:
     max_positions: int = 256
     seq_len: int = 64
     batch_size: int = 32
-    pretrain_steps: int = 150
-    sft_steps: int = 150
+    pretrain_steps: int = 300
+    sft_steps: int = 300
     learning_rate: float = 2e-3
     seed: int = 0
 

@@ -1,0 +1,10 @@
+"""Evaluators by name. Adding one is a small class with `name`, `needs_generation` and `evaluate`."""
+
+from evaluators.base import EvalContext, EvalResult, Evaluator
+from evaluators.bleu import Bleu
+from evaluators.perplexity import Perplexity
+from evaluators.rouge import RougeChinese
+
+EVALUATORS: dict[str, type] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese)}
+
+__all__ = ["EVALUATORS", "EvalContext", "EvalResult", "Evaluator"]

@@ -1,0 +1,30 @@
+"""Perplexity of the eval references given their prompts: exp of the token-weighted mean NLL."""
+
+from __future__ import annotations
+
+import math
+
+from evaluators.base import EvalContext, EvalResult
+
+
+def reference_ids(tokenizer, references: list[str]) -> list[list[int]]:
+    return [tokenizer(r, add_special_tokens=False)["input_ids"] for r in references]
+
+
+def perplexity_from_logprobs(logprobs: list[list[float]]) -> tuple[float, list[float]]:
+    """Corpus perplexity weighting every reference token equally, and each sample's own perplexity."""
+    total = sum(sum(lp) for lp in logprobs)
+    count = sum(len(lp) for lp in logprobs)
+    per = [math.exp(-sum(lp) / len(lp)) if lp else float("nan") for lp in logprobs]
+    return math.exp(-total / count), per
+
+
+class Perplexity:
+    name = "perplexity"
+    metrics = ("perplexity",)
+    needs_generation = False
+
+    def evaluate(self, ctx: EvalContext) -> EvalResult:
+        refs = reference_ids(ctx.tokenizer, [s.reference for s in ctx.samples])
+        corpus, per = perplexity_from_logprobs(ctx.backend.logprobs(ctx.prompt_ids, refs))
+        return EvalResult({"perplexity": corpus}, {"perplexity": per})

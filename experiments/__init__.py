@@ -1,0 +1,1 @@
+"""One experiment class per module; the module name is the experiment's NAME (`make experiment NAME=...`)."""

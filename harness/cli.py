@@ -1,0 +1,81 @@
+"""`python -m harness run|list|score|data`: the command line the Makefile wraps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from harness.errors import ConfigError, DataError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from harness.experiment import load_class
+    from harness.overrides import apply_overrides
+    from harness.runner import run_experiment
+
+    exp = apply_overrides(load_class(args.name), args.overrides)
+    run_experiment(exp)
+    return 0
+
+
+def _list(_: argparse.Namespace) -> int:
+    from harness.experiment import discover
+
+    for name, cls in discover().items():
+        print(f"{name:<20} {cls.description()}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from harness.scoring import score_file
+
+    result = score_file(args.evaluator, args.samples, args.model)
+    print(json.dumps(result.metrics))
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from harness.paths import DATA_DIR
+    from harness.tasks import generate
+
+    for kind, path in generate(Path(args.out) if args.out else DATA_DIR, seed=args.seed).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from evaluators import EVALUATORS
+
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train an experiment with in-loop evaluation, logged to MLflow")
+    run.add_argument("name", help="experiment NAME (a module in experiments/)")
+    run.add_argument("overrides", nargs="*", help="field=value overrides, type-checked against the experiment")
+    run.set_defaults(func=_run)
+    sub.add_parser("list", help="list experiments").set_defaults(func=_list)
+    score = sub.add_parser("score", help="score saved generations offline; prints one JSON object last")
+    score.add_argument("evaluator", choices=sorted(EVALUATORS))
+    score.add_argument("--samples", required=True, help="JSONL with prompt, reference, prediction")
+    score.add_argument("--model", help="perplexity: tiny-qwen2 or a local model directory")
+    score.set_defaults(func=_score)
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    gen = data_sub.add_parser("generate", help="regenerate the embedded task data (deterministic for a seed)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", help="directory (default: data/)")
+    gen.set_defaults(func=_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

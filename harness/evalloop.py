@@ -1,0 +1,103 @@
+"""Evaluation inside the training loop: baseline at step 0, every `eval_every` steps, and at the end."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers import TrainerCallback
+
+from evaluators import EvalContext, Evaluator
+from harness.data import EvalSample
+from harness.generation import GenerationBackend, GenParams
+from harness.prompts import render_prompt
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    step: int
+    metrics: dict[str, float]  # "eval/<evaluator>/<metric>" and "eval/time/*", "eval/generation/*"
+    table: dict[str, list]  # columns of the per-sample table: prompt, reference, prediction, scores
+
+
+class Evaluation:
+    """Runs the evaluators on one fixed eval set with one generation backend."""
+
+    def __init__(self, evaluators: list[Evaluator], samples: list[EvalSample], backend: GenerationBackend,
+                 tokenizer, params: GenParams):
+        self.evaluators = evaluators
+        self.samples = samples
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.params = params
+        self.prompt_ids = [render_prompt(tokenizer, s.prompt) for s in samples]
+
+    def run(self, model, step: int) -> EvalReport:
+        t0 = time.perf_counter()
+        self.backend.sync_weights(model)
+        t1 = time.perf_counter()
+        ctx = EvalContext(self.samples, backend=self.backend, prompt_ids=self.prompt_ids, tokenizer=self.tokenizer)
+        metrics: dict[str, float] = {}
+        table: dict[str, list] = {
+            "id": [s.id for s in self.samples],
+            "prompt": [s.prompt for s in self.samples],
+            "reference": [s.reference for s in self.samples],
+        }
+        if any(e.needs_generation for e in self.evaluators):
+            completions = self.backend.generate(self.prompt_ids, self.params)
+            ctx.predictions = [c.texts[0] for c in completions]
+            table["prediction"] = ctx.predictions
+            tokens = sum(c.num_tokens for c in completions)
+            metrics["eval/generation/tokens"] = tokens
+        t2 = time.perf_counter()
+        for evaluator in self.evaluators:
+            result = evaluator.evaluate(ctx)
+            metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in result.metrics.items()})
+            table.update({f"{evaluator.name}/{k}": v for k, v in result.per_sample.items()})
+        t3 = time.perf_counter()
+        metrics["eval/time/sync_s"] = t1 - t0
+        metrics["eval/time/generate_s"] = t2 - t1
+        metrics["eval/time/score_s"] = t3 - t2
+        metrics["eval/time/total_s"] = t3 - t0
+        if "eval/generation/tokens" in metrics:
+            metrics["eval/generation/tokens_per_s"] = metrics["eval/generation/tokens"] / max(t2 - t1, 1e-9)
+        return EvalReport(step, metrics, table)
+
+
+class InLoopEvaluation(TrainerCallback):
+    """Calls `evaluation` on the live model and hands each report to the listeners (MLflow, checkpoints, ...)."""
+
+    def __init__(self, evaluation: Evaluation, every: int, listeners: list[Callable[[EvalReport, object], None]]):
+        self.evaluation = evaluation
+        self.every = every
+        self.listeners = listeners
+        self.reports: list[EvalReport] = []
+
+    def _evaluate(self, model, step: int) -> None:
+        report = self.evaluation.run(model, step)
+        self.reports.append(report)
+        for listener in self.listeners:
+            listener(report, model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._evaluate(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._evaluate(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if not self.reports or self.reports[-1].step != state.global_step:
+            self._evaluate(model, state.global_step)
+
+
+def format_report(report: EvalReport) -> str:
+    scores = [f"{k.removeprefix('eval/')}={v:.2f}" for k, v in report.metrics.items()
+              if not k.startswith(("eval/time/", "eval/generation/")) and not math.isnan(v)]
+    m = report.metrics
+    speed = f", {m['eval/generation/tokens_per_s']:.0f} tok/s" if "eval/generation/tokens_per_s" in m else ""
+    return (f"[eval] step {report.step}: {' '.join(scores)} | {m['eval/time/total_s']:.2f}s "
+            f"(sync {m['eval/time/sync_s']:.2f}, generate {m['eval/time/generate_s']:.2f}, "
+            f"score {m['eval/time/score_s']:.2f}{speed})")

@@ -1,0 +1,118 @@
+"""The `Experiment` base class: its dataclass fields are the configuration, its methods the hooks.
+
+An experiment file in `experiments/` subclasses it, adds the fields of its method with defaults that run on
+the embedded model, and implements `build_trainer`. No training logic lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness.errors import ConfigError
+
+BACKENDS = ("vllm", "hf")
+
+
+@dataclass
+class Experiment:
+    """Fields every experiment accepts."""
+
+    model: str = "tiny-qwen2"  # "tiny-qwen2", a local model directory, or a Hugging Face hub name
+    train_data: str = "data/preference.jsonl"  # local .jsonl/.json/.parquet, or hub "name[:split]"
+    eval_data: str = "data/eval.jsonl"
+    max_steps: int = 60
+    eval_every: int = 20
+    eval_limit: int = 64  # first N eval records; 0 means all
+    seed: int = 0
+    learning_rate: float = 1e-4
+    batch_size: int = 8
+    max_length: int = 128  # prompt + completion tokens seen by the trainer
+    backend: str = "vllm"  # generation for in-loop evaluation: "vllm" (weights synced in memory) or "hf"
+    max_new_tokens: int = 48
+    evaluators: list[str] = field(default_factory=lambda: ["perplexity", "bleu", "rouge"])
+    select_metric: str = "eval/rouge/rougeL"  # the best checkpoint is kept by this metric
+    select_mode: str = "max"  # "max" or "min"
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    output_dir: str = "outputs"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check values that a type alone cannot; raise ConfigError naming the field."""
+        from evaluators import EVALUATORS
+
+        checks = [
+            (self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
+            (self.select_mode in ("max", "min"), "select_mode", "must be 'max' or 'min'"),
+            (self.max_steps >= 1, "max_steps", "must be >= 1"),
+            (self.eval_every >= 1, "eval_every", "must be >= 1"),
+            (self.eval_limit >= 0, "eval_limit", "must be >= 0 (0 means the whole eval set)"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.learning_rate > 0, "learning_rate", "must be > 0"),
+            (bool(self.evaluators), "evaluators", "must name at least one evaluator"),
+        ]
+        unknown = [e for e in self.evaluators if e not in EVALUATORS]
+        checks.append((not unknown, "evaluators", f"unknown {unknown}; known: {', '.join(sorted(EVALUATORS))}"))
+        selectable = [f"eval/{e}/{m}" for e in self.evaluators if e in EVALUATORS for m in EVALUATORS[e].metrics]
+        checks.append((self.select_metric in selectable or unknown, "select_metric",
+                       f"is not produced by the chosen evaluators; choose one of: {', '.join(selectable)}"))
+        for ok, name, why in checks:
+            if not ok:
+                raise ConfigError(f"{self.name()}: field '{name}' = {getattr(self, name)!r} {why}")
+
+    @classmethod
+    def name(cls) -> str:
+        return cls.__module__.rsplit(".", 1)[-1]
+
+    @classmethod
+    def description(cls) -> str:
+        return (inspect.getdoc(cls) or "").splitlines()[0] if cls.__doc__ else ""
+
+    def params(self) -> dict[str, Any]:
+        """Every field, flattened to MLflow-loggable scalars."""
+        return {f.name: ",".join(map(str, v)) if isinstance(v, list) else v for f, v in self._items()}
+
+    def _items(self):
+        return ((f, getattr(self, f.name)) for f in dataclasses.fields(self))
+
+    def train_rows(self, records: list) -> list[dict]:
+        """Validate the training records and convert them to the rows the trainer reads (see harness.data).
+        Called before anything is written, so a bad record stops the run with its file, line and field."""
+        raise NotImplementedError
+
+    def build_trainer(self, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str):
+        """Return a transformers/TRL Trainer that trains `model`; the harness calls `.train()` on it."""
+        raise NotImplementedError
+
+
+def discover() -> dict[str, type[Experiment]]:
+    """Every experiment class in the `experiments` package, by module name."""
+    import experiments
+
+    found = {}
+    for info in pkgutil.iter_modules(experiments.__path__):
+        found[info.name] = load_class(info.name)
+    return found
+
+
+def load_class(name: str) -> type[Experiment]:
+    import experiments
+
+    if name not in {i.name for i in pkgutil.iter_modules(experiments.__path__)}:
+        known = sorted(i.name for i in pkgutil.iter_modules(experiments.__path__))
+        raise ConfigError(f"unknown experiment '{name}'; known: {', '.join(known)}")
+    module = importlib.import_module(f"experiments.{name}")
+    classes = [c for c in vars(module).values()
+               if inspect.isclass(c) and issubclass(c, Experiment) and c.__module__ == module.__name__]
+    if len(classes) != 1:
+        raise ConfigError(f"experiments/{name}.py must define exactly one Experiment subclass, found {len(classes)}")
+    return classes[0]

@@ -1,0 +1,204 @@
+"""Generation backends for in-loop evaluation: a long-lived in-process vLLM engine, or HF `generate`.
+
+Both take token-id prompts (see harness.prompts) so that their outputs are comparable token for token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_new_tokens: int = 48
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Completion:
+    texts: list[str]  # n sampled outputs for one prompt
+    num_tokens: int  # generated tokens over all n outputs
+
+
+class GenerationBackend(Protocol):
+    name: str
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+    def generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[Completion]: ...
+
+    def logprobs(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]: ...
+
+
+@contextlib.contextmanager
+def inference_weights(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's weights under the base model's parameter names; LoRA adapters merged in for the duration."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        yield model.state_dict()
+        return
+    model.merge_adapter()
+    try:
+        base = model.get_base_model()
+        yield {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    finally:
+        model.unmerge_adapter()
+
+
+class _DerivedBufferNotice(logging.Filter):
+    """Drops vLLM's per-sync warning that RotaryEmbedding got no weights: its cos/sin cache is derived from the
+    config, not a weight, so there is nothing to load and the cached values are kept, as intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
+def _configure_vllm_env() -> None:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # In-process engine: the only mode where live weights can be pushed without a checkpoint round trip.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default would take most of RAM
+        # Without these vLLM pins torch to one thread and binds it to a core, slowing training in the same process.
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+class VLLMBackend:
+    """One vLLM engine for the whole run; `sync_weights` copies live weights into it in memory."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, seed: int = 0, max_model_len: int = 512, gpu_memory_utilization: float = 0.3):
+        _configure_vllm_env()
+        from vllm import LLM
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DerivedBufferNotice())
+        on_gpu = torch.cuda.is_available()
+        self.llm = LLM(
+            model=model_dir, seed=seed, max_model_len=max_model_len,
+            dtype="bfloat16" if on_gpu else "float32",  # float32 on CPU: the precision the trainer uses there
+            enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization,
+        )
+        self.logprobs([[0]], [[0]])  # first prompt-logprob call compiles kernels; pay it here, not in step 0
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        with inference_weights(model) as weights:
+            runner.reload_weights(weights_iterator=iter(weights.items()))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                            max_tokens=params.max_new_tokens, seed=params.seed if params.temperature > 0 else None)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sp, use_tqdm=False)
+        return [Completion([c.text for c in o.outputs], sum(len(c.token_ids) for c in o.outputs)) for o in outs]
+
+    def logprobs(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, continuation_ids, strict=True)]
+        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        result = []
+        for p, c, o in zip(prompt_ids, continuation_ids, outs, strict=True):
+            entries = o.prompt_logprobs[len(p) :]
+            result.append([entry[tok].logprob for tok, entry in zip(c, entries, strict=True)])
+        return result
+
+    def close(self) -> None:
+        del self.llm
+
+
+class HFBackend:
+    """HF `generate` and a forward pass on the live model itself: the baseline vLLM is compared against."""
+
+    name = "hf"
+
+    def __init__(self, tokenizer, batch_size: int = 32):
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.model: torch.nn.Module | None = None
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        self.model = model  # it reads the live model; nothing to copy
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _padded(self, rows: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            sl = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, sl], mask[i, sl] = torch.tensor(r), 1
+        return ids.to(self.model.device), mask.to(self.model.device)
+
+    def generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[Completion]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        results = []
+        with self._eval_mode():
+            for start in range(0, len(prompt_ids), self.batch_size):
+                batch = prompt_ids[start : start + self.batch_size]
+                ids, mask = self._padded(batch, left=True)
+                sampling = params.temperature > 0
+                if sampling:
+                    torch.manual_seed(params.seed)
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens,
+                    do_sample=sampling, temperature=params.temperature if sampling else None,
+                    top_p=params.top_p if sampling else None, top_k=None, num_return_sequences=params.n,
+                    eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
+                )
+                new = out[:, ids.shape[1] :].tolist()
+                for i in range(len(batch)):
+                    outs = [_until_eos(t, eos) for t in new[i * params.n : (i + 1) * params.n]]
+                    texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in outs]
+                    results.append(Completion(texts, sum(len(t) for t in outs)))
+        return results
+
+    def logprobs(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
+        result = []
+        with self._eval_mode():
+            for start in range(0, len(prompt_ids), self.batch_size):
+                ps = prompt_ids[start : start + self.batch_size]
+                cs = continuation_ids[start : start + self.batch_size]
+                ids, mask = self._padded([p + c for p, c in zip(ps, cs, strict=True)], left=False)
+                logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+                for i, (p, c) in enumerate(zip(ps, cs, strict=True)):
+                    positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)
+                    result.append(logp[i, positions, torch.tensor(c)].tolist())
+        return result
+
+
+def _until_eos(tokens: list[int], eos: int | list[int]) -> list[int]:
+    stops = set(eos) if isinstance(eos, list) else {eos}
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[: i + 1]  # count the stop token as generated, as vLLM does
+    return tokens

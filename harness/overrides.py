@@ -1,0 +1,71 @@
+"""`key=value` overrides, type-checked against the experiment's fields before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from harness.errors import ConfigError
+from harness.experiment import Experiment
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def field_types(cls: type[Experiment]) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def describe_fields(cls: type[Experiment]) -> str:
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {f.name}: {_type_name(field_types(cls)[f.name])} = {default!r}")
+    return "\n".join(lines)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def parse_value(raw: str, tp, key: str):
+    if tp is bool:
+        low = raw.lower()
+        if low in _TRUE | _FALSE:
+            return low in _TRUE
+        raise ValueError(f"expects bool (true/false), got {raw!r}")
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expects int, got {raw!r}") from None
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"expects float, got {raw!r}") from None
+    if tp is str:
+        return raw
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        return [parse_value(part.strip(), inner, key) for part in raw.split(",") if part.strip()]
+    raise ValueError(f"has a type ({tp}) that cannot be set from the command line")
+
+
+def apply_overrides(cls: type[Experiment], args: list[str]) -> Experiment:
+    """Build the experiment from `key=value` strings; raise ConfigError listing the valid fields on any problem."""
+    types = field_types(cls)
+    values = {}
+    for arg in args:
+        key, sep, raw = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"override {arg!r} is not key=value.\nValid fields of {cls.name()}:\n{describe_fields(cls)}"
+            )
+        if key not in types:
+            raise ConfigError(f"unknown field {key!r} for {cls.name()}.\nValid fields:\n{describe_fields(cls)}")
+        try:
+            values[key] = parse_value(raw, types[key], key)
+        except ValueError as e:
+            raise ConfigError(f"field {key!r} {e}.\nValid fields of {cls.name()}:\n{describe_fields(cls)}") from None
+    return cls(**values)

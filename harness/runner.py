@@ -1,0 +1,107 @@
+"""One experiment run, top to bottom: validate inputs, open the MLflow run, train with in-loop evaluation,
+print the summary. Everything that can be checked is checked before the run is opened."""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PrinterCallback, set_seed
+from transformers.utils import logging as hf_logging
+
+from evaluators import EVALUATORS
+from harness import data
+from harness.checkpoints import BestCheckpoint
+from harness.evalloop import EvalReport, Evaluation, InLoopEvaluation, format_report
+from harness.experiment import Experiment
+from harness.generation import GenParams, HFBackend, VLLMBackend
+from harness.models import load_model, load_tokenizer, resolve_model
+from harness.paths import REPO_ROOT
+from harness.tracking import TrainMetricsLogger, mlflow_run, tracking_uri
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    experiment_name: str
+    reports: list[EvalReport]
+    best_checkpoint: Path | None
+    best_step: int | None
+    best_value: float | None
+    wall_s: float
+
+
+def make_backend(exp: Experiment, model_path: str, tokenizer):
+    if exp.backend == "vllm":
+        return VLLMBackend(model_path, seed=exp.seed, max_model_len=max(256, exp.max_length + exp.max_new_tokens))
+    return HFBackend(tokenizer)
+
+
+def run_experiment(exp: Experiment) -> RunSummary:
+    started = time.time()
+    hf_logging.disable_progress_bar()
+    name = exp.name()
+    print(f"[run] {name}: " + " ".join(f"{k}={v}" for k, v in exp.params().items()), flush=True)
+    # Inputs first: a bad file stops here, before a model is built or an MLflow run exists.
+    train_records = data.read_records(exp.train_data)
+    rows = exp.train_rows(train_records)
+    samples = data.eval_samples(data.read_records(exp.eval_data), exp.eval_limit)
+    print(f"[data] {len(rows)} training rows from {exp.train_data}, {len(samples)} eval samples from {exp.eval_data}")
+    model_path = resolve_model(exp.model)
+
+    tags = {"model": exp.model, "model.path": model_path, "experiment.class": type(exp).__qualname__,
+            "data.train.fingerprint": data.fingerprint(exp.train_data),
+            "data.eval.fingerprint": data.fingerprint(exp.eval_data)}
+    with mlflow_run(name, exp.params(), tags) as tracker:
+        print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {tracking_uri()}", flush=True)
+        tracker.log_dict({"experiment": name, **exp.params()}, "config.json")
+        out_dir = Path(exp.output_dir)
+        out_dir = (out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir) / name / tracker.run_id
+        tokenizer = load_tokenizer(model_path)
+        model = load_model(model_path, exp.lora, exp.lora_rank, exp.lora_alpha, exp.lora_dropout)
+        t = time.time()
+        backend = make_backend(exp, model_path, tokenizer)
+        print(f"[eval] {backend.name} backend ready in {time.time() - t:.1f}s", flush=True)
+        set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
+        evaluation = Evaluation([EVALUATORS[e]() for e in exp.evaluators], samples, backend, tokenizer,
+                                GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed))
+        best = BestCheckpoint(out_dir / "best", exp.select_metric, exp.select_mode, tokenizer, tracker)
+
+        def log_report(report: EvalReport, _model) -> None:
+            tracker.log_metrics(report.metrics, report.step)
+            tracker.log_table(report.table, f"eval_samples/step_{report.step:06d}.json")
+            print(format_report(report), flush=True)
+
+        in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, best])
+        trainer = exp.build_trainer(model, tokenizer, rows, [in_loop, TrainMetricsLogger(tracker)],
+                                    str(out_dir / "trainer"))
+        trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; TrainMetricsLogger prints progress
+        trainer.train()
+        summary = RunSummary(tracker.run_id, name, in_loop.reports, best.directory if best.step is not None else None,
+                             best.step, best.value, time.time() - started)
+        eval_s = sum(r.metrics["eval/time/total_s"] for r in in_loop.reports)
+        tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
+                            trainer.state.global_step)
+    del backend, trainer
+    gc.collect()
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: RunSummary) -> None:
+    first, last = summary.reports[0], summary.reports[-1]
+    print(f"\n== {summary.experiment_name}: baseline (step {first.step}) vs final (step {last.step})")
+    for key, base in first.metrics.items():
+        if key.startswith(("eval/time/", "eval/generation/")) or key not in last.metrics:
+            continue
+        final = last.metrics[key]
+        delta = final - base if not (math.isnan(base) or math.isnan(final)) else float("nan")
+        print(f"  {key:<28} {base:10.3f} -> {final:10.3f}  ({delta:+.3f})")
+    print(f"  MLflow run: {summary.run_id} ({tracking_uri()}); `make ui` to browse")
+    if summary.best_checkpoint:
+        print(f"  best checkpoint: {summary.best_checkpoint} "
+              f"(step {summary.best_step}, {summary.best_value:.3f})")
+    print(f"  wall time: {summary.wall_s:.1f}s")
