@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,20 +39,27 @@ class GenerationBackend(Protocol):
     def logprobs(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]: ...
 
 
-@contextlib.contextmanager
-def inference_weights(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """The model's weights under the base model's parameter names; LoRA adapters merged in for the duration."""
+def inference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the base model's parameter names, with active LoRA adapters folded in.
+
+    The merged tensors are new ones: merging in place and unmerging afterwards would leave rounding error in the
+    weights being trained, accumulating with every evaluation.
+    """
     from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
 
     if not isinstance(model, PeftModel):
-        yield model.state_dict()
-        return
-    model.merge_adapter()
-    try:
-        base = model.get_base_model()
-        yield {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-    finally:
-        model.unmerge_adapter()
+        return model.state_dict()
+    base = model.get_base_model()
+    weights = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        key = f"{name}.weight"
+                        weights[key] = weights[key] + module.get_delta_weight(adapter).to(weights[key].dtype)
+    return weights
 
 
 class _DerivedBufferNotice(logging.Filter):
@@ -95,8 +101,7 @@ class VLLMBackend:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        with inference_weights(model) as weights:
-            runner.reload_weights(weights_iterator=iter(weights.items()))
+        runner.reload_weights(weights_iterator=iter(inference_weights(model).items()))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[Completion]:

@@ -1,0 +1,30 @@
+"""Shared fixtures: the embedded model (built once, cached like any run) and one vLLM engine per session."""
+
+import json
+
+import pytest
+
+from harness.data import EvalSample
+from harness.paths import DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> str:
+    from harness.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model())
+
+
+@pytest.fixture(scope="session")
+def vllm_backend(tiny_model_dir):
+    from harness.generation import VLLMBackend
+
+    backend = VLLMBackend(tiny_model_dir, seed=0, max_model_len=256)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def eval_samples() -> list[EvalSample]:
+    rows = [json.loads(line) for line in (DATA_DIR / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [EvalSample(r["id"], r["prompt"], r["reference"]) for r in rows[:32]]

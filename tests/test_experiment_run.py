@@ -1,0 +1,138 @@
+"""The whole product path: `python -m harness run simpo_qwen ...` in a subprocess, read back from MLflow."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.paths import REPO_ROOT
+
+EVAL_KEYS = ["eval/perplexity/perplexity", "eval/bleu/bleu", "eval/bleu/bleu4", "eval/rouge/rouge1",
+             "eval/rouge/rouge2", "eval/rouge/rougeL"]
+
+
+@pytest.fixture
+def store(tmp_path, tiny_model_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    return env, MlflowClient(uri), tmp_path
+
+
+def _harness(env, *args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def _only_run(client):
+    exp = client.get_experiment_by_name("simpo_qwen")
+    (run,) = client.search_runs([exp.experiment_id])
+    return run
+
+
+def _steps(client, run_id, key):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_simpo_run_logs_in_loop_evals_tables_and_best_checkpoint(store):
+    env, client, tmp = store
+    out = _harness(env, "run", "simpo_qwen", "max_steps=4", "eval_every=2", f"output_dir={tmp / 'outputs'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "baseline (step 0) vs final (step 4)" in out.stdout
+    assert "[eval] step 2:" in out.stdout and "tok/s" in out.stdout
+
+    run = _only_run(client)
+    assert run.info.status == "FINISHED"
+    for key in EVAL_KEYS + ["eval/time/sync_s", "eval/time/generate_s", "eval/time/score_s",
+                            "eval/generation/tokens_per_s"]:
+        assert _steps(client, run.info.run_id, key) == [0, 2, 4], key
+    assert _steps(client, run.info.run_id, "train/loss") == [1, 2, 3, 4]
+    assert run.data.params["beta"] == "2.5" and run.data.params["max_steps"] == "4"
+    assert run.data.params["evaluators"] == "perplexity,bleu,rouge"
+    tags = run.data.tags
+    assert len(tags["git.commit"]) in (7, 40) or tags["git.commit"] == "unknown"
+    assert tags["git.dirty"] in ("true", "false") and tags["version.trl"] == "1.16.0"
+    assert len(tags["data.train.fingerprint"]) == 16 and tags["model"] == "tiny-qwen2"
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval_samples")}
+    assert artifacts == {f"eval_samples/step_{s:06d}.json" for s in (0, 2, 4)}
+    table_path = client.download_artifacts(run.info.run_id, "eval_samples/step_000004.json", str(tmp))
+    table = json.loads(open(table_path).read())
+    columns = table["columns"]
+    rows = [dict(zip(columns, r, strict=True)) for r in table["data"]]
+    assert {"prompt", "reference", "prediction", "perplexity/perplexity", "bleu/bleu4", "rouge/rougeL"} <= set(columns)
+    assert len(rows) == 64 and sum(bool(r["prediction"]) for r in rows) > 50
+    final_rouge = client.get_metric_history(run.info.run_id, "eval/rouge/rougeL")[-1].value
+    assert sum(r["rouge/rougeL"] for r in rows) / 64 == pytest.approx(final_rouge)
+    config_path = client.download_artifacts(run.info.run_id, "config.json", str(tmp))
+    assert json.loads(open(config_path).read())["beta"] == 2.5
+
+    best = tmp / "outputs" / "simpo_qwen" / run.info.run_id / "best"
+    selection = json.loads((best / "selection.json").read_text())
+    rouge_by_step = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/rouge/rougeL")}
+    assert selection["value"] == max(rouge_by_step.values())
+    assert rouge_by_step[selection["step"]] == selection["value"]
+    assert (best / "model.safetensors").exists() and (best / "tokenizer.json").exists()
+    assert _steps(client, run.info.run_id, "best/step")
+    assert f"best checkpoint: {best}" in out.stdout
+
+
+def test_ctrl_c_ends_the_run_killed_and_keeps_what_was_logged(store):
+    env, client, tmp = store
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "simpo_qwen", "max_steps=2000", "eval_every=2",
+                             f"output_dir={tmp / 'outputs'}"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            exp = client.get_experiment_by_name("simpo_qwen")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and len(_steps(client, runs[0].info.run_id, "eval/rouge/rougeL")) >= 2:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    run = _only_run(client)
+    assert run.info.status == "KILLED"
+    assert _steps(client, run.info.run_id, "eval/rouge/rougeL")[:2] == [0, 2]
+
+
+FAILING_RUN = """
+from transformers import TrainerCallback
+from experiments.simpo_qwen import SimpoQwen
+from harness.runner import run_experiment
+
+class Boom(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("injected failure at step 3")
+
+class FailingSimpo(SimpoQwen):
+    def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
+        return super().build_trainer(model, tokenizer, rows, callbacks + [Boom()], output_dir)
+
+FailingSimpo.name = classmethod(lambda cls: "simpo_qwen")
+if __name__ == "__main__":
+    run_experiment(FailingSimpo(max_steps=10, eval_every=2, output_dir={out!r}))
+"""
+
+
+def test_exception_ends_the_run_failed_and_keeps_what_was_logged(store):
+    env, client, tmp = store
+    script = tmp / "failing_run.py"
+    script.write_text(FAILING_RUN.format(out=str(tmp / "outputs")))
+    out = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 1 and "injected failure at step 3" in out.stderr
+    run = _only_run(client)
+    assert run.info.status == "FAILED"
+    assert _steps(client, run.info.run_id, "eval/bleu/bleu") == [0, 2]
+    assert (tmp / "outputs" / "simpo_qwen" / run.info.run_id / "best" / "selection.json").exists()

@@ -1,0 +1,58 @@
+"""`key=value` overrides: typed values, and errors that stop before any work and list the valid fields."""
+
+import subprocess
+import sys
+
+import pytest
+
+from experiments.simpo_qwen import SimpoQwen
+from harness.errors import ConfigError
+from harness.overrides import apply_overrides
+from harness.paths import REPO_ROOT
+
+
+def test_values_are_parsed_by_field_type():
+    exp = apply_overrides(SimpoQwen, ["beta=2.0", "max_steps=7", "lora=true", "evaluators=bleu,rouge",
+                                      "select_metric=eval/bleu/bleu", "model=/some/dir"])
+    assert (exp.beta, exp.max_steps, exp.lora, exp.evaluators) == (2.0, 7, True, ["bleu", "rouge"])
+    assert exp.model == "/some/dir" and isinstance(exp.beta, float)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bogus=1"], "unknown field 'bogus'"),
+        (["max_steps=abc"], "field 'max_steps' expects int, got 'abc'"),
+        (["lora=maybe"], "field 'lora' expects bool"),
+        (["beta"], "override 'beta' is not key=value"),
+        (["backend=tgi"], "field 'backend' = 'tgi' must be one of vllm, hf"),
+        (["evaluators=bleu,nope"], "unknown ['nope']"),
+        (["eval_every=0"], "field 'eval_every' = 0 must be >= 1"),
+    ],
+)
+def test_bad_overrides_name_the_problem_and_list_fields(args, message):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(SimpoQwen, args)
+    assert message in str(err.value)
+
+
+def test_select_metric_must_come_from_an_enabled_evaluator():
+    with pytest.raises(ConfigError, match="select_metric.*choose one of: eval/rouge/rouge1"):
+        apply_overrides(SimpoQwen, ["evaluators=rouge", "select_metric=eval/bleu/bleu"])
+
+
+def test_cli_rejects_unknown_field_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "simpo_qwen", "max_step=3"],
+        cwd=REPO_ROOT, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "HARNESS_CACHE": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "unknown field 'max_step'" in result.stderr
+    assert "max_steps: int = 60" in result.stderr and "beta: float = 2.5" in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing was built or written
+
+
+def test_cli_rejects_unknown_experiment():
+    result = subprocess.run([sys.executable, "-m", "harness", "run", "nope_qwen"], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown experiment 'nope_qwen'; known: simpo_qwen" in result.stderr
