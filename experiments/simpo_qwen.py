@@ -15,7 +15,7 @@ class SimpoQwen(Experiment):
 
     beta: float = 2.5  # reward scale; the SimPO paper's setting
     gamma: float = 1.375  # target reward margin (TRL's simpo_gamma); the SimPO paper's setting
-    learning_rate: float = 5e-5  # the paper's 1e-6 is for 7B models; a 4M-parameter model needs far more
+    learning_rate: float = 1e-5  # the paper used 1e-6 for 7B models; a 4M-parameter model moves only from ~1e-5
 
     def train_rows(self, records):
         return preference_rows(records)

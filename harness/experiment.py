@@ -16,6 +16,7 @@ from typing import Any
 from harness.errors import ConfigError
 
 BACKENDS = ("vllm", "hf")
+GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Experiment:
     max_length: int = 128  # prompt + completion tokens seen by the trainer
     backend: str = "vllm"  # generation for in-loop evaluation: "vllm" (weights synced in memory) or "hf"
     max_new_tokens: int = 48
+    generation_dtype: str = "auto"  # vLLM engine precision: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
     evaluators: list[str] = field(default_factory=lambda: ["perplexity", "bleu", "rouge"])
     select_metric: str = "eval/rouge/rougeL"  # the best checkpoint is kept by this metric
     select_mode: str = "max"  # "max" or "min"
@@ -53,6 +55,8 @@ class Experiment:
         checks = [
             (self.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
             (self.select_mode in ("max", "min"), "select_mode", "must be 'max' or 'min'"),
+            (self.generation_dtype in GENERATION_DTYPES, "generation_dtype",
+             f"must be one of {', '.join(GENERATION_DTYPES)}"),
             (self.max_steps >= 1, "max_steps", "must be >= 1"),
             (self.eval_every >= 1, "eval_every", "must be >= 1"),
             (self.eval_limit >= 0, "eval_limit", "must be >= 0 (0 means the whole eval set)"),

@@ -36,7 +36,8 @@ class RunSummary:
 
 def make_backend(exp: Experiment, model_path: str, tokenizer):
     if exp.backend == "vllm":
-        return VLLMBackend(model_path, seed=exp.seed, max_model_len=max(256, exp.max_length + exp.max_new_tokens))
+        return VLLMBackend(model_path, seed=exp.seed, max_model_len=max(256, exp.max_length + exp.max_new_tokens),
+                           dtype=exp.generation_dtype)
     return HFBackend(tokenizer)
 
 

@@ -19,7 +19,8 @@ def tiny_model_dir() -> str:
 def vllm_backend(tiny_model_dir):
     from harness.generation import VLLMBackend
 
-    backend = VLLMBackend(tiny_model_dir, seed=0, max_model_len=256)
+    # float32, the precision the weights are trained in here: parity must then be exact, token for token
+    backend = VLLMBackend(tiny_model_dir, seed=0, max_model_len=256, dtype="float32")
     yield backend
     backend.close()
 

@@ -1,0 +1,139 @@
+"""`make bench`: speed of in-loop evaluation, measured side by side in one run on this machine.
+
+1. Generation tokens/s, vLLM vs HF `generate`, same prompts, same number of new tokens, on a ~25M-parameter
+   Qwen2 (the embedded model's tokenizer, random weights: speed does not depend on what the weights learned).
+2. Weight sync into the running engine vs building a new engine.
+3. Share of a default `simpo_qwen` run's wall time spent in evaluation (a real run, in a subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from harness.generation import GenParams, HFBackend, VLLMBackend, resolve_dtype
+from harness.models import load_tokenizer
+from harness.paths import DATA_DIR, REPO_ROOT
+from harness.prompts import render_prompt
+from harness.tiny_model import ensure_tiny_model
+
+
+def bench_model(tokenizer_dir: Path, out_dir: Path) -> Qwen2ForCausalLM:
+    """hidden 512, 8 layers, 8 heads of 64: about 25M parameters with the embedded 2k vocabulary."""
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8, intermediate_size=1408, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return model
+
+
+def _tokens_per_s(generate, prompt_ids: list[list[int]]) -> float:
+    generate(prompt_ids[:4])  # warm-up
+    t = time.perf_counter()
+    tokens = generate(prompt_ids)
+    return tokens / (time.perf_counter() - t)
+
+
+def generation_speed(model_dir: Path, model, prompts: list[str], new_tokens: int) -> dict:
+    """HF generate and vLLM in float32 and bfloat16; every call produces exactly `new_tokens` per prompt."""
+    tokenizer = load_tokenizer(str(model_dir))
+    prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
+    model.generation_config.eos_token_id = None  # no early stop: equal token counts on both sides
+    result = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "prompts": len(prompts),
+              "new_tokens": new_tokens}
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        hf = HFBackend(tokenizer, batch_size=32)
+        hf.sync_weights(model.to(torch_dtype))
+        params = GenParams(max_new_tokens=new_tokens)
+        result[f"hf_{dtype}_tok_s"] = _tokens_per_s(
+            lambda ids, hf=hf, params=params: sum(c.num_tokens for c in hf.generate(ids, params)), prompt_ids)
+    model.to(torch.float32)
+
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for dtype in ("float32", "bfloat16"):
+        t = time.perf_counter()
+        vllm = VLLMBackend(str(model_dir), max_model_len=512, dtype=dtype)
+        result[f"engine_build_{dtype}_s"] = time.perf_counter() - t
+
+        def generate(ids, vllm=vllm):
+            outs = vllm.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], sp, use_tqdm=False)
+            return sum(len(o.outputs[0].token_ids) for o in outs)
+
+        result[f"vllm_{dtype}_tok_s"] = _tokens_per_s(generate, prompt_ids)
+        syncs = []
+        for _ in range(5):
+            t = time.perf_counter()
+            vllm.sync_weights(model)
+            syncs.append(time.perf_counter() - t)
+        result[f"sync_{dtype}_s_median"] = statistics.median(syncs)
+        vllm.close()
+    return result
+
+
+def eval_share() -> dict:
+    """A default simpo_qwen run in its own process and MLflow store; read its timings back."""
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        subprocess.run([sys.executable, "-m", "harness", "run", "simpo_qwen", f"output_dir={tmp}/out"],
+                       cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
+        m = run.data.metrics
+        evals = client.get_metric_history(run.info.run_id, "eval/time/total_s")
+        return {"evaluations": len(evals), "eval_s": sum(x.value for x in evals), "wall_s": m["run/wall_s"],
+                "eval_share": m["run/eval_share"], "train_runtime_s": m.get("train/train_runtime", float("nan")),
+                "sync_s_mean": statistics.mean(x.value for x in client.get_metric_history(
+                    run.info.run_id, "eval/time/sync_s")),
+                "max_steps": int(run.data.params["max_steps"]), "eval_every": int(run.data.params["eval_every"])}
+
+
+def main() -> None:
+    tiny_dir = ensure_tiny_model()
+    prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()[:128]]
+    print(f"[bench] {os.cpu_count()} CPU cores, torch {torch.__version__}, {len(prompts)} eval prompts", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = bench_model(tiny_dir, Path(tmp))
+        g = generation_speed(Path(tmp), model, prompts, new_tokens=128)
+    print(f"[bench] generation, {g['params_m']:.1f}M-param Qwen2, {g['prompts']} prompts x {g['new_tokens']} "
+          f"new tokens each, tokens/s:")
+    for dtype in ("float32", "bfloat16"):
+        print(f"[bench]   {dtype:<8}  HF generate {g[f'hf_{dtype}_tok_s']:6.0f}   vLLM {g[f'vllm_{dtype}_tok_s']:6.0f}"
+              f"   vLLM/HF = {g[f'vllm_{dtype}_tok_s'] / g[f'hf_{dtype}_tok_s']:.2f}x")
+    default = resolve_dtype("auto")
+    print(f"[bench]   in-loop default here: vLLM {default} vs HF generate on the float32 weights being trained: "
+          f"{g[f'vllm_{default}_tok_s'] / g['hf_float32_tok_s']:.2f}x; opt-in vLLM bfloat16 vs the same: "
+          f"{g['vllm_bfloat16_tok_s'] / g['hf_float32_tok_s']:.2f}x")
+    first, rebuild = g["engine_build_float32_s"], g["engine_build_bfloat16_s"]
+    sync = max(g["sync_float32_s_median"], g["sync_bfloat16_s_median"])
+    print(f"[bench] weight sync into the live engine: {sync:.3f}s (median of 5, slower dtype) vs building an engine: "
+          f"{first:.1f}s first in a process, {rebuild:.1f}s for another -> sync is {rebuild / sync:.0f}x faster "
+          "than even the cheaper rebuild", flush=True)
+    e = eval_share()
+    print(f"[bench] simpo_qwen defaults (max_steps={e['max_steps']}, eval_every={e['eval_every']}): "
+          f"{e['evaluations']} evaluations took {e['eval_s']:.1f}s of {e['wall_s']:.1f}s wall "
+          f"-> eval share {100 * e['eval_share']:.1f}% (mean sync {e['sync_s_mean']:.3f}s)")
+    print(json.dumps({"generation": g, "eval_share": e}))
+
+
+if __name__ == "__main__":
+    main()

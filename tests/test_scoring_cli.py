@@ -1,0 +1,53 @@
+"""`python -m harness score ...`: saved generations scored offline, one JSON object on the last line."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from harness.paths import REPO_ROOT
+
+
+def _score(*args) -> dict:
+    out = subprocess.run([sys.executable, "-m", "harness", "score", *args], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_bleu_and_rouge_from_a_samples_file(tmp_path):
+    samples = _write(tmp_path / "s.jsonl", [
+        {"prompt": "q", "reference": "北京是中国的首都", "prediction": "北京是首都"},
+        {"prompt": "q", "reference": "the cat sat on a mat", "prediction": "the cat sat on a mat"},
+    ])
+    rouge = _score("rouge", "--samples", samples)
+    assert rouge["rouge1"] == pytest.approx((75.0 + 100.0) / 2, abs=1e-4)  # see test_metrics for 75
+    bleu = _score("bleu", "--samples", samples)
+    assert set(bleu) == {"bleu", "bleu4"} and 0 < bleu["bleu"] < 100
+
+
+def test_missing_prediction_is_named(tmp_path):
+    samples = _write(tmp_path / "s.jsonl", [{"prompt": "q", "reference": "r"}])
+    out = subprocess.run([sys.executable, "-m", "harness", "score", "bleu", "--samples", samples], cwd=REPO_ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and f"{samples} line 1: field 'prediction' is missing" in out.stderr
+
+
+def test_perplexity_prefers_the_right_reference(tmp_path, tiny_model_dir):
+    rows = [json.loads(line) for line in (REPO_ROOT / "data" / "eval.jsonl").read_text().splitlines()[:32]]
+    right = _write(tmp_path / "right.jsonl", [{"prompt": r["prompt"], "reference": r["reference"]} for r in rows])
+    shuffled = _write(tmp_path / "wrong.jsonl", [{"prompt": r["prompt"], "reference": s["reference"]}
+                                                 for r, s in zip(rows, rows[1:] + rows[:1], strict=True)])
+    text = _write(tmp_path / "text.jsonl", [{"text": r["prompt"] + " " + r["reference"]} for r in rows])
+    ppl_right = _score("perplexity", "--samples", right, "--model", "tiny-qwen2")["perplexity"]
+    ppl_wrong = _score("perplexity", "--samples", shuffled, "--model", tiny_model_dir)["perplexity"]
+    ppl_text = _score("perplexity", "--samples", text, "--model", "tiny-qwen2")["perplexity"]
+    assert 1 < ppl_right < ppl_wrong / 2, (ppl_right, ppl_wrong)
+    assert math.isfinite(ppl_text) and ppl_text > 1

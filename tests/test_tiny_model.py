@@ -1,0 +1,44 @@
+"""The embedded model: deterministic to build, and good enough that the evaluators measure something."""
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from evaluators import EVALUATORS
+from harness.evalloop import Evaluation
+from harness.generation import GenParams, HFBackend
+from harness.models import load_model, load_tokenizer
+from harness.tiny_model import TinyModelSpec, build_tiny_model
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path):
+    spec = TinyModelSpec(pretrain_steps=3, sft_steps=3, batch_size=4, vocab_size=600)
+    build_tiny_model(spec, tmp_path / "a", log=lambda _: None)
+    build_tiny_model(spec, tmp_path / "b", log=lambda _: None)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_head_dim_fits_vllm_cpu_attention(tiny_model_dir):
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    assert config.model_type == "qwen2" and config.hidden_size // config.num_attention_heads >= 32
+
+
+def test_chat_template_renders_qwen_turns(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_embedded_model_beats_random_weights_on_the_eval_set(tiny_model_dir, eval_samples):
+    tok = load_tokenizer(tiny_model_dir)
+    torch.manual_seed(0)
+    random_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    scores = {}
+    for label, model in (("built", load_model(tiny_model_dir)), ("random", random_model)):
+        evaluation = Evaluation([EVALUATORS[e]() for e in ("perplexity", "rouge")], eval_samples, HFBackend(tok), tok,
+                                GenParams(max_new_tokens=32))
+        scores[label] = evaluation.run(model, step=0).metrics
+    built, rand = scores["built"], scores["random"]
+    assert built["eval/perplexity/perplexity"] < rand["eval/perplexity/perplexity"] / 50
+    assert built["eval/rouge/rougeL"] > rand["eval/rouge/rougeL"] + 40
