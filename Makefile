@@ -18,7 +18,7 @@ MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@echo "[setup] creating $(VENV) for DEVICE=$(DEVICE) (first time only, a few minutes)"
+	@echo "[setup] installing into $(VENV) for DEVICE=$(DEVICE) (first time a few minutes; again only when pyproject.toml changes)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[$(DEVICE),dev]" 2> >(grep -v "^WARNING: Location" >&2)
 ifeq ($(DEVICE),cpu)

@@ -71,7 +71,7 @@ class _DerivedBufferNotice(logging.Filter):
 
 
 def _configure_vllm_env() -> None:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings are about tuning we chose not to do
     # In-process engine: the only mode where live weights can be pushed without a checkpoint round trip.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if not torch.cuda.is_available():
