@@ -26,6 +26,7 @@ from harness.tracking import TrainMetricsLogger, mlflow_run, tracking_uri
 @dataclass(frozen=True)
 class RunSummary:
     run_id: str
+    run_url: str
     experiment_name: str
     reports: list[EvalReport]
     best_checkpoint: Path | None
@@ -81,8 +82,9 @@ def run_experiment(exp: Experiment) -> RunSummary:
                                     str(out_dir / "trainer"))
         trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; TrainMetricsLogger prints progress
         trainer.train()
-        summary = RunSummary(tracker.run_id, name, in_loop.reports, best.directory if best.step is not None else None,
-                             best.step, best.value, time.time() - started)
+        summary = RunSummary(tracker.run_id, tracker.url(), name, in_loop.reports,
+                             best.directory if best.step is not None else None, best.step, best.value,
+                             time.time() - started)
         eval_s = sum(r.metrics["eval/time/total_s"] for r in in_loop.reports)
         tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
                             trainer.state.global_step)
@@ -101,7 +103,8 @@ def print_summary(summary: RunSummary) -> None:
         final = last.metrics[key]
         delta = final - base if not (math.isnan(base) or math.isnan(final)) else float("nan")
         print(f"  {key:<28} {base:10.3f} -> {final:10.3f}  ({delta:+.3f})")
-    print(f"  MLflow run: {summary.run_id} ({tracking_uri()}); `make ui` to browse")
+    print(f"  MLflow run: {summary.run_id} in {tracking_uri()}")
+    print(f"  MLflow UI:  {summary.run_url}" + ("" if summary.run_url.startswith(tracking_uri()) else "  (`make ui`)"))
     if summary.best_checkpoint:
         print(f"  best checkpoint: {summary.best_checkpoint} "
               f"(step {summary.best_step}, {summary.best_value:.3f})")

@@ -49,9 +49,16 @@ def package_versions() -> dict[str, str]:
 class Tracker:
     """One MLflow run; every write goes through here."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, experiment_id: str, run_id: str):
         self.client = client
+        self.experiment_id = experiment_id
         self.run_id = run_id
+
+    def url(self) -> str:
+        """Where the run is in the MLflow UI: the tracking server's, or the one `make ui` serves."""
+        uri = tracking_uri()
+        base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -98,7 +105,7 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
     client = MlflowClient(uri)
     exp_id = _experiment_id(client, experiment_name, uri)
     run = client.create_run(exp_id, run_name=run_name, tags={**git_state(), **package_versions(), **tags})
-    tracker = Tracker(client, run.info.run_id)
+    tracker = Tracker(client, exp_id, run.info.run_id)
     status = "FAILED"
     try:
         with _sigterm_as_interrupt():

@@ -136,3 +136,35 @@ def test_exception_ends_the_run_failed_and_keeps_what_was_logged(store):
     assert run.info.status == "FAILED"
     assert _steps(client, run.info.run_id, "eval/bleu/bleu") == [0, 2]
     assert (tmp / "outputs" / "simpo_qwen" / run.info.run_id / "best" / "selection.json").exists()
+
+
+def test_local_model_dir_parquet_data_lora_and_hf_backend(store, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    env, client, tmp = store
+    pairs = [json.loads(line) for line in (REPO_ROOT / "data" / "preference.jsonl").read_text().splitlines()[:64]]
+    pq.write_table(pa.Table.from_pylist(pairs), tmp / "pairs.parquet")
+    evals = [json.loads(line) for line in (REPO_ROOT / "data" / "eval.jsonl").read_text().splitlines()[:8]]
+    (tmp / "eval.json").write_text(json.dumps([{"prompt": r["prompt"], "reference": r["reference"]} for r in evals]))
+    out = _harness(env, "run", "simpo_qwen", f"model={tiny_model_dir}", f"train_data={tmp / 'pairs.parquet'}",
+                   f"eval_data={tmp / 'eval.json'}", "lora=true", "lora_rank=4", "backend=hf", "max_steps=2",
+                   "eval_every=1", "evaluators=bleu,rouge", f"output_dir={tmp / 'outputs'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "[data] 64 training rows" in out.stdout and "8 eval samples" in out.stdout
+    assert "hf backend ready" in out.stdout
+    run = _only_run(client)
+    assert run.info.status == "FINISHED" and run.data.params["lora"] == "true"
+    assert _steps(client, run.info.run_id, "eval/bleu/bleu4") == [0, 1, 2]
+    best = tmp / "outputs" / "simpo_qwen" / run.info.run_id / "best"
+    assert (best / "adapter_config.json").exists() and not (best / "model.safetensors").exists()
+
+
+def test_bad_training_record_stops_before_any_run_is_opened(store, tmp_path):
+    env, client, tmp = store
+    bad = tmp / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    out = _harness(env, "run", "simpo_qwen", f"train_data={bad}")
+    assert out.returncode == 2
+    assert f"{bad} line 2: field 'rejected' is missing" in out.stderr
+    assert client.get_experiment_by_name("simpo_qwen") is None  # no MLflow run, not even an experiment
