@@ -25,6 +25,7 @@ class EvalContext:
 class EvalResult:
     metrics: dict[str, float]  # short names; the harness logs them as eval/<evaluator>/<metric>
     per_sample: dict[str, list[float]] = field(default_factory=dict)  # column -> one value per sample
+    table: dict[str, list] | None = None  # the evaluator's own rows when they are not the eval samples
 
 
 class Evaluator(Protocol):

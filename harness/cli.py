@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from harness.errors import ConfigError, DataError
+from harness.sandbox import IsolationUnavailable
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -29,11 +30,27 @@ def _list(_: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    if args.evaluator == "humaneval":
+        from harness.scoring import score_humaneval_file
+
+        metrics, results_path = score_humaneval_file(args.samples, args.problems, args.k, args.allow_weak_isolation)
+        print(f"per-sample results: {results_path}", file=sys.stderr)
+        print(json.dumps(metrics))
+        return 0
     from harness.scoring import score_file
 
-    result = score_file(args.evaluator, args.samples, args.model)
-    print(json.dumps(result.metrics))
+    print(json.dumps(score_file(args.evaluator, args.samples, args.model).metrics))
     return 0
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k expects comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k expects positive integers, got {text!r}")
+    return ks
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -57,8 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list experiments").set_defaults(func=_list)
     score = sub.add_parser("score", help="score saved generations offline; prints one JSON object last")
     score.add_argument("evaluator", choices=sorted(EVALUATORS))
-    score.add_argument("--samples", required=True, help="JSONL with prompt, reference, prediction")
+    score.add_argument("--samples", required=True,
+                       help="JSONL: prompt, reference, prediction (humaneval: task_id, completion)")
     score.add_argument("--model", help="perplexity: tiny-qwen2 or a local model directory")
+    score.add_argument("--problems", help="humaneval: problems JSONL (default: the 164 shipped HumanEval problems)")
+    score.add_argument("--k", type=_ks, default=[1, 10, 100], help="humaneval: pass@k values, e.g. 1,10")
+    score.add_argument("--allow-weak-isolation", action="store_true",
+                       help="humaneval: run without bubblewrap (resource limits only; the code can reach your files)")
     score.set_defaults(func=_score)
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -73,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, IsolationUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

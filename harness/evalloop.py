@@ -20,6 +20,7 @@ class EvalReport:
     step: int
     metrics: dict[str, float]  # "eval/<evaluator>/<metric>" and "eval/time/*", "eval/generation/*"
     table: dict[str, list]  # columns of the per-sample table: prompt, reference, prediction, scores
+    evaluator_tables: dict[str, dict[str, list]]  # evaluator name -> its own rows (e.g. humaneval samples)
 
 
 class Evaluation:
@@ -52,10 +53,13 @@ class Evaluation:
             tokens = sum(c.num_tokens for c in completions)
             metrics["eval/generation/tokens"] = tokens
         t2 = time.perf_counter()
+        evaluator_tables = {}
         for evaluator in self.evaluators:
             result = evaluator.evaluate(ctx)
             metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in result.metrics.items()})
             table.update({f"{evaluator.name}/{k}": v for k, v in result.per_sample.items()})
+            if result.table is not None:
+                evaluator_tables[evaluator.name] = result.table
         t3 = time.perf_counter()
         metrics["eval/time/sync_s"] = t1 - t0
         metrics["eval/time/generate_s"] = t2 - t1
@@ -63,7 +67,7 @@ class Evaluation:
         metrics["eval/time/total_s"] = t3 - t0
         if "eval/generation/tokens" in metrics:
             metrics["eval/generation/tokens_per_s"] = metrics["eval/generation/tokens"] / max(t2 - t1, 1e-9)
-        return EvalReport(step, metrics, table)
+        return EvalReport(step, metrics, table, evaluator_tables)
 
 
 class InLoopEvaluation(TrainerCallback):

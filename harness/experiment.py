@@ -88,6 +88,19 @@ class Experiment:
     def _items(self):
         return ((f, getattr(self, f.name)) for f in dataclasses.fields(self))
 
+    def make_evaluators(self) -> list:
+        """The evaluators by name, each configured from this experiment's `<evaluator>_<option>` fields
+        (e.g. `humaneval_n` sets HumanEval's `n`); options without such a field keep the evaluator's default."""
+        from evaluators import EVALUATORS
+
+        made = []
+        for name in self.evaluators:
+            cls = EVALUATORS[name]
+            options = inspect.signature(cls.__init__).parameters
+            kwargs = {p: getattr(self, f"{name}_{p}") for p in options if hasattr(self, f"{name}_{p}")}
+            made.append(cls(**kwargs))
+        return made
+
     def train_rows(self, records: list) -> list[dict]:
         """Validate the training records and convert them to the rows the trainer reads (see harness.data).
         Called before anything is written, so a bad record stops the run with its file, line and field."""

@@ -21,6 +21,7 @@ class GenParams:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
+    stop: tuple[str, ...] = ()  # output ends before the first of these strings
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                            max_tokens=params.max_new_tokens, seed=params.seed if params.temperature > 0 else None)
+                            max_tokens=params.max_new_tokens, seed=params.seed if params.temperature > 0 else None,
+                            stop=list(params.stop) or None)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sp, use_tqdm=False)
         return [Completion([c.text for c in o.outputs], sum(len(c.token_ids) for c in o.outputs)) for o in outs]
 
@@ -194,7 +196,8 @@ class HFBackend:
                 new = out[:, ids.shape[1] :].tolist()
                 for i in range(len(batch)):
                     outs = [_until_eos(t, eos) for t in new[i * params.n : (i + 1) * params.n]]
-                    texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in outs]
+                    texts = [truncate_at_stop(self.tokenizer.decode(t, skip_special_tokens=True), params.stop)
+                             for t in outs]
                     results.append(Completion(texts, sum(len(t) for t in outs)))
         return results
 
@@ -210,6 +213,12 @@ class HFBackend:
                     positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)
                     result.append(logp[i, positions, torch.tensor(c)].tolist())
         return result
+
+
+def truncate_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """The text before the first stop string, as vLLM returns it (HF generate runs on and is cut here)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
 
 
 def _until_eos(tokens: list[int], eos: int | list[int]) -> list[int]:

