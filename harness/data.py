@@ -122,6 +122,23 @@ def preference_rows(records: list[Record]) -> list[dict]:
     return rows
 
 
+def prompt_completion_rows(records: list[Record]) -> list[dict]:
+    """Supervised pairs `prompt`/`completion` (strings); the loss is on the completion only."""
+    rows = []
+    for r in records:
+        row = {}
+        for key in ("prompt", "completion"):
+            value = r.fields.get(key)
+            if not isinstance(value, str) or not value:
+                what = "is missing" if value is None else "must be a non-empty string"
+                raise DataError(f"{r.source}: field '{key}' {what}")
+            row[key] = value
+        rows.append(row)
+    if not rows:
+        raise DataError("the training data has no records")
+    return rows
+
+
 @dataclass(frozen=True)
 class EvalSample:
     id: str

@@ -29,3 +29,12 @@ def simpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: 
                        **common_args(**args))
     return CPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                       callbacks=callbacks)
+
+
+def sft_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, max_length: int, **args):
+    """Supervised fine-tuning on prompt/completion pairs, loss on the completion tokens only."""
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(max_length=max_length, completion_only_loss=True, **common_args(**args))
+    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      callbacks=callbacks)

