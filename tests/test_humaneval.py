@@ -54,7 +54,8 @@ def test_all_canonical_solutions_pass_and_wrong_ones_fail(canonical):
 def test_results_agree_with_human_evals_own_evaluation(tmp_path, canonical):
     ids = list(canonical)[:24]
     samples = []
-    wrong = ["    return None\n", "    while True:\n        pass\n", "    return (\n", "    import os\n    os._exit(0)\n"]
+    wrong = ["    return None\n", "    while True:\n        pass\n", "    return (\n",
+             "    import os\n    os._exit(0)\n"]
     for i, tid in enumerate(ids):
         samples.append({"task_id": tid, "completion": canonical[tid]})
         samples.append({"task_id": tid, "completion": wrong[i % 4]})
