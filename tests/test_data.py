@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness import data
+from harness.code_tasks import generate_code_tasks
 from harness.errors import DataError
 from harness.paths import DATA_DIR
 from harness.tasks import generate
@@ -66,7 +67,8 @@ def test_relative_paths_resolve_against_the_repository(tmp_path, monkeypatch):
 
 
 def test_shipped_data_is_what_the_generator_makes(tmp_path):
-    paths = generate(tmp_path, seed=0)
+    paths = {**generate(tmp_path, seed=0), **generate_code_tasks(tmp_path, seed=0)}
+    assert len(paths) == 6
     for kind, path in paths.items():
         assert path.read_bytes() == (DATA_DIR / path.name).read_bytes(), kind
 

@@ -168,3 +168,26 @@ def test_bad_training_record_stops_before_any_run_is_opened(store, tmp_path):
     assert out.returncode == 2
     assert f"{bad} line 2: field 'rejected' is missing" in out.stderr
     assert client.get_experiment_by_name("simpo_qwen") is None  # no MLflow run, not even an experiment
+
+
+def test_code_experiment_logs_pass_at_1_and_the_sample_table(tmp_path, tiny_model_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OPENAI_API_KEY": "sk-never-logged"}
+    out = _harness(env, "run", "sft_code_qwen", "max_steps=2", "eval_every=1", "humaneval_limit=6",
+                   f"output_dir={tmp_path / 'outputs'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sft_code_qwen").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("pass_at_1", "passed", "failed", "timed_out", "errored"):
+        assert _steps(client, run.info.run_id, f"eval/humaneval/{key}") == [0, 1, 2], key
+    final = {k: client.get_metric_history(run.info.run_id, f"eval/humaneval/{k}")[-1].value
+             for k in ("passed", "failed", "timed_out", "errored", "pass_at_1")}
+    assert final["passed"] + final["failed"] + final["timed_out"] + final["errored"] == 6
+    assert final["pass_at_1"] == pytest.approx(100 * final["passed"] / 6)
+    path = client.download_artifacts(run.info.run_id, "eval_samples/humaneval/step_000002.json", str(tmp_path))
+    table = json.loads(open(path).read())
+    assert {"task_id", "completion", "status", "error", "sample"} <= set(table["columns"])
+    assert len(table["data"]) == 6 and all(row[0].startswith("CodeTask/") for row in table["data"])
+    store_bytes = (tmp_path / "mlflow.db").read_bytes()
+    assert b"sk-never-logged" not in store_bytes
