@@ -46,6 +46,18 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _retrying(call, *args, **kwargs):
+    """An embedded SQLite store has one writer at a time: a UI or a poller reading it can make a write fail with
+    'database is locked'. Such a write is retried for up to ~30 s instead of failing the run or losing its status."""
+    for attempt in range(30):
+        try:
+            return call(*args, **kwargs)
+        except Exception as e:  # MLflow wraps the SQLAlchemy error; the message is what identifies it
+            if "database is locked" not in str(e) or attempt == 29:
+                raise
+            time.sleep(min(0.1 * (attempt + 1), 2.0))
+
+
 class Tracker:
     """One MLflow run; every write goes through here."""
 
@@ -64,16 +76,16 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if not math.isnan(float(v))]
         for i in range(0, len(batch), 500):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
+            _retrying(self.client.log_batch, self.run_id, metrics=batch[i : i + 500])
 
     def log_table(self, table: dict[str, list], artifact_file: str) -> None:
-        self.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+        _retrying(self.client.log_table, self.run_id, data=table, artifact_file=artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        _retrying(self.client.log_dict, self.run_id, data, artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        _retrying(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
@@ -104,20 +116,20 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
     uri = tracking_uri()
     client = MlflowClient(uri)
     exp_id = _experiment_id(client, experiment_name, uri)
-    run = client.create_run(exp_id, run_name=run_name, tags={**git_state(), **package_versions(), **tags})
+    run = _retrying(client.create_run, exp_id, run_name=run_name, tags={**git_state(), **package_versions(), **tags})
     tracker = Tracker(client, exp_id, run.info.run_id)
     status = "FAILED"
     try:
         with _sigterm_as_interrupt():
-            client.log_batch(run.info.run_id, params=[Param(k, json.dumps(v) if not isinstance(v, str) else v)
-                                                      for k, v in params.items()])
+            _retrying(client.log_batch, run.info.run_id,
+                      params=[Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()])
             yield tracker
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        client.set_terminated(run.info.run_id, status)
+        _retrying(client.set_terminated, run.info.run_id, status)
 
 
 class TrainMetricsLogger(TrainerCallback):

@@ -55,4 +55,5 @@ def test_cli_rejects_unknown_field_before_any_work(tmp_path):
 def test_cli_rejects_unknown_experiment():
     result = subprocess.run([sys.executable, "-m", "harness", "run", "nope_qwen"], cwd=REPO_ROOT,
                             capture_output=True, text=True)
-    assert result.returncode == 2 and "unknown experiment 'nope_qwen'; known: simpo_qwen" in result.stderr
+    assert result.returncode == 2
+    assert "unknown experiment 'nope_qwen'; known: sft_code_qwen, simpo_qwen" in result.stderr
