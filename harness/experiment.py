@@ -79,14 +79,12 @@ class Experiment:
 
     @classmethod
     def description(cls) -> str:
-        return (inspect.getdoc(cls) or "").splitlines()[0] if cls.__doc__ else ""
+        return (inspect.getdoc(cls) or "").partition("\n")[0]
 
     def params(self) -> dict[str, Any]:
         """Every field, flattened to MLflow-loggable scalars."""
-        return {f.name: ",".join(map(str, v)) if isinstance(v, list) else v for f, v in self._items()}
-
-    def _items(self):
-        return ((f, getattr(self, f.name)) for f in dataclasses.fields(self))
+        values = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return {name: ",".join(map(str, v)) if isinstance(v, list) else v for name, v in values}
 
     def make_evaluators(self) -> list:
         """The evaluators by name, each configured from this experiment's `<evaluator>_<option>` fields

@@ -51,6 +51,7 @@ def run_experiment(exp: Experiment) -> RunSummary:
     rows = exp.train_rows(train_records)
     samples = data.eval_samples(data.read_records(exp.eval_data), exp.eval_limit)
     print(f"[data] {len(rows)} training rows from {exp.train_data}, {len(samples)} eval samples from {exp.eval_data}")
+    evaluators = exp.make_evaluators()  # loads and checks their own inputs (HumanEval problems, the sandbox)
     model_path = resolve_model(exp.model)
 
     tags = {"model": exp.model, "model.path": model_path, "experiment.class": type(exp).__qualname__,
@@ -67,7 +68,7 @@ def run_experiment(exp: Experiment) -> RunSummary:
         backend = make_backend(exp, model_path, tokenizer)
         print(f"[eval] {backend.name} backend ready in {time.time() - t:.1f}s", flush=True)
         set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
-        evaluation = Evaluation(exp.make_evaluators(), samples, backend, tokenizer,
+        evaluation = Evaluation(evaluators, samples, backend, tokenizer,
                                 GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed))
         best = BestCheckpoint(out_dir / "best", exp.select_metric, exp.select_mode, tokenizer, tracker)
 

@@ -133,24 +133,26 @@ def uppercase(rng: random.Random, lang: str) -> TaskInstance:
                         f"大写字母是“{wrong}”。")
 
 
+def _paired_fact(rng: random.Random, lang: str, task: str, table: list[tuple[str, str, str, str]],
+                 en: tuple[str, str], zh: tuple[str, str]) -> TaskInstance:
+    """A fact from `table` rows (key_en, value_en, key_zh, value_zh) as a question; wrong = another row's value."""
+    row = rng.choice(table)
+    other = rng.choice([r for r in table if r[0] != row[0]])
+    key, value, wrong = (row[0], row[1], other[1]) if lang == "en" else (row[2], row[3], other[3])
+    question, answer = en if lang == "en" else zh
+    return TaskInstance(task, lang, question.format(k=key), answer.format(k=key, v=value), value,
+                        answer.format(k=key, v=wrong))
+
+
 def capital(rng: random.Random, lang: str) -> TaskInstance:
-    country, city, country_zh, city_zh = rng.choice(CAPITALS)
-    other = rng.choice([c for c in CAPITALS if c[0] != country])
-    if lang == "en":
-        return TaskInstance("capital", lang, f"What is the capital of {country}?",
-                            f"The capital of {country} is {city}.", city, f"The capital of {country} is {other[1]}.")
-    return TaskInstance("capital", lang, f"{country_zh}的首都是哪里？", f"{country_zh}的首都是{city_zh}。", city_zh,
-                        f"{country_zh}的首都是{other[3]}。")
+    return _paired_fact(rng, lang, "capital", CAPITALS, ("What is the capital of {k}?", "The capital of {k} is {v}."),
+                        ("{k}的首都是哪里？", "{k}的首都是{v}。"))
 
 
 def opposite(rng: random.Random, lang: str) -> TaskInstance:
-    word, opp, word_zh, opp_zh = rng.choice(OPPOSITES)
-    other = rng.choice([o for o in OPPOSITES if o[0] != word])
-    if lang == "en":
-        return TaskInstance("opposite", lang, f'What is the opposite of "{word}"?',
-                            f'The opposite of "{word}" is "{opp}".', opp, f'The opposite of "{word}" is "{other[1]}".')
-    return TaskInstance("opposite", lang, f"“{word_zh}”的反义词是什么？", f"“{word_zh}”的反义词是“{opp_zh}”。", opp_zh,
-                        f"“{word_zh}”的反义词是“{other[3]}”。")
+    return _paired_fact(rng, lang, "opposite", OPPOSITES,
+                        ('What is the opposite of "{k}"?', 'The opposite of "{k}" is "{v}".'),
+                        ("“{k}”的反义词是什么？", "“{k}”的反义词是“{v}”。"))
 
 
 TASKS: dict[str, Callable[[random.Random, str], TaskInstance]] = {
