@@ -44,6 +44,8 @@ class Experiment:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     output_dir: str = "outputs"
+    # Set from the command line as <evaluator>_<option>=value for options no field declares (see make_evaluators).
+    evaluator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,12 +85,14 @@ class Experiment:
 
     def params(self) -> dict[str, Any]:
         """Every field, flattened to MLflow-loggable scalars."""
-        values = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        values = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "evaluator_options"]
+        values += [(f"{e}_{k}", v) for e, opts in self.evaluator_options.items() for k, v in opts.items()]
         return {name: ",".join(map(str, v)) if isinstance(v, list) else v for name, v in values}
 
     def make_evaluators(self) -> list:
         """The evaluators by name, each configured from this experiment's `<evaluator>_<option>` fields
-        (e.g. `humaneval_n` sets HumanEval's `n`); options without such a field keep the evaluator's default."""
+        (e.g. `humaneval_n` sets HumanEval's `n`) and then from `evaluator_options` (the same names given on the
+        command line where no field declares them); other options keep the evaluator's default."""
         from evaluators import EVALUATORS
 
         made = []
@@ -96,7 +100,7 @@ class Experiment:
             cls = EVALUATORS[name]
             options = inspect.signature(cls.__init__).parameters
             kwargs = {p: getattr(self, f"{name}_{p}") for p in options if hasattr(self, f"{name}_{p}")}
-            made.append(cls(**kwargs))
+            made.append(cls(**{**kwargs, **self.evaluator_options.get(name, {})}))
         return made
 
     def train_rows(self, records: list) -> list[dict]:

@@ -13,14 +13,28 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 def field_types(cls: type[Experiment]) -> dict[str, type]:
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "evaluator_options"}
+
+
+def evaluator_option_types(name: str) -> dict[str, type]:
+    """The keyword options of an evaluator's constructor, with their types."""
+    from evaluators import EVALUATORS
+
+    hints = typing.get_type_hints(EVALUATORS[name].__init__)
+    return {k: v for k, v in hints.items() if k != "return"}
 
 
 def describe_fields(cls: type[Experiment]) -> str:
+    from evaluators import EVALUATORS
+
     lines = []
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"  {f.name}: {_type_name(field_types(cls)[f.name])} = {default!r}")
+        if f.name in field_types(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {f.name}: {_type_name(field_types(cls)[f.name])} = {default!r}")
+    options = [f"{name}_<{'|'.join(evaluator_option_types(name))}>" for name in EVALUATORS
+               if evaluator_option_types(name)]
+    lines.append("  evaluator options (see README): " + "; ".join(options))
     return "\n".join(lines)
 
 
@@ -29,6 +43,9 @@ def _type_name(tp) -> str:
 
 
 def parse_value(raw: str, tp, key: str):
+    args = typing.get_args(tp)
+    if type(None) in args:  # Optional[X]: parse as X
+        (tp,) = [a for a in args if a is not type(None)]
     if tp is bool:
         low = raw.lower()
         if low in _TRUE | _FALSE:
@@ -55,17 +72,34 @@ def parse_value(raw: str, tp, key: str):
 def apply_overrides(cls: type[Experiment], args: list[str]) -> Experiment:
     """Build the experiment from `key=value` strings; raise ConfigError listing the valid fields on any problem."""
     types = field_types(cls)
-    values = {}
+    values: dict = {}
+    options: dict[str, dict] = {}
     for arg in args:
         key, sep, raw = arg.partition("=")
         if not sep or not key:
             raise ConfigError(
                 f"override {arg!r} is not key=value.\nValid fields of {cls.name()}:\n{describe_fields(cls)}"
             )
-        if key not in types:
+        option = _evaluator_option(key) if key not in types else None
+        if key not in types and option is None:
             raise ConfigError(f"unknown field {key!r} for {cls.name()}.\nValid fields:\n{describe_fields(cls)}")
         try:
-            values[key] = parse_value(raw, types[key], key)
+            if option is None:
+                values[key] = parse_value(raw, types[key], key)
+            else:
+                evaluator, name, tp = option
+                options.setdefault(evaluator, {})[name] = parse_value(raw, tp, key)
         except ValueError as e:
             raise ConfigError(f"field {key!r} {e}.\nValid fields of {cls.name()}:\n{describe_fields(cls)}") from None
-    return cls(**values)
+    return cls(**values, evaluator_options=options) if options else cls(**values)
+
+
+def _evaluator_option(key: str) -> tuple[str, str, type] | None:
+    """`humaneval_n` -> ("humaneval", "n", int) when `n` is an option of the humaneval evaluator."""
+    from evaluators import EVALUATORS
+
+    for name in EVALUATORS:
+        option = key.removeprefix(f"{name}_")
+        if option != key and option in evaluator_option_types(name):
+            return name, option, evaluator_option_types(name)[option]
+    return None

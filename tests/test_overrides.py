@@ -57,3 +57,16 @@ def test_cli_rejects_unknown_experiment():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "unknown experiment 'nope_qwen'; known: sft_code_qwen, simpo_qwen" in result.stderr
+
+
+def test_evaluator_options_work_in_any_experiment():
+    exp = apply_overrides(SimpoQwen, ["evaluators=humaneval", "humaneval_n=4", "humaneval_k=1,2",
+                                      "humaneval_problems=data/code_eval.jsonl",
+                                      "select_metric=eval/humaneval/pass_at_1"])
+    assert exp.params()["humaneval_n"] == 4 and exp.params()["humaneval_k"] == "1,2"
+    (humaneval,) = exp.make_evaluators()
+    assert (humaneval.n, humaneval.ks, len(humaneval.problems)) == (4, [1, 2], 48)
+    with pytest.raises(ConfigError, match="field 'humaneval_n' expects int"):
+        apply_overrides(SimpoQwen, ["humaneval_n=many"])
+    with pytest.raises(ConfigError, match="unknown field 'humaneval_bogus'"):
+        apply_overrides(SimpoQwen, ["humaneval_bogus=1"])
