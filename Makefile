@@ -11,9 +11,10 @@ NAME ?= simpo_qwen
 ARGS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
+JUDGE_PORT ?= 8000
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 
-.PHONY: setup bubblewrap experiment list test lint bench ui data clean-cache clean
+.PHONY: setup bubblewrap experiment list test lint bench ui judge-server data clean-cache clean
 
 setup: $(STAMP)
 	@command -v bwrap >/dev/null 2>&1 || $(MAKE) --no-print-directory bubblewrap
@@ -58,6 +59,9 @@ bench: setup
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host $(HOST) --port $(PORT)
+
+judge-server: setup
+	$(PY) -m harness judge-server --port $(JUDGE_PORT)
 
 data: setup
 	$(PY) -m harness data generate

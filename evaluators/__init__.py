@@ -3,9 +3,10 @@
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from evaluators.bleu import Bleu
 from evaluators.humaneval import HumanEval
+from evaluators.judge import Judge
 from evaluators.perplexity import Perplexity
 from evaluators.rouge import RougeChinese
 
-EVALUATORS: dict[str, type] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval)}
+EVALUATORS: dict[str, type] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge)}
 
 __all__ = ["EVALUATORS", "EvalContext", "EvalResult", "Evaluator"]

@@ -34,3 +34,6 @@ class Evaluator(Protocol):
     needs_generation: bool  # True: reads ctx.predictions; False: scores with ctx.backend
 
     def evaluate(self, ctx: EvalContext) -> EvalResult: ...
+
+# Optional on an evaluator: `artifacts` (file name -> text, logged once per run, e.g. the judge's templates) and
+# `close()` (called when the run ends, e.g. to stop a judge server the evaluator started).

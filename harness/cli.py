@@ -37,9 +37,32 @@ def _score(args: argparse.Namespace) -> int:
         print(f"per-sample results: {results_path}", file=sys.stderr)
         print(json.dumps(metrics))
         return 0
+    if args.evaluator == "judge":
+        from harness.scoring import score_judge_file
+
+        if not args.base_url or not args.judge_model:
+            raise ConfigError("score judge needs --base-url and --judge-model")
+        print(json.dumps(score_judge_file(args.samples, args.base_url, args.judge_model, args.pairwise_with,
+                                          api_key_env=args.api_key_env)))
+        return 0
     from harness.scoring import score_file
 
     print(json.dumps(score_file(args.evaluator, args.samples, args.model).metrics))
+    return 0
+
+
+def _judge_server(args: argparse.Namespace) -> int:
+    import time
+
+    from harness.judge_server import LocalJudgeServer
+
+    server = LocalJudgeServer(args.model, args.port)
+    print(f"judge server for {args.model} at {server.base_url} (Ctrl-C stops it)", flush=True)
+    try:
+        while server.process.poll() is None:
+            time.sleep(1)
+    finally:
+        server.close()
     return 0
 
 
@@ -83,7 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--k", type=_ks, default=[1, 10, 100], help="humaneval: pass@k values, e.g. 1,10")
     score.add_argument("--allow-weak-isolation", action="store_true",
                        help="humaneval: run without bubblewrap (resource limits only; the code can reach your files)")
+    score.add_argument("--base-url", help="judge: OpenAI-compatible API base URL (e.g. http://127.0.0.1:8000/v1)")
+    score.add_argument("--judge-model", help="judge: the judge model's name at that API")
+    score.add_argument("--pairwise-with", help="judge: predictions to compare against (same prompts, same order)")
+    score.add_argument("--api-key-env", default="OPENAI_API_KEY", help="judge: environment variable with the API key")
     score.set_defaults(func=_score)
+    server = sub.add_parser("judge-server", help="serve a local model as an OpenAI-compatible judge on 127.0.0.1")
+    server.add_argument("--model", default="tiny-qwen2")
+    server.add_argument("--port", type=int, default=8000)
+    server.set_defaults(func=_judge_server)
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     gen = data_sub.add_parser("generate", help="regenerate the embedded task data (deterministic for a seed)")

@@ -51,15 +51,28 @@ def run_experiment(exp: Experiment) -> RunSummary:
     rows = exp.train_rows(train_records)
     samples = data.eval_samples(data.read_records(exp.eval_data), exp.eval_limit)
     print(f"[data] {len(rows)} training rows from {exp.train_data}, {len(samples)} eval samples from {exp.eval_data}")
-    evaluators = exp.make_evaluators()  # loads and checks their own inputs (HumanEval problems, the sandbox)
     model_path = resolve_model(exp.model)
+    evaluators = exp.make_evaluators()  # loads and checks their own inputs (HumanEval problems, the sandbox, a judge)
+    try:
+        return _train_and_evaluate(exp, rows, samples, model_path, evaluators, started)
+    finally:
+        for evaluator in evaluators:
+            if hasattr(evaluator, "close"):
+                evaluator.close()
 
+
+def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: str, evaluators: list,
+                        started: float) -> RunSummary:
+    name = exp.name()
     tags = {"model": exp.model, "model.path": model_path, "experiment.class": type(exp).__qualname__,
             "data.train.fingerprint": data.fingerprint(exp.train_data),
             "data.eval.fingerprint": data.fingerprint(exp.eval_data)}
     with mlflow_run(name, exp.params(), tags) as tracker:
         print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {tracking_uri()}", flush=True)
         tracker.log_dict({"experiment": name, **exp.params()}, "config.json")
+        for evaluator in evaluators:
+            for artifact_file, text in getattr(evaluator, "artifacts", {}).items():
+                tracker.log_text(text, artifact_file)
         out_dir = Path(exp.output_dir)
         out_dir = (out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir) / name / tracker.run_id
         tokenizer = load_tokenizer(model_path)

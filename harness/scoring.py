@@ -69,3 +69,31 @@ def score_humaneval_file(samples_file: str, problems_file: str | None, ks: list[
     metrics, rows = score_completions(load_problems(problems_file), completions,
                                       Sandbox(allow_weak_isolation=allow_weak_isolation), ks)
     return metrics, str(write_results(Path(samples_file), rows))
+
+
+def score_judge_file(samples_file: str, base_url: str, judge_model: str, pairwise_with: str | None = None,
+                     **judge_options) -> dict[str, float]:
+    """Judge saved predictions (`prompt`, `prediction`, optional `reference`); with `pairwise_with`, a file of
+    the same prompts' other predictions (line by line) to compute the win rate against."""
+    from evaluators.judge import Judge
+
+    records = read_records(samples_file)
+    if not records:
+        raise DataError(f"{samples_file}: no samples")
+    prompts = [_string_field(r, "prompt") for r in records]
+    references = [r.fields.get("reference") or "" for r in records]
+    predictions = [_string_field(r, "prediction") for r in records]
+    baseline = None
+    if pairwise_with:
+        others = read_records(pairwise_with)
+        if len(others) != len(records):
+            raise DataError(f"{pairwise_with}: {len(others)} rows, but {samples_file} has {len(records)}")
+        for mine, other in zip(records, others, strict=True):
+            if _string_field(other, "prompt") != mine.fields["prompt"]:
+                raise DataError(f"{other.source}: field 'prompt' differs from {mine.source}")
+        baseline = [_string_field(r, "prediction") for r in others]
+    judge = Judge(base_url=base_url, model=judge_model, pairwise=baseline is not None, **judge_options)
+    try:
+        return judge.judge(prompts, references, predictions, baseline).metrics
+    finally:
+        judge.close()

@@ -84,6 +84,9 @@ class Tracker:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         _retrying(self.client.log_dict, self.run_id, data, artifact_file)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        _retrying(self.client.log_text, self.run_id, text, artifact_file)
+
     def set_tags(self, tags: dict[str, str]) -> None:
         _retrying(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

@@ -1,0 +1,80 @@
+"""A small OpenAI-compatible server on a real loopback socket that produces the faults a real server will not
+produce on demand. The behaviour is chosen by the request's `model`:
+
+ok-N: score N, and "A" for every pairwise question   |  longer: prefers the longer answer (position-blind)
+flaky-429: 429 with Retry-After: 1 first, then ok-7   |  flaky-500: 500 twice, then ok-7
+slow: answers after 3 s                               |  malformed: an answer that is not JSON
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FaultServer:
+    def __init__(self):
+        self.requests: list[dict] = []  # every request: model, authorization header, body
+        self.attempts: Counter = Counter()
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict | None = None):
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                model, prompt = body["model"], body["messages"][-1]["content"]
+                with server.lock:
+                    server.requests.append({"model": model, "authorization": self.headers.get("Authorization"),
+                                            "body": body})
+                    server.attempts[(model, prompt)] += 1
+                    attempt = server.attempts[(model, prompt)]
+                if model == "flaky-429" and attempt == 1:
+                    return self._send(429, b'{"error": "rate limited"}', {"Retry-After": "1"})
+                if model == "flaky-500" and attempt <= 2:
+                    return self._send(500, b'{"error": "internal"}')
+                if model == "slow":
+                    time.sleep(3)
+                content = _answer(model, prompt, body["response_format"]["json_schema"]["name"])
+                reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
+                self._send(200, json.dumps(reply).encode())
+
+        return Handler
+
+
+def _answer(model: str, prompt: str, kind: str) -> str:
+    if model == "malformed":
+        return "Score: 7/10, a fine answer."
+    if kind == "score":
+        score = int(model.split("-")[1]) if model.startswith("ok-") else 7
+        return json.dumps({"score": score, "reasoning": "checked"})
+    if model == "longer":
+        a = re.search(r"^Answer A: (.*)$", prompt, re.MULTILINE).group(1)
+        b = re.search(r"^Answer B: (.*)$", prompt, re.MULTILINE).group(1)
+        return json.dumps({"winner": "tie" if len(a) == len(b) else ("A" if len(a) > len(b) else "B"),
+                           "reasoning": "length"})
+    return json.dumps({"winner": "A", "reasoning": "always A"})

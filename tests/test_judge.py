@@ -1,0 +1,166 @@
+"""LLM-as-judge against real sockets: scripted faults from a small server of the tests' own, and vLLM's own
+OpenAI-compatible server serving the embedded model for the happy path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from judge_fault_server import FaultServer
+from mlflow.tracking import MlflowClient
+
+from evaluators.judge import Judge, parse_score, parse_verdict
+from harness.errors import ConfigError
+from harness.judge_client import JudgeClient, JudgeRequest, ResponseCache
+from harness.paths import REPO_ROOT
+
+PROMPTS = ["What is 2 plus 2?", "法国的首都是哪里？", "Reverse the word \"cat\".", "What is 3 times 3?"]
+REFS = ["2 plus 2 is 4.", "法国的首都是巴黎。", "The word \"cat\" reversed is \"tac\".", "3 times 3 is 9."]
+
+
+@pytest.fixture
+def server():
+    s = FaultServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def judge_cache(tmp_path):
+    return str(tmp_path / "judge-cache")
+
+
+def _judge(server, model, cache_dir, **options):
+    return Judge(base_url=server.base_url, model=model, cache_dir=cache_dir, **options)
+
+
+def _request(text="hello"):
+    return JudgeRequest([{"role": "user", "content": text}], {"type": "object"}, "score")
+
+
+def test_strict_parsing():
+    assert parse_score('{"score": 7, "reasoning": "ok"}') == (7, "ok")
+    for bad in ('{"score": 11}', '{"score": "7"}', '{"score": true}', "Score: 7", '```json\n{"score": 7}\n```',
+                "[7]", None):
+        assert parse_score(bad) == (None, ""), bad
+    assert parse_verdict('{"winner": "tie"}') == "tie" and parse_verdict('{"winner": "C"}') is None
+
+
+def test_retry_after_is_honoured(server):
+    waits = []
+    client = JudgeClient(server.base_url, "flaky-429", retries=3, sleep=waits.append)
+    reply = client.complete(_request())
+    assert json.loads(reply.content)["score"] == 7
+    assert waits == [1.0] and client.stats.snapshot() == {"requests": 2, "retries": 1, "failed": 0, "cache_hits": 0}
+
+
+def test_server_errors_are_retried_with_backoff(server):
+    waits = []
+    client = JudgeClient(server.base_url, "flaky-500", retries=3, sleep=waits.append)
+    assert client.complete(_request()).content is not None
+    assert waits == [0.5, 1.0] and client.stats.requests == 3
+
+
+def test_timeouts_are_retried_then_the_sample_fails(server):
+    client = JudgeClient(server.base_url, "slow", retries=1, timeout_s=0.3, sleep=lambda s: None)
+    reply = client.complete(_request())
+    assert (reply.content, reply.error) == (None, "timed out")
+    assert client.stats.snapshot() == {"requests": 2, "retries": 1, "failed": 1, "cache_hits": 0}
+
+
+def test_pointwise_scores_and_unparseable_answers(server, judge_cache):
+    result = _judge(server, "ok-8", judge_cache, pairwise=False).judge(PROMPTS, REFS, REFS)
+    assert result.metrics == {"score": 8.0, "requests": 4, "failed": 0, "cache_hits": 0, "parse_failures": 0}
+    bad = _judge(server, "malformed", judge_cache, pairwise=False).judge(PROMPTS, REFS, REFS)
+    assert "score" not in bad.metrics and bad.metrics["parse_failures"] == 4  # never scored 0 or 10
+    assert bad.table["judge_score"] == [None] * 4
+
+
+def test_win_rate_asks_both_orders_to_cancel_position_bias(server, judge_cache):
+    answers = [r + " Indeed." for r in REFS]
+    always_a = _judge(server, "ok-5", judge_cache).judge(PROMPTS, REFS, answers, baseline=REFS)
+    assert always_a.metrics["win_rate"] == 50.0  # "A" in both orders: one win, one loss per sample
+    assert always_a.metrics["requests"] == 4 + 8
+    longer = _judge(server, "longer", judge_cache).judge(PROMPTS, REFS, answers, baseline=REFS)
+    assert longer.metrics["win_rate"] == 100.0
+    same = _judge(server, "longer", judge_cache).judge(PROMPTS, REFS, REFS, baseline=REFS)
+    assert same.metrics["win_rate"] == 50.0  # ties count half
+
+
+def test_responses_are_cached_across_runs_and_partial_writes_are_ignored(server, judge_cache, tmp_path):
+    first = _judge(server, "ok-6", judge_cache, pairwise=False).judge(PROMPTS, REFS, REFS)
+    again = _judge(server, "ok-6", judge_cache, pairwise=False).judge(PROMPTS, REFS, REFS)
+    assert first.metrics["requests"] == 4 and again.metrics["requests"] == 0 and again.metrics["cache_hits"] == 4
+    assert again.metrics["score"] == first.metrics["score"] == 6.0
+    cache = ResponseCache(tmp_path / "c")
+    cache.put("ab" * 32, "x")
+    (tmp_path / "c" / "ab" / ".tmp-interrupted").write_text('{"conte')  # what a killed write leaves
+    (tmp_path / "c" / "cd").mkdir()
+    (tmp_path / "c" / "cd" / f"{'cd' * 32}.json").write_text('{"conte')
+    assert cache.get("ab" * 32) == "x" and cache.get("cd" * 32) is None
+
+
+def test_budget_caps_requests(server, judge_cache):
+    result = _judge(server, "ok-9", judge_cache, pairwise=False, budget=3).judge(PROMPTS, REFS, REFS)
+    assert result.metrics["requests"] == 3 and result.metrics["failed"] == 1 and result.metrics["score"] == 9.0
+
+
+def test_a_judge_that_is_down_fails_the_samples_not_the_caller():
+    result = Judge(base_url="http://127.0.0.1:9/v1", model="m", retries=1, timeout_s=1.0, cache=False).judge(
+        PROMPTS, REFS, REFS)
+    assert "score" not in result.metrics and result.metrics["failed"] == 4 and result.metrics["requests"] == 8
+    assert result.table["judge_reasoning"][0].startswith("connection failed")
+
+
+def test_bad_template_is_a_config_error(tmp_path):
+    template = tmp_path / "t.txt"
+    template.write_text("Rate {answer} against {gold}")
+    with pytest.raises(ConfigError, match=r"t.txt: bad placeholder 'gold'"):
+        Judge(base_url="http://127.0.0.1:9/v1", pointwise_template=str(template))
+
+
+def test_offline_scoring_cli(server, tmp_path):
+    rows = [{"prompt": p, "reference": r, "prediction": r + " Indeed."} for p, r in zip(PROMPTS, REFS, strict=True)]
+    base = [{"prompt": p, "prediction": r} for p, r in zip(PROMPTS, REFS, strict=True)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in base))
+    out = subprocess.run([sys.executable, "-m", "harness", "score", "judge", "--samples", str(tmp_path / "s.jsonl"),
+                          "--base-url", server.base_url, "--judge-model", "longer", "--pairwise-with",
+                          str(tmp_path / "b.jsonl")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HARNESS_CACHE": str(tmp_path / "cache")})  # no model is needed here
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    assert metrics["score"] == 7.0 and metrics["win_rate"] == 100.0
+    assert metrics["parse_failures"] == 0 and metrics["requests"] == 12
+
+
+def test_in_loop_judge_logs_scores_and_never_the_api_key(server, tmp_path, tiny_model_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    secret = "sk-test-this-key-must-never-be-logged"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OPENAI_API_KEY": secret}
+    out = subprocess.run([sys.executable, "-m", "harness", "run", "simpo_qwen", "max_steps=2", "eval_every=2",
+                          "eval_limit=4", "evaluators=bleu,judge", f"judge_base_url={server.base_url}",
+                          "judge_model=ok-7", f"judge_cache_dir={tmp_path / 'judge-cache'}",
+                          "select_metric=eval/judge/score", f"output_dir={tmp_path / 'out'}"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
+    history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"eval/judge/{k}")}
+               for k in ("score", "win_rate", "requests", "cache_hits", "parse_failures")}
+    assert history["score"] == {0: 7.0, 2: 7.0} and history["win_rate"] == {2: 50.0}
+    assert history["parse_failures"] == {0: 0.0, 2: 0.0}
+    # 4 pointwise at step 0; 4 pointwise + 8 pairwise at step 2, of which unchanged answers come from the cache
+    assert history["requests"][0] == 4 and history["requests"][2] + history["cache_hits"][2] == 12
+    assert run.data.params["judge_model"] == "ok-7" and "judge_api_key_env" not in run.data.params
+    assert all(r["authorization"] == f"Bearer {secret}" for r in server.requests)  # it was used...
+    stored = [(tmp_path / "mlflow.db").read_bytes()]
+    stored += [p.read_bytes() for p in (REPO_ROOT / "mlruns").rglob("*") if p.is_file() and run.info.run_id in str(p)]
+    stored += [p.read_bytes() for p in Path(tmp_path / "out").rglob("*") if p.is_file()]
+    stored += [p.read_bytes() for p in Path(tmp_path / "judge-cache").rglob("*") if p.is_file()]
+    assert len(stored) > 5 and not any(secret.encode() in b for b in stored)  # ...and never stored
+    assert secret not in out.stdout + out.stderr
+    templates = {a.path for a in client.list_artifacts(run.info.run_id, "judge")}
+    assert templates == {"judge/pointwise_template.txt", "judge/pairwise_template.txt"}
