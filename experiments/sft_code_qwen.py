@@ -31,6 +31,13 @@ class SftCodeQwen(Experiment):
     humaneval_timeout_s: float = 3.0
     humaneval_allow_weak_isolation: bool = False
 
+    def search_space(self, trial) -> dict:
+        space = {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 3e-3, log=True),
+                 "batch_size": trial.suggest_categorical("batch_size", [8, 16])}
+        if self.lora:
+            space["lora_rank"] = trial.suggest_categorical("lora_rank", [8, 16, 32])
+        return space
+
     def train_rows(self, records):
         return prompt_completion_rows(records)
 

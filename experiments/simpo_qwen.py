@@ -17,6 +17,16 @@ class SimpoQwen(Experiment):
     gamma: float = 1.375  # target reward margin (TRL's simpo_gamma); the SimPO paper's setting
     learning_rate: float = 1e-5  # the paper used 1e-6 for 7B models; a 4M-parameter model moves only from ~1e-5
 
+    def search_space(self, trial) -> dict:
+        space = {
+            "learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-3, log=True),
+            "beta": trial.suggest_float("beta", 1.0, 10.0),
+            "gamma": trial.suggest_float("gamma", 0.3, 2.0),
+        }
+        if self.lora:
+            space["lora_rank"] = trial.suggest_categorical("lora_rank", [8, 16, 32])
+        return space
+
     def train_rows(self, records):
         return preference_rows(records)
 

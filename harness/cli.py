@@ -1,4 +1,4 @@
-"""`python -m harness run|list|score|data`: the command line the Makefile wraps."""
+"""`python -m harness run|list|sweep|compare|score|data|judge-server`: the command line the Makefile wraps."""
 
 from __future__ import annotations
 
@@ -19,6 +19,42 @@ def _run(args: argparse.Namespace) -> int:
     exp = apply_overrides(load_class(args.name), args.overrides)
     run_experiment(exp)
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from harness.sweep import SweepConfig, run_sweep
+
+    if args.trials is None and args.timeout is None and args.total_trials is None:
+        raise ConfigError("sweep needs --trials, --total-trials or --timeout (otherwise it would never end)")
+    cfg = SweepConfig(args.name, args.overrides, trials=args.trials, total_trials=args.total_trials,
+                      timeout_s=args.timeout, storage=args.storage, study=args.study, pruner=args.pruner,
+                      warmup_steps=args.warmup_steps, startup_trials=args.startup_trials, seed=args.seed,
+                      heartbeat_s=args.heartbeat)
+    print(json.dumps(run_sweep(cfg)))
+    return 0
+
+
+def _trial(args: argparse.Namespace) -> int:
+    from harness.trial import run_trial
+
+    return run_trial(args.spec)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness.compare import compare
+
+    if bool(args.run_ids) == bool(args.experiment):
+        raise ConfigError("compare needs RUN_ID ... or --experiment NAME (one of the two)")
+    table, png = compare(args.run_ids, args.experiment, args.out, args.max_runs)
+    print(table)
+    print(f"eval curves: {png} (also logged to each run under compare/)")
+    return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
+    return int(text)
 
 
 def _list(_: argparse.Namespace) -> int:
@@ -97,6 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="field=value overrides, type-checked against the experiment")
     run.set_defaults(func=_run)
     sub.add_parser("list", help="list experiments").set_defaults(func=_list)
+    sweep = sub.add_parser("sweep", help="Optuna sweep over the experiment's search space, pruned on in-loop evals; "
+                                         "prints one JSON object last")
+    sweep.add_argument("name", help="experiment NAME (its search_space method says what is tuned)")
+    sweep.add_argument("overrides", nargs="*", help="field=value fixed for every trial")
+    sweep.add_argument("--trials", type=_positive, help="trials this process runs")
+    sweep.add_argument("--total-trials", type=_positive,
+                       help="stop once the study has this many finished trials, counting every worker's")
+    sweep.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    sweep.add_argument("--storage", help="Optuna storage URL (default: OPTUNA_STORAGE or sqlite:///optuna.db); "
+                                         "a PostgreSQL URL lets workers on several machines share a study")
+    sweep.add_argument("--study", help="study name (default: the experiment's); an existing study is resumed")
+    sweep.add_argument("--pruner", choices=("median", "hyperband", "none"), default="median")
+    sweep.add_argument("--warmup-steps", type=int, default=1,
+                       help="median pruner: no pruning before this training step (default 1: after the baseline)")
+    sweep.add_argument("--startup-trials", type=int, default=2,
+                       help="median pruner: no pruning until this many trials have finished")
+    sweep.add_argument("--seed", type=int, help="sampler seed (give each worker its own, or none)")
+    sweep.add_argument("--heartbeat", type=_positive, default=30,
+                       help="seconds between trial heartbeats; a trial silent for 4 of them is marked FAIL")
+    sweep.set_defaults(func=_sweep)
+    trial = sub.add_parser("trial", help="run one sweep trial from its spec file (started by `sweep`)")
+    trial.add_argument("spec")
+    trial.set_defaults(func=_trial)
+    comp = sub.add_parser("compare", help="eval metrics of runs side by side (baseline -> final) and their curves")
+    comp.add_argument("run_ids", nargs="*", metavar="RUN_ID")
+    comp.add_argument("--experiment", help="compare the newest finished runs of this MLflow experiment")
+    comp.add_argument("--max-runs", type=_positive, default=10)
+    comp.add_argument("--out", help="PNG path (default outputs/compare/eval_curves_<runs>.png)")
+    comp.set_defaults(func=_compare)
     score = sub.add_parser("score", help="score saved generations offline; prints one JSON object last")
     score.add_argument("evaluator", choices=sorted(EVALUATORS))
     score.add_argument("--samples", required=True,

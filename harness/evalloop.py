@@ -23,6 +23,11 @@ class EvalReport:
     evaluator_tables: dict[str, dict[str, list]]  # evaluator name -> its own rows (e.g. humaneval samples)
 
 
+def is_quality_metric(key: str) -> bool:
+    """An evaluator's score ("eval/<evaluator>/<metric>"), as opposed to the timings and token counts."""
+    return key.startswith("eval/") and not key.startswith(("eval/time/", "eval/generation/"))
+
+
 class Evaluation:
     """Runs the evaluators on one fixed eval set with one generation backend."""
 
@@ -99,7 +104,7 @@ class InLoopEvaluation(TrainerCallback):
 
 def format_report(report: EvalReport) -> str:
     scores = [f"{k.removeprefix('eval/')}={v:.2f}" for k, v in report.metrics.items()
-              if not k.startswith(("eval/time/", "eval/generation/")) and not math.isnan(v)]
+              if is_quality_metric(k) and not math.isnan(v)]
     m = report.metrics
     speed = f", {m['eval/generation/tokens_per_s']:.0f} tok/s" if "eval/generation/tokens_per_s" in m else ""
     return (f"[eval] step {report.step}: {' '.join(scores)} | {m['eval/time/total_s']:.2f}s "

@@ -103,6 +103,13 @@ class Experiment:
             made.append(cls(**{**kwargs, **self.evaluator_options.get(name, {})}))
         return made
 
+    def search_space(self, trial) -> dict[str, Any]:
+        """The fields a sweep tunes: call `trial.suggest_*` with each field's name and return {field: value}.
+        `self` holds the fields fixed for every trial (defaults and overrides), so the space may depend on them
+        (e.g. tune `lora_rank` only when `lora` is on)."""
+        raise ConfigError(f"{self.name()} declares no search space: add a `search_space(self, trial)` method "
+                          f"to experiments/{self.name()}.py (see experiments/simpo_qwen.py)")
+
     def train_rows(self, records: list) -> list[dict]:
         """Validate the training records and convert them to the rows the trainer reads (see harness.data).
         Called before anything is written, so a bad record stops the run with its file, line and field."""

@@ -10,7 +10,6 @@ import email.utils
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from harness.files import write_json_atomic
 
 RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -72,12 +73,7 @@ class ResponseCache:
             return None
 
     def put(self, key: str, content: str) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"content": content}, f)
-        os.replace(tmp, path)
+        write_json_atomic(self._path(key), {"content": content})
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:

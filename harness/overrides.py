@@ -71,6 +71,12 @@ def parse_value(raw: str, tp, key: str):
 
 def apply_overrides(cls: type[Experiment], args: list[str]) -> Experiment:
     """Build the experiment from `key=value` strings; raise ConfigError listing the valid fields on any problem."""
+    values, options = parse_overrides(cls, args)
+    return cls(**values, evaluator_options=options) if options else cls(**values)
+
+
+def parse_overrides(cls: type[Experiment], args: list[str]) -> tuple[dict, dict[str, dict]]:
+    """Typed field values and evaluator options ({evaluator: {option: value}}) from `key=value` strings."""
     types = field_types(cls)
     values: dict = {}
     options: dict[str, dict] = {}
@@ -91,7 +97,7 @@ def apply_overrides(cls: type[Experiment], args: list[str]) -> Experiment:
                 options.setdefault(evaluator, {})[name] = parse_value(raw, tp, key)
         except ValueError as e:
             raise ConfigError(f"field {key!r} {e}.\nValid fields of {cls.name()}:\n{describe_fields(cls)}") from None
-    return cls(**values, evaluator_options=options) if options else cls(**values)
+    return values, options
 
 
 def _evaluator_option(key: str) -> tuple[str, str, type] | None:

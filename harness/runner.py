@@ -6,7 +6,8 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import PrinterCallback, set_seed
@@ -14,12 +15,12 @@ from transformers.utils import logging as hf_logging
 
 from harness import data
 from harness.checkpoints import BestCheckpoint
-from harness.evalloop import EvalReport, Evaluation, InLoopEvaluation, format_report
+from harness.evalloop import EvalReport, Evaluation, InLoopEvaluation, format_report, is_quality_metric
 from harness.experiment import Experiment
 from harness.generation import GenParams, HFBackend, VLLMBackend
 from harness.models import load_model, load_tokenizer, resolve_model
 from harness.paths import REPO_ROOT
-from harness.tracking import TrainMetricsLogger, mlflow_run, tracking_uri
+from harness.tracking import Tracker, TrainMetricsLogger, mlflow_run, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,18 @@ class RunSummary:
     best_step: int | None
     best_value: float | None
     wall_s: float
+    steps_trained: int
+
+
+@dataclass
+class RunHooks:
+    """How a caller such as a sweep trial joins a run: its name and tags, a call once the MLflow run is open,
+    and monitors that see every eval report and are trainer callbacks too (so they can stop training)."""
+
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    on_open: Callable[[Tracker], None] | None = None
+    monitors: list = field(default_factory=list)
 
 
 def make_backend(exp: Experiment, model_path: str, tokenizer):
@@ -41,7 +54,7 @@ def make_backend(exp: Experiment, model_path: str, tokenizer):
     return HFBackend(tokenizer)
 
 
-def run_experiment(exp: Experiment) -> RunSummary:
+def run_experiment(exp: Experiment, hooks: RunHooks | None = None) -> RunSummary:
     started = time.time()
     hf_logging.disable_progress_bar()
     name = exp.name()
@@ -54,7 +67,7 @@ def run_experiment(exp: Experiment) -> RunSummary:
     model_path = resolve_model(exp.model)
     evaluators = exp.make_evaluators()  # loads and checks their own inputs (HumanEval problems, the sandbox, a judge)
     try:
-        return _train_and_evaluate(exp, rows, samples, model_path, evaluators, started)
+        return _train_and_evaluate(exp, rows, samples, model_path, evaluators, started, hooks or RunHooks())
     finally:
         for evaluator in evaluators:
             if hasattr(evaluator, "close"):
@@ -62,13 +75,15 @@ def run_experiment(exp: Experiment) -> RunSummary:
 
 
 def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: str, evaluators: list,
-                        started: float) -> RunSummary:
+                        started: float, hooks: RunHooks) -> RunSummary:
     name = exp.name()
     tags = {"model": exp.model, "model.path": model_path, "experiment.class": type(exp).__qualname__,
             "data.train.fingerprint": data.fingerprint(exp.train_data),
-            "data.eval.fingerprint": data.fingerprint(exp.eval_data)}
-    with mlflow_run(name, exp.params(), tags) as tracker:
+            "data.eval.fingerprint": data.fingerprint(exp.eval_data), **hooks.tags}
+    with mlflow_run(name, exp.params(), tags, run_name=hooks.run_name) as tracker:
         print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {tracking_uri()}", flush=True)
+        if hooks.on_open is not None:
+            hooks.on_open(tracker)
         tracker.log_dict({"experiment": name, **exp.params()}, "config.json")
         for evaluator in evaluators:
             for artifact_file, text in getattr(evaluator, "artifacts", {}).items():
@@ -92,14 +107,15 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: 
                 tracker.log_table(table, f"eval_samples/{evaluator}/step_{report.step:06d}.json")
             print(format_report(report), flush=True)
 
-        in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, best])
-        trainer = exp.build_trainer(model, tokenizer, rows, [in_loop, TrainMetricsLogger(tracker)],
+        in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, best, *hooks.monitors])
+        # monitors come after in_loop: a decision made on a step's report takes effect at that same step's end
+        trainer = exp.build_trainer(model, tokenizer, rows, [in_loop, *hooks.monitors, TrainMetricsLogger(tracker)],
                                     str(out_dir / "trainer"))
         trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; TrainMetricsLogger prints progress
         trainer.train()
         summary = RunSummary(tracker.run_id, tracker.url(), name, in_loop.reports,
                              best.directory if best.step is not None else None, best.step, best.value,
-                             time.time() - started)
+                             time.time() - started, trainer.state.global_step)
         eval_s = sum(r.metrics["eval/time/total_s"] for r in in_loop.reports)
         tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
                             trainer.state.global_step)
@@ -113,7 +129,7 @@ def print_summary(summary: RunSummary) -> None:
     first, last = summary.reports[0], summary.reports[-1]
     print(f"\n== {summary.experiment_name}: baseline (step {first.step}) vs final (step {last.step})")
     for key, base in first.metrics.items():
-        if key.startswith(("eval/time/", "eval/generation/")) or key not in last.metrics:
+        if not is_quality_metric(key) or key not in last.metrics:
             continue
         final = last.metrics[key]
         delta = final - base if not (math.isnan(base) or math.isnan(final)) else float("nan")

@@ -9,7 +9,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib import metadata
 
 from mlflow.entities import Metric, Param, RunTag
@@ -90,6 +91,19 @@ class Tracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         _retrying(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        _retrying(self.client.log_artifact, self.run_id, path, artifact_path)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in _retrying(self.client.get_metric_history, self.run_id, key)]
+
+    def fail_if_running(self) -> bool:
+        """Mark the run FAILED if its process died before ending it; True if it did."""
+        if _retrying(self.client.get_run, self.run_id).info.status != "RUNNING":
+            return False
+        _retrying(self.client.set_terminated, self.run_id, "FAILED")
+        return True
+
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
@@ -113,26 +127,91 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_name: str | None = None
-               ) -> Iterator[Tracker]:
-    """Open a run; it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM. Logged data stays."""
+def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_name: str | None = None,
+               resume_run_id: str | None = None) -> Iterator[Tracker]:
+    """Open a run, or reopen `resume_run_id` when the store still has it (then params, which MLflow keeps
+    immutable, are not logged again); it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
+    Logged data stays."""
     uri = tracking_uri()
     client = MlflowClient(uri)
     exp_id = _experiment_id(client, experiment_name, uri)
-    run = _retrying(client.create_run, exp_id, run_name=run_name, tags={**git_state(), **package_versions(), **tags})
-    tracker = Tracker(client, exp_id, run.info.run_id)
+    resumed = resume_run_id is not None and _run_exists(client, resume_run_id)
+    if resumed:
+        run_id = resume_run_id
+        _retrying(client.update_run, run_id, status="RUNNING")
+    else:
+        run = _retrying(client.create_run, exp_id, run_name=run_name,
+                        tags={**git_state(), **package_versions(), **tags})
+        run_id = run.info.run_id
+    tracker = Tracker(client, exp_id, run_id)
     status = "FAILED"
     try:
         with _sigterm_as_interrupt():
-            _retrying(client.log_batch, run.info.run_id,
-                      params=[Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()])
+            if resumed:
+                tracker.set_tags(tags)
+            else:
+                _retrying(client.log_batch, run_id,
+                          params=[Param(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()])
             yield tracker
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        _retrying(client.set_terminated, run.info.run_id, status)
+        _retrying(client.set_terminated, run_id, status)
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST): e.g. another tracking store than last time
+        return False
+
+
+def existing_run(run_id: str) -> Tracker:
+    """A tracker for a run another process opened (a sweep trial), to tag it or close it after that process."""
+    client = MlflowClient(tracking_uri())
+    return Tracker(client, client.get_run(run_id).info.experiment_id, run_id)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    name: str
+    experiment: str
+    params: dict[str, str]
+    history: dict[str, list[tuple[int, float]]]  # metric key -> (step, value) in step order
+
+
+def load_runs(run_ids: list[str], experiment: str | None, keep: Callable[[str], bool], max_runs: int
+              ) -> list[RunRecord]:
+    """The given runs, or the newest finished runs of an MLflow experiment that logged a metric `keep` accepts,
+    with the full history of those metrics."""
+    client = MlflowClient(tracking_uri())
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise ValueError(f"no MLflow experiment named {experiment!r} in {tracking_uri()}")
+        runs = [r for r in client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
+                                              order_by=["attributes.start_time DESC"], max_results=1000)
+                if any(keep(k) for k in r.data.metrics)][:max_runs]
+    else:
+        runs = []
+        for run_id in run_ids:
+            try:
+                runs.append(client.get_run(run_id))
+            except Exception:
+                raise ValueError(f"run {run_id!r} is not in {tracking_uri()}") from None
+    names = {}
+    records = []
+    for run in runs:
+        exp_id = run.info.experiment_id
+        names.setdefault(exp_id, client.get_experiment(exp_id).name)
+        history = {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+                   for k in sorted(run.data.metrics) if keep(k)}
+        records.append(RunRecord(run.info.run_id, run.info.run_name or run.info.run_id[:8], names[exp_id],
+                                 dict(run.data.params), history))
+    return records
 
 
 class TrainMetricsLogger(TrainerCallback):
