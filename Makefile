@@ -13,8 +13,18 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 JUDGE_PORT ?= 8000
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+# Sweeps: TRIALS per `make sweep`; STORAGE shared by workers (default the SQLite file optuna.db); STUDY resumes.
+TRIALS ?= 8
+SEED ?= 0
+STORAGE ?= $(or $(OPTUNA_STORAGE),sqlite:///$(CURDIR)/optuna.db)
+STUDY ?= $(NAME)
+PRUNER ?= median
+TIMEOUT ?=
+DASHBOARD_PORT ?= 8080
+SWEEP_OPTS = --storage "$(STORAGE)" --study "$(STUDY)" --pruner $(PRUNER) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
-.PHONY: setup bubblewrap experiment list test lint bench ui judge-server data clean-cache clean
+.PHONY: setup bubblewrap experiment list sweep sweep-worker dashboard compare test lint bench ui judge-server data \
+	clean-cache clean
 
 setup: $(STAMP)
 	@command -v bwrap >/dev/null 2>&1 || $(MAKE) --no-print-directory bubblewrap
@@ -47,6 +57,21 @@ experiment: setup
 
 list: setup
 	$(PY) -m harness list
+
+sweep: setup
+	@$(PY) -m harness sweep $(NAME) $(ARGS) --trials $(TRIALS) --seed $(SEED) $(SWEEP_OPTS)
+
+# One more worker on the same study (run it on each machine, with STORAGE a database they all reach). Unseeded,
+# so that workers do not sample the same values; TRIALS is per worker.
+sweep-worker: setup
+	@$(PY) -m harness sweep $(NAME) $(ARGS) --trials $(TRIALS) $(SWEEP_OPTS)
+
+dashboard: setup
+	@$(VENV)/bin/optuna-dashboard "$(STORAGE)" --host $(HOST) --port $(DASHBOARD_PORT)
+
+# make compare RUNS="id id ..." or make compare EXPERIMENT=simpo_qwen
+compare: setup
+	$(PY) -m harness compare $(RUNS) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -69,12 +69,17 @@ def make_storage(url: str, heartbeat_s: int | None = None, on_stale=None) -> opt
     # SQLite allows one writer at a time; trial processes and other workers write too, so wait for the lock
     # instead of failing at once.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
-                                          grace_period=heartbeat_s * 4 if heartbeat_s else None,
-                                          heartbeat_stale_trial_callback=on_stale)
-    except Exception as e:  # a bad scheme, a missing driver, a server that refuses: say which storage
-        raise ConfigError(f"--storage {display_url(url)}: {e}") from None
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
+                                              grace_period=heartbeat_s * 4 if heartbeat_s else None,
+                                              heartbeat_stale_trial_callback=on_stale)
+        except Exception as e:  # a bad scheme, a missing driver, a server that refuses: say which storage
+            # Workers started together on a new database race to create its tables; the loser finds them made.
+            if "already exists" in str(e) and attempt < 2:
+                time.sleep(1)
+                continue
+            raise ConfigError(f"--storage {display_url(url)}: {e}") from None
 
 
 def make_pruner(kind: str, warmup_steps: int, startup_trials: int, eval_every: int,

@@ -1,0 +1,215 @@
+"""Sweeps: `python -m harness sweep` in subprocesses against a real SQLite Optuna storage and MLflow store."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.errors import ConfigError
+from harness.experiment import load_class
+from harness.paths import REPO_ROOT
+from harness.sweep import display_url, make_storage, trial_overrides
+
+EXTRA = str(Path(__file__).parent / "experiments_extra")
+# Small and fast: 8 eval samples, 8 new tokens. The HF backend skips the vLLM engine start in each trial process
+# (vLLM's in-loop path is covered by test_experiment_run); the scripted trials evaluate after every step.
+SCRIPTED = ["max_steps=4", "eval_every=1", "eval_limit=8", "max_new_tokens=8", "backend=hf"]
+
+
+@pytest.fixture
+def stores(tmp_path, tiny_model_dir):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONUNBUFFERED": "1",
+           "HARNESS_EXPERIMENTS_PATH": EXTRA}
+    return env, f"sqlite:///{tmp_path / 'optuna.db'}", MlflowClient(env["MLFLOW_TRACKING_URI"]), tmp_path
+
+
+def _sweep(env, storage, tmp, *args, **kwargs):
+    cmd = [sys.executable, "-m", "harness", "sweep", *args, f"output_dir={tmp / 'outputs'}", "--storage", storage]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+def _summary(out) -> dict:
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _runs(client, experiment):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    trials = {int(r.data.tags["optuna.trial.number"]): r for r in runs if r.data.tags.get("sweep.role") == "trial"}
+    return parents, trials
+
+
+def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores):
+    env, storage, client, tmp = stores
+    common = ["simpo_qwen", "max_steps=2", "eval_every=2", "eval_limit=8", "max_new_tokens=8", "beta=3.0",
+              "--seed", "0", "--study", "s1"]
+    first = _summary(_sweep(env, storage, tmp, *common, "--trials", "2"))
+
+    study = optuna.load_study(study_name="s1", storage=storage)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(t.params["beta"] == 3.0 for t in trials)  # fixed by the override, not sampled
+    assert all(1e-6 <= t.params["learning_rate"] <= 1e-3 and 0.3 <= t.params["gamma"] <= 2.0 for t in trials)
+    assert [sorted(t.intermediate_values) for t in trials] == [[0, 2], [0, 2]]
+    best = max(trials, key=lambda t: t.value)
+    assert first["study"] == "s1" and first["trials"] == {"COMPLETE": 2} and first["steps_trained"] == 4
+    assert first["best_value"] == best.value and first["best_params"] == best.params
+    assert first["best_trial"] == best.number
+
+    (parent,), runs = _runs(client, "simpo_qwen")
+    assert parent.info.run_id == first["mlflow_parent_run_id"] and parent.info.status == "FINISHED"
+    assert sorted(runs) == [0, 1]
+    for number, run in runs.items():
+        trial = trials[number]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.run_name == f"trial-{number}"
+        assert run.data.tags["optuna.trial.state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert float(run.data.params["learning_rate"]) == trial.params["learning_rate"]
+        assert float(run.data.params["gamma"]) == trial.params["gamma"] and run.data.params["beta"] == "3.0"
+        rouge = client.get_metric_history(run.info.run_id, "eval/rouge/rougeL")
+        assert [m.step for m in rouge] == [0, 2] and rouge[-1].value == trial.value
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+    tags = parent.data.tags
+    assert tags["best.trial"] == str(best.number) and tags["best.run_id"] == runs[best.number].info.run_id
+    assert float(tags["best.params.learning_rate"]) == best.params["learning_rate"]
+    assert parent.data.metrics["sweep/best_value"] == best.value
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep/plots")}
+    assert plots == {f"sweep/plots/{p}.png" for p in
+                     ("optimization_history", "param_importances", "parallel_coordinate", "intermediate_values")}
+    summary_path = client.download_artifacts(parent.info.run_id, "sweep/summary.json", str(tmp))
+    summary = json.loads(Path(summary_path).read_text())
+    assert summary["best_params"] == best.params
+
+    second = _summary(_sweep(env, storage, tmp, *common, "--trials", "1"))
+    assert second["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
+    assert second["trials"] == {"COMPLETE": 3} and second["steps_trained"] == 6
+    (parent,), runs = _runs(client, "simpo_qwen")
+    assert sorted(runs) == [0, 1, 2] and parent.info.status == "FINISHED"
+    assert runs[2].data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+    # harness compare on two of the trial runs: values straight from their metric histories, plot logged to each
+    ids = [runs[0].info.run_id, runs[1].info.run_id]
+    out = subprocess.run([sys.executable, "-m", "harness", "compare", *ids, "--out", str(tmp / "c.png")],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("eval/rouge/rougeL"))
+    for run in (runs[0], runs[1]):
+        history = client.get_metric_history(run.info.run_id, "eval/rouge/rougeL")
+        assert f"{history[0].value:.3f} -> {history[-1].value:.3f}" in line
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "compare")] == ["compare/c.png"]
+    assert "learning_rate" in out.stdout.split("params that differ:")[1]
+    assert (tmp / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_trial_is_recorded_and_a_clearly_worse_trial_is_pruned(stores):
+    env, storage, client, tmp = stores
+    summary = _summary(_sweep(env, storage, tmp, "scripted_simpo", *SCRIPTED, "--trials", "4"))
+    assert summary["trials"] == {"COMPLETE": 2, "FAIL": 1, "PRUNED": 1}
+    trials = optuna.load_study(study_name="scripted_simpo", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
+    pruned = trials[3]
+    assert pruned.params["learning_rate"] == 5e-2 and pruned.last_step < 4
+    assert pruned.user_attrs["steps_trained"] < 4  # training stopped, not just the trial's label
+    assert summary["steps_trained"] == 8 + pruned.user_attrs["steps_trained"]
+
+    _, runs = _runs(client, "scripted_simpo")
+    assert runs[2].info.status == "FAILED" and runs[2].data.tags["optuna.trial.state"] == "FAIL"
+    assert runs[3].info.status == "FINISHED" and runs[3].data.tags["optuna.trial.state"] == "PRUNED"
+    steps = [m.step for m in client.get_metric_history(runs[3].info.run_id, "eval/perplexity/perplexity")]
+    assert steps == list(range(pruned.last_step + 1))
+    tables = {a.path for a in client.list_artifacts(runs[3].info.run_id, "eval_samples")}
+    assert tables == {f"eval_samples/step_{s:06d}.json" for s in steps}  # the pruned run's tables stay
+
+
+def test_two_workers_share_one_study_without_running_a_trial_twice(stores):
+    env, storage, client, tmp = stores
+    args = ["scripted_simpo", *SCRIPTED, "max_steps=1", "--study", "shared", "--pruner", "none", "--trials", "2"]
+    cmd = [sys.executable, "-m", "harness", "sweep", *args, f"output_dir={tmp / 'outputs'}", "--storage", storage]
+    # the first worker creates the study; the second joins it while the first is running its first trial
+    workers = [subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(2)]
+    summaries = []
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=900)
+        assert worker.returncode == 0, stderr[-3000:]
+        summaries.append(json.loads(stdout.strip().splitlines()[-1]))
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    # trials 2 and 3 repeat the script's crash and ruin rows; without pruning a ruined trial still completes
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    (parent,), runs = _runs(client, "scripted_simpo")
+    assert {s["mlflow_parent_run_id"] for s in summaries} == {parent.info.run_id}
+    assert sorted(runs) == [0, 1, 2, 3]
+    assert len({r.info.run_id for r in runs.values()}) == 4
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs.values()}
+
+
+def test_a_trial_whose_worker_died_is_marked_failed_and_the_study_goes_on(stores):
+    env, storage, client, tmp = stores
+    args = ["scripted_simpo", *SCRIPTED, "--study", "dies", "--heartbeat", "1", "--trials", "1"]
+    cmd = [sys.executable, "-m", "harness", "sweep", *args, "max_steps=400", f"output_dir={tmp / 'outputs'}",
+           "--storage", storage]
+    worker = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # until the trial is training: its MLflow run has an eval metric
+            exp = client.get_experiment_by_name("scripted_simpo")
+            runs = client.search_runs([exp.experiment_id], "tags.`sweep.role` = 'trial'") if exp else []
+            if runs and runs[0].data.metrics:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail("the trial never started training")
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)  # the driver and its trial process, with no chance to clean up
+        worker.wait()
+    (trial,) = optuna.load_study(study_name="dies", storage=storage).get_trials()
+    assert trial.state.name == "RUNNING"
+    time.sleep(5)  # past the grace period of 4 heartbeats
+
+    summary = _summary(_sweep(env, storage, tmp, *args))
+    assert summary["trials"] == {"FAIL": 1, "COMPLETE": 1}
+    trials = optuna.load_study(study_name="dies", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    _, runs = _runs(client, "scripted_simpo")
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags["optuna.trial.state"] == "FAIL"
+
+
+def test_search_space_values_must_be_fields_and_an_experiment_must_declare_one():
+    exp = load_class("simpo_qwen")()
+    assert trial_overrides(exp, ["max_steps=3"], {"beta": 2.0, "evaluators": ["bleu", "rouge"]}) == \
+        ["max_steps=3", "beta=2.0", "evaluators=bleu,rouge"]
+    with pytest.raises(ConfigError, match=r"search_space returned \['betta'\], which are not fields"):
+        trial_overrides(exp, [], {"betta": 2.0})
+    from harness.experiment import Experiment
+
+    with pytest.raises(ConfigError, match="declares no search space"):
+        Experiment.search_space(exp, None)
+
+
+def test_storage_password_is_never_shown_and_a_bad_storage_is_named():
+    assert display_url("postgresql://alice:s3cret@db.example:5432/optuna") == \
+        "postgresql://alice:***@db.example:5432/optuna"
+    with pytest.raises(ConfigError, match=r"--storage nosuchdb://alice:\*\*\*@host/x") as error:
+        make_storage("nosuchdb://alice:s3cret@host/x")
+    assert "s3cret" not in str(error.value)
+
+
+def test_resuming_a_study_with_another_objective_is_refused(stores):
+    env, storage, client, tmp = stores
+    optuna_study = optuna.create_study(study_name="taken", storage=storage, direction="maximize")
+    optuna_study.set_user_attr("experiment", "simpo_qwen")
+    optuna_study.set_user_attr("objective", "eval/rouge/rougeL")
+    out = _sweep(env, storage, tmp, "scripted_simpo", "--study", "taken", "--trials", "1")
+    assert out.returncode == 2
+    assert "--study taken: the study was created for experiment 'simpo_qwen' optimising 'eval/rouge/rougeL'" \
+        in out.stderr
+    assert client.get_experiment_by_name("scripted_simpo") is None  # nothing was logged
