@@ -97,4 +97,4 @@ clean-cache:
 	rm -rf .cache
 
 clean:
-	rm -rf $(VENV) .cache outputs mlruns mlflow.db
+	rm -rf $(VENV) .cache outputs mlruns mlflow.db optuna.db
