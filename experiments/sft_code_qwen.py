@@ -42,6 +42,4 @@ class SftCodeQwen(Experiment):
         return prompt_completion_rows(records)
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
-        return sft_trainer(model, tokenizer, rows, callbacks, max_length=self.max_length, output_dir=output_dir,
-                           max_steps=self.max_steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
-                           seed=self.seed)
+        return sft_trainer(model, tokenizer, rows, callbacks, **self.trainer_args(output_dir))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.data import preference_rows
 from harness.experiment import Experiment
+from harness.formats import convert
 from harness.methods import simpo_trainer
 
 
@@ -28,11 +28,9 @@ class SimpoQwen(Experiment):
         return space
 
     def train_rows(self, records):
-        return preference_rows(records)
+        return convert(records, self.data_format, "preference")
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
         return simpo_trainer(
             model, tokenizer, rows, callbacks, beta=self.beta, gamma=self.gamma,
-            max_length=self.max_length, output_dir=output_dir, max_steps=self.max_steps,
-            learning_rate=self.learning_rate, batch_size=self.batch_size, seed=self.seed,
-        )
+            **self.trainer_args(output_dir))

@@ -123,6 +123,35 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from harness.data import read_records
+    from harness.formats import check
+
+    counts = check(read_records(args.file), args.format)
+    print(json.dumps({"file": args.file, "records": sum(counts.values()), "formats": dict(counts)}))
+    return 0
+
+
+def _data_convert(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from harness.data import read_records
+    from harness.formats import convert
+
+    if not args.out.endswith(".jsonl"):
+        raise ConfigError(f"data convert writes JSONL: OUT must end with .jsonl, got {args.out!r}")
+    rows = convert(read_records(args.input), args.format, args.to)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")  # all or nothing: a bad record leaves no OUT
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(tmp, out)
+    print(json.dumps({"in": args.input, "out": args.out, "to": args.to, "rows": len(rows)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from evaluators import EVALUATORS
 
@@ -186,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", help="directory (default: data/)")
     gen.set_defaults(func=_data)
+    formats = ("auto", "messages", "sharegpt", "alpaca", "preference", "kto", "prompt_completion", "text")
+    chk = data_sub.add_parser("check", help="validate every record of a data file; prints counts per format")
+    chk.add_argument("file", help="local .jsonl/.json/.parquet/.txt or a hub dataset name[:split]")
+    chk.add_argument("--format", choices=formats, default="auto")
+    chk.set_defaults(func=_data_check)
+    conv = data_sub.add_parser("convert", help="convert a data file to another format (JSONL out)")
+    conv.add_argument("input", metavar="IN")
+    conv.add_argument("out", metavar="OUT")
+    conv.add_argument("--to", required=True, choices=("messages", "preference", "kto", "text"))
+    conv.add_argument("--format", choices=formats, default="auto", help="IN's format (default: detected)")
+    conv.set_defaults(func=_data_convert)
     return parser
 
 

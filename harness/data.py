@@ -15,7 +15,7 @@ from typing import Any
 from harness.errors import DataError
 from harness.paths import REPO_ROOT
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ def resolve_local(spec: str) -> Path | None:
 
 
 def read_records(spec: str) -> list[Record]:
-    """Records of a local JSONL/JSON/Parquet file, or of a hub dataset given as `name` or `name:split`."""
+    """Records of a local JSONL/JSON/Parquet file, a .txt file (one {"text"} record per line), or a hub
+    dataset given as `name` or `name:split`."""
     path = resolve_local(spec)
     if path is None:
         if spec.endswith(LOCAL_SUFFIXES):
@@ -43,6 +44,8 @@ def read_records(spec: str) -> list[Record]:
         return _read_jsonl(path)
     if path.suffix == ".json":
         return _read_json(path)
+    if path.suffix == ".txt":
+        return _read_text(path)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -63,6 +66,12 @@ def _read_jsonl(path: Path) -> list[Record]:
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
         records.append(Record(f"{path} line {lineno}", row))
     return records
+
+
+def _read_text(path: Path) -> list[Record]:
+    """One document per non-empty line (multi-line documents belong in JSONL as {"text": ...})."""
+    lines = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+    return [Record(f"{path} line {n}", {"text": line}) for n, line in lines if line.strip()]
 
 
 def _read_json(path: Path) -> list[Record]:
@@ -90,36 +99,6 @@ def fingerprint(spec: str) -> str:
     """sha256 of a local file's bytes (first 16 hex digits), or the hub name itself."""
     path = resolve_local(spec)
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path else f"hub:{spec}"
-
-
-def _text_or_messages(record: Record, key: str) -> str | list[dict]:
-    value = record.fields.get(key)
-    if value is None:
-        raise DataError(f"{record.source}: field '{key}' is missing")
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(f"{record.source}: field '{key}' is empty")
-        return value
-    if isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        return value
-    raise DataError(f"{record.source}: field '{key}' must be a string or a list of {{role, content}} messages")
-
-
-def preference_rows(records: list[Record]) -> list[dict]:
-    """Preference pairs `prompt`/`chosen`/`rejected` (strings or message lists), as TRL's conversational format."""
-    rows = []
-    for r in records:
-        prompt, chosen, rejected = (_text_or_messages(r, k) for k in ("prompt", "chosen", "rejected"))
-        rows.append({
-            "prompt": [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt,
-            "chosen": [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen,
-            "rejected": [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else rejected,
-        })
-    if not rows:
-        raise DataError("the training data has no records")
-    return rows
 
 
 def prompt_completion_rows(records: list[Record]) -> list[dict]:

@@ -26,6 +26,7 @@ class Experiment:
     model: str = "tiny-qwen2"  # "tiny-qwen2", a local model directory, or a Hugging Face hub name
     train_data: str = "data/preference.jsonl"  # local .jsonl/.json/.parquet, or hub "name[:split]"
     eval_data: str = "data/eval.jsonl"
+    data_format: str = "auto"  # train_data's record format, detected from its keys; or see harness/formats.py
     max_steps: int = 60
     eval_every: int = 20
     eval_limit: int = 64  # first N eval records; 0 means all
@@ -114,6 +115,11 @@ class Experiment:
         """Validate the training records and convert them to the rows the trainer reads (see harness.data).
         Called before anything is written, so a bad record stops the run with its file, line and field."""
         raise NotImplementedError
+
+    def trainer_args(self, output_dir: str) -> dict[str, Any]:
+        """The arguments every method in harness.methods takes from the base fields."""
+        return dict(output_dir=output_dir, max_steps=self.max_steps, learning_rate=self.learning_rate,
+                    batch_size=self.batch_size, seed=self.seed, max_length=self.max_length)
 
     def build_trainer(self, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str):
         """Return a transformers/TRL Trainer that trains `model`; the harness calls `.train()` on it."""

@@ -20,21 +20,61 @@ def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_siz
     )
 
 
+def _build(config_cls, trainer_cls, model, tokenizer, rows: list[dict], callbacks: list, method_args: dict,
+           args: dict, **trainer_kwargs):
+    config = config_cls(**method_args, **common_args(**args))
+    return trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                       callbacks=callbacks, **trainer_kwargs)
+
+
 def simpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, gamma: float,
                   max_length: int, **args):
     """SimPO = CPO's `simpo` loss with the behaviour-cloning term off (cpo_alpha=0); with it on it is CPO-SimPO."""
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    config = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=beta, simpo_gamma=gamma, max_length=max_length,
-                       **common_args(**args))
-    return CPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      callbacks=callbacks)
+    return _build(CPOConfig, CPOTrainer, model, tokenizer, rows, callbacks,
+                  dict(loss_type="simpo", cpo_alpha=0.0, beta=beta, simpo_gamma=gamma, max_length=max_length), args)
+
+
+def cpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, cpo_alpha: float,
+                max_length: int, **args):
+    """CPO: a sigmoid preference loss without a reference model plus `cpo_alpha` x NLL on the chosen answers."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    return _build(CPOConfig, CPOTrainer, model, tokenizer, rows, callbacks,
+                  dict(loss_type="sigmoid", cpo_alpha=cpo_alpha, beta=beta, max_length=max_length), args)
+
+
+def orpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, max_length: int, **args):
+    """ORPO: NLL on the chosen answers plus `beta` (the paper's lambda) x the odds-ratio preference term."""
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return _build(ORPOConfig, ORPOTrainer, model, tokenizer, rows, callbacks,
+                  dict(beta=beta, max_length=max_length), args)
+
+
+def dpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, loss_type: str,
+                max_length: int, **args):
+    """DPO against a frozen reference: a copy of the starting model, or the base weights under a LoRA adapter."""
+    from trl import DPOConfig, DPOTrainer
+
+    return _build(DPOConfig, DPOTrainer, model, tokenizer, rows, callbacks,
+                  dict(beta=beta, loss_type=[loss_type], max_length=max_length), args)
+
+
+def kto_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, desirable_weight: float,
+                undesirable_weight: float, max_length: int, **args):
+    """KTO on unpaired examples labelled desirable or not, against a frozen reference like DPO."""
+    from trl import KTOConfig, KTOTrainer
+
+    return _build(KTOConfig, KTOTrainer, model, tokenizer, rows, callbacks,
+                  dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                       max_length=max_length), args)
 
 
 def sft_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, max_length: int, **args):
-    """Supervised fine-tuning on prompt/completion pairs, loss on the completion tokens only."""
+    """Supervised fine-tuning on prompt/completion rows (plain or conversational), loss on the completion only."""
     from trl import SFTConfig, SFTTrainer
 
-    config = SFTConfig(max_length=max_length, completion_only_loss=True, **common_args(**args))
-    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      callbacks=callbacks)
+    return _build(SFTConfig, SFTTrainer, model, tokenizer, rows, callbacks,
+                  dict(max_length=max_length, completion_only_loss=True), args)

@@ -9,6 +9,7 @@ import pytest
 from harness import data
 from harness.code_tasks import generate_code_tasks
 from harness.errors import DataError
+from harness.formats import convert
 from harness.paths import DATA_DIR
 from harness.tasks import generate
 
@@ -20,9 +21,9 @@ def test_jsonl_json_and_parquet_give_the_same_rows(tmp_path):
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "p.json").write_text(json.dumps(rows))
     pq.write_table(pa.Table.from_pylist([PAIR, {**PAIR, "prompt": "Hi"}]), tmp_path / "p.parquet")
-    from_jsonl = data.preference_rows(data.read_records(str(tmp_path / "p.jsonl")))
-    assert from_jsonl == data.preference_rows(data.read_records(str(tmp_path / "p.json")))
-    assert from_jsonl == data.preference_rows(data.read_records(str(tmp_path / "p.parquet")))
+    from_jsonl = convert(data.read_records(str(tmp_path / "p.jsonl")), "auto", "preference")
+    assert from_jsonl == convert(data.read_records(str(tmp_path / "p.json")), "auto", "preference")
+    assert from_jsonl == convert(data.read_records(str(tmp_path / "p.parquet")), "auto", "preference")
     assert from_jsonl[0] == {
         "prompt": [{"role": "user", "content": "What is 2 plus 2?"}],
         "chosen": [{"role": "assistant", "content": "2 plus 2 is 4."}],
@@ -34,7 +35,7 @@ def test_jsonl_json_and_parquet_give_the_same_rows(tmp_path):
     ("lines", "message"),
     [
         ([PAIR, {"prompt": "q", "chosen": "a"}], "line 2: field 'rejected' is missing"),
-        ([PAIR, PAIR, {**PAIR, "chosen": "  "}], "line 3: field 'chosen' is empty"),
+        ([PAIR, PAIR, {**PAIR, "chosen": "  "}], "line 3: field 'chosen' must be a non-empty string"),
         ([{**PAIR, "prompt": 3}], "line 1: field 'prompt' must be a string or a list of {role, content} messages"),
         ([PAIR, "{not json"], "line 2: invalid JSON"),
         ([[1, 2]], "line 1: expected a JSON object, got list"),
@@ -44,7 +45,7 @@ def test_malformed_preference_records_name_file_line_and_field(tmp_path, lines, 
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
     with pytest.raises(DataError) as err:
-        data.preference_rows(data.read_records(str(path)))
+        convert(data.read_records(str(path)), "auto", "preference")
     assert str(err.value).startswith(f"{path} {message}")
 
 

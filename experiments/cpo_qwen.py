@@ -1,0 +1,30 @@
+"""CPO (contrastive preference optimisation, no reference model), evaluated in the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.experiment import Experiment
+from harness.formats import convert
+from harness.methods import cpo_trainer
+
+
+@dataclass
+class CpoQwen(Experiment):
+    """CPO (sigmoid preference loss plus NLL on the chosen answers, no reference) on the embedded tiny Qwen2."""
+
+    beta: float = 0.1
+    cpo_alpha: float = 1.0  # weight of the NLL (behaviour cloning) term
+    learning_rate: float = 1e-5
+
+    def search_space(self, trial) -> dict:
+        return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),
+                "beta": trial.suggest_float("beta", 0.01, 0.5, log=True),
+                "cpo_alpha": trial.suggest_float("cpo_alpha", 0.0, 2.0)}
+
+    def train_rows(self, records):
+        return convert(records, self.data_format, "preference")
+
+    def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
+        return cpo_trainer(model, tokenizer, rows, callbacks, beta=self.beta, cpo_alpha=self.cpo_alpha,
+                           **self.trainer_args(output_dir))

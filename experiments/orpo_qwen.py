@@ -1,0 +1,27 @@
+"""ORPO (odds-ratio preference optimisation, SFT and preference in one loss), evaluated in the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.experiment import Experiment
+from harness.formats import convert
+from harness.methods import orpo_trainer
+
+
+@dataclass
+class OrpoQwen(Experiment):
+    """ORPO (NLL on chosen plus an odds-ratio term, no reference) on the embedded tiny Qwen2."""
+
+    beta: float = 0.1  # the ORPO paper's lambda
+    learning_rate: float = 1e-5
+
+    def search_space(self, trial) -> dict:
+        return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),
+                "beta": trial.suggest_float("beta", 0.05, 1.0, log=True)}
+
+    def train_rows(self, records):
+        return convert(records, self.data_format, "preference")
+
+    def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
+        return orpo_trainer(model, tokenizer, rows, callbacks, beta=self.beta, **self.trainer_args(output_dir))

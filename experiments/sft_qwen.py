@@ -1,0 +1,26 @@
+"""Supervised fine-tuning on chat data, loss on the assistant tokens only, evaluated in the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.experiment import Experiment
+from harness.formats import convert
+from harness.methods import sft_trainer
+
+
+@dataclass
+class SftQwen(Experiment):
+    """SFT of the embedded tiny Qwen2 on chat data (messages, ShareGPT or Alpaca), multi-turn, assistant-only loss."""
+
+    train_data: str = "data/sft.jsonl"
+    learning_rate: float = 1e-4
+
+    def search_space(self, trial) -> dict:
+        return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True)}
+
+    def train_rows(self, records):
+        return convert(records, self.data_format, "sft")
+
+    def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
+        return sft_trainer(model, tokenizer, rows, callbacks, **self.trainer_args(output_dir))
