@@ -34,7 +34,7 @@ class SftCodeQwen(Experiment):
     def search_space(self, trial) -> dict:
         space = {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 3e-3, log=True),
                  "batch_size": trial.suggest_categorical("batch_size", [8, 16])}
-        if self.lora:
+        if self.peft != "none":
             space["lora_rank"] = trial.suggest_categorical("lora_rank", [8, 16, 32])
         return space
 

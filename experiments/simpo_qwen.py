@@ -23,7 +23,7 @@ class SimpoQwen(Experiment):
             "beta": trial.suggest_float("beta", 1.0, 10.0),
             "gamma": trial.suggest_float("gamma", 0.3, 2.0),
         }
-        if self.lora:
+        if self.peft != "none":
             space["lora_rank"] = trial.suggest_categorical("lora_rank", [8, 16, 32])
         return space
 

@@ -16,7 +16,16 @@ from typing import Any
 from harness.errors import ConfigError
 
 BACKENDS = ("vllm", "hf")
+PEFT_KINDS = ("none", "lora", "dora", "qlora")
 GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _qlora_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 
 @dataclass
@@ -40,10 +49,11 @@ class Experiment:
     evaluators: list[str] = field(default_factory=lambda: ["perplexity", "bleu", "rouge"])
     select_metric: str = "eval/rouge/rougeL"  # the best checkpoint is kept by this metric
     select_mode: str = "max"  # "max" or "min"
-    lora: bool = False
+    peft: str = "none"  # none (full weights), lora, dora, qlora (GPU + bitsandbytes only)
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or module names: q_proj,v_proj
     output_dir: str = "outputs"
     # Set from the command line as <evaluator>_<option>=value for options no field declares (see make_evaluators).
     evaluator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -66,6 +76,10 @@ class Experiment:
             (self.batch_size >= 1, "batch_size", "must be >= 1"),
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
             (bool(self.evaluators), "evaluators", "must name at least one evaluator"),
+            (self.peft in PEFT_KINDS, "peft", f"must be one of {', '.join(PEFT_KINDS)}"),
+            (self.peft != "qlora" or _qlora_available(), "peft",
+             "needs a CUDA GPU and bitsandbytes (4-bit NF4 base weights); this machine has none: use peft=lora, "
+             "which trains the same adapter on full-precision weights"),
         ]
         unknown = [e for e in self.evaluators if e not in EVALUATORS]
         checks.append((not unknown, "evaluators", f"unknown {unknown}; known: {', '.join(sorted(EVALUATORS))}"))
@@ -107,7 +121,7 @@ class Experiment:
     def search_space(self, trial) -> dict[str, Any]:
         """The fields a sweep tunes: call `trial.suggest_*` with each field's name and return {field: value}.
         `self` holds the fields fixed for every trial (defaults and overrides), so the space may depend on them
-        (e.g. tune `lora_rank` only when `lora` is on)."""
+        (e.g. tune `lora_rank` only when `peft` is set)."""
         raise ConfigError(f"{self.name()} declares no search space: add a `search_space(self, trial)` method "
                           f"to experiments/{self.name()}.py (see experiments/simpo_qwen.py)")
 

@@ -41,7 +41,7 @@ class GenerationBackend(Protocol):
 
 
 def inference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under the base model's parameter names, with active LoRA adapters folded in.
+    """The model's weights under the base model's parameter names, with active LoRA (or DoRA) adapters folded in.
 
     The merged tensors are new ones: merging in place and unmerging afterwards would leave rounding error in the
     weights being trained, accumulating with every evaluation.
@@ -59,7 +59,11 @@ def inference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
                         key = f"{name}.weight"
-                        weights[key] = weights[key] + module.get_delta_weight(adapter).to(weights[key].dtype)
+                        variant = module.lora_variant.get(adapter)  # DoRA and other variants merge their own way
+                        if variant is None:
+                            weights[key] = weights[key] + module.get_delta_weight(adapter).to(weights[key].dtype)
+                        else:
+                            weights[key] = variant.merge_safe(module, adapter, weights[key].clone())
     return weights
 
 

@@ -1,4 +1,4 @@
-"""Resolving `model=` (embedded, local directory or hub name), loading it, and wrapping it with LoRA."""
+"""Resolving `model=` (embedded, local directory or hub name), loading it, and wrapping it with a PEFT adapter."""
 
 from __future__ import annotations
 
@@ -26,16 +26,29 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, lora: bool = False, rank: int = 16, alpha: int = 32, dropout: float = 0.0):
-    """fp32 on CPU (bf16 training there is slow and lossy), bf16 on a GPU."""
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    if lora:
-        from peft import LoraConfig, get_peft_model
+def load_model(path: str, peft: str = "none", rank: int = 16, alpha: int = 32, dropout: float = 0.0,
+               target_modules: list[str] | None = None):
+    """fp32 on CPU (bf16 training there is slow and lossy), bf16 on a GPU; with `peft`, a LoRA-family adapter on
+    `target_modules` (default every linear layer): lora, dora (weight-decomposed), or qlora (LoRA on the base
+    model loaded in 4-bit NF4 by bitsandbytes; GPU only, checked by Experiment.validate before anything loads)."""
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    kwargs = {}
+    if peft == "qlora":
+        from transformers import BitsAndBytesConfig
 
-        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                            task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
-    return model
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if on_gpu and peft != "qlora":  # a 4-bit model is placed by bitsandbytes
+        model = model.to("cuda")
+    if peft == "none":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if peft == "qlora":
+        model = prepare_model_for_kbit_training(model)
+    targets = target_modules or ["all-linear"]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=peft == "dora",
+                        target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -148,13 +148,13 @@ def test_local_model_dir_parquet_data_lora_and_hf_backend(store, tiny_model_dir)
     evals = [json.loads(line) for line in (REPO_ROOT / "data" / "eval.jsonl").read_text().splitlines()[:8]]
     (tmp / "eval.json").write_text(json.dumps([{"prompt": r["prompt"], "reference": r["reference"]} for r in evals]))
     out = _harness(env, "run", "simpo_qwen", f"model={tiny_model_dir}", f"train_data={tmp / 'pairs.parquet'}",
-                   f"eval_data={tmp / 'eval.json'}", "lora=true", "lora_rank=4", "backend=hf", "max_steps=2",
+                   f"eval_data={tmp / 'eval.json'}", "peft=dora", "lora_rank=4", "backend=hf", "max_steps=2",
                    "eval_every=1", "evaluators=bleu,rouge", f"output_dir={tmp / 'outputs'}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "[data] 64 training rows" in out.stdout and "8 eval samples" in out.stdout
     assert "hf backend ready" in out.stdout
     run = _only_run(client)
-    assert run.info.status == "FINISHED" and run.data.params["lora"] == "true"
+    assert run.info.status == "FINISHED" and run.data.params["peft"] == "dora"
     assert _steps(client, run.info.run_id, "eval/bleu/bleu4") == [0, 1, 2]
     best = tmp / "outputs" / "simpo_qwen" / run.info.run_id / "best"
     assert (best / "adapter_config.json").exists() and not (best / "model.safetensors").exists()

@@ -60,11 +60,12 @@ def test_vllm_prompt_logprobs_equal_hf_forward(vllm_backend, tiny_model_dir, tok
     assert torch.allclose(flat_v, flat_h, atol=1e-3), (flat_v - flat_h).abs().max()
 
 
-def test_lora_adapter_is_merged_into_the_engine(vllm_backend, tiny_model_dir, tokenizer, prompt_ids):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_lora_adapter_is_merged_into_the_engine(vllm_backend, tiny_model_dir, tokenizer, prompt_ids, use_dora):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(3)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora)
     model = get_peft_model(load_model(tiny_model_dir), config)
     params = PARAMS
     vllm_backend.sync_weights(model)

@@ -12,9 +12,9 @@ from harness.paths import REPO_ROOT
 
 
 def test_values_are_parsed_by_field_type():
-    exp = apply_overrides(SimpoQwen, ["beta=2.0", "max_steps=7", "lora=true", "evaluators=bleu,rouge",
+    exp = apply_overrides(SimpoQwen, ["beta=2.0", "max_steps=7", "peft=lora", "evaluators=bleu,rouge",
                                       "select_metric=eval/bleu/bleu", "model=/some/dir"])
-    assert (exp.beta, exp.max_steps, exp.lora, exp.evaluators) == (2.0, 7, True, ["bleu", "rouge"])
+    assert (exp.beta, exp.max_steps, exp.peft, exp.evaluators) == (2.0, 7, "lora", ["bleu", "rouge"])
     assert exp.model == "/some/dir" and isinstance(exp.beta, float)
 
 
@@ -23,7 +23,7 @@ def test_values_are_parsed_by_field_type():
     [
         (["bogus=1"], "unknown field 'bogus'"),
         (["max_steps=abc"], "field 'max_steps' expects int, got 'abc'"),
-        (["lora=maybe"], "field 'lora' expects bool"),
+        (["peft=maybe"], "field 'peft' = 'maybe' must be one of none, lora, dora, qlora"),
         (["beta"], "override 'beta' is not key=value"),
         (["backend=tgi"], "field 'backend' = 'tgi' must be one of vllm, hf"),
         (["evaluators=bleu,nope"], "unknown ['nope']"),
@@ -34,6 +34,12 @@ def test_bad_overrides_name_the_problem_and_list_fields(args, message):
     with pytest.raises(ConfigError) as err:
         apply_overrides(SimpoQwen, args)
     assert message in str(err.value)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU machine's refusal")
+def test_qlora_on_a_cpu_machine_stops_before_anything_loads():
+    with pytest.raises(ConfigError, match="field 'peft' = 'qlora' needs a CUDA GPU and bitsandbytes .* use peft=lora"):
+        apply_overrides(SimpoQwen, ["peft=qlora"])
 
 
 def test_select_metric_must_come_from_an_enabled_evaluator():
@@ -56,7 +62,7 @@ def test_cli_rejects_unknown_experiment():
     result = subprocess.run([sys.executable, "-m", "harness", "run", "nope_qwen"], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert "unknown experiment 'nope_qwen'; known: sft_code_qwen, simpo_qwen" in result.stderr
+    assert "unknown experiment 'nope_qwen'; known: cpo_qwen, dpo_qwen, kto_qwen, orpo_qwen, sft_code_qwen, sft_qwen, simpo_qwen" in result.stderr
 
 
 def test_evaluator_options_work_in_any_experiment():
