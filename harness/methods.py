@@ -78,3 +78,11 @@ def sft_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, max_leng
 
     return _build(SFTConfig, SFTTrainer, model, tokenizer, rows, callbacks,
                   dict(max_length=max_length, completion_only_loss=True), args)
+
+
+def pretrain_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, max_length: int, **args):
+    """Continued pretraining: next-token loss on every token of raw `text` rows."""
+    from trl import SFTConfig, SFTTrainer
+
+    return _build(SFTConfig, SFTTrainer, model, tokenizer, rows, callbacks,
+                  dict(max_length=max_length, dataset_text_field="text", completion_only_loss=False), args)

@@ -9,7 +9,8 @@ from harness.runner import run_experiment
 
 # the metric each method's trainer logs besides the loss: proof that the intended loss ran
 METHODS = {"sft_qwen": "train/mean_token_accuracy", "dpo_qwen": "train/rewards/margins",
-           "cpo_qwen": "train/rewards/margins", "orpo_qwen": "train/log_odds_ratio", "kto_qwen": "train/kl"}
+           "cpo_qwen": "train/rewards/margins", "orpo_qwen": "train/log_odds_ratio", "kto_qwen": "train/kl",
+           "pretrain_qwen": "train/mean_token_accuracy"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
