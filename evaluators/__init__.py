@@ -5,8 +5,10 @@ from evaluators.bleu import Bleu
 from evaluators.humaneval import HumanEval
 from evaluators.judge import Judge
 from evaluators.perplexity import Perplexity
+from evaluators.reward_accuracy import RewardAccuracy
 from evaluators.rouge import RougeChinese
 
-EVALUATORS: dict[str, type] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge)}
+EVALUATORS: dict[str, type] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge,
+                                                              RewardAccuracy)}
 
 __all__ = ["EVALUATORS", "EvalContext", "EvalResult", "Evaluator"]

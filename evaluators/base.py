@@ -19,6 +19,7 @@ class EvalContext:
     backend: GenerationBackend | None = None  # for evaluators that score with the model itself
     prompt_ids: list[list[int]] | None = None  # the rendered, tokenized prompts the backend generated from
     tokenizer: object | None = None
+    model: object | None = None  # the live model being trained, for evaluators that score with it directly
 
 
 @dataclass(frozen=True)

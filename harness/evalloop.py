@@ -44,7 +44,8 @@ class Evaluation:
         t0 = time.perf_counter()
         self.backend.sync_weights(model)
         t1 = time.perf_counter()
-        ctx = EvalContext(self.samples, backend=self.backend, prompt_ids=self.prompt_ids, tokenizer=self.tokenizer)
+        ctx = EvalContext(self.samples, backend=self.backend, prompt_ids=self.prompt_ids, tokenizer=self.tokenizer,
+                          model=model)
         metrics: dict[str, float] = {}
         table: dict[str, list] = {
             "id": [s.id for s in self.samples],

@@ -11,7 +11,7 @@ import importlib
 import inspect
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from harness.errors import ConfigError
 
@@ -31,6 +31,8 @@ def _qlora_available() -> bool:
 @dataclass
 class Experiment:
     """Fields every experiment accepts."""
+
+    model_head: ClassVar[str] = "causal_lm"  # "reward" for a scalar-score head (reward models)
 
     model: str = "tiny-qwen2"  # "tiny-qwen2", a local model directory, or a Hugging Face hub name
     train_data: str = "data/preference.jsonl"  # local .jsonl/.json/.parquet, or hub "name[:split]"

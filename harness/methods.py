@@ -86,3 +86,10 @@ def pretrain_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, max
 
     return _build(SFTConfig, SFTTrainer, model, tokenizer, rows, callbacks,
                   dict(max_length=max_length, dataset_text_field="text", completion_only_loss=False), args)
+
+
+def reward_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, max_length: int, **args):
+    """A reward model from preference pairs: Bradley-Terry loss on the scores of chosen vs rejected."""
+    from trl import RewardConfig, RewardTrainer
+
+    return _build(RewardConfig, RewardTrainer, model, tokenizer, rows, callbacks, dict(max_length=max_length), args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from harness.tiny_model import TINY_QWEN2, ensure_tiny_model
 
@@ -27,7 +27,7 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, peft: str = "none", rank: int = 16, alpha: int = 32, dropout: float = 0.0,
-               target_modules: list[str] | None = None):
+               target_modules: list[str] | None = None, head: str = "causal_lm"):
     """fp32 on CPU (bf16 training there is slow and lossy), bf16 on a GPU; with `peft`, a LoRA-family adapter on
     `target_modules` (default every linear layer): lora, dora (weight-decomposed), or qlora (LoRA on the base
     model loaded in 4-bit NF4 by bitsandbytes; GPU only, checked by Experiment.validate before anything loads)."""
@@ -39,7 +39,12 @@ def load_model(path: str, peft: str = "none", rank: int = 16, alpha: int = 32, d
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if head == "reward":  # one scalar per sequence, read at its last token: a new head on the same trunk
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, num_labels=1, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     if on_gpu and peft != "qlora":  # a 4-bit model is placed by bitsandbytes
         model = model.to("cuda")
     if peft == "none":
@@ -50,5 +55,6 @@ def load_model(path: str, peft: str = "none", rank: int = 16, alpha: int = 32, d
         model = prepare_model_for_kbit_training(model)
     targets = target_modules or ["all-linear"]
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=peft == "dora",
-                        target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
+                        target_modules=targets[0] if targets == ["all-linear"] else targets,
+                        task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
     return get_peft_model(model, config)

@@ -92,7 +92,7 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: 
         out_dir = (out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir) / name / tracker.run_id
         tokenizer = load_tokenizer(model_path)
         model = load_model(model_path, exp.peft, exp.lora_rank, exp.lora_alpha, exp.lora_dropout,
-                           exp.lora_target_modules)
+                           exp.lora_target_modules, head=exp.model_head)
         t = time.time()
         backend = make_backend(exp, model_path, tokenizer)
         print(f"[eval] {backend.name} backend ready in {time.time() - t:.1f}s", flush=True)

@@ -192,7 +192,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000, n_eval: int = 256) -> dict[str, Path]:
-    """Write the shipped data files: pretraining text, SFT chat data, preference pairs and the eval set.
+    """Write the shipped data files: pretraining text, SFT chat data, preference pairs, the eval set and
+    preference pairs on the eval prompts.
 
     The eval prompts are drawn first and excluded from every training split, so no eval question is seen.
     """
@@ -212,6 +213,7 @@ def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000
         "sft": out_dir / "sft.jsonl",
         "preference": out_dir / "preference.jsonl",
         "eval": out_dir / "eval.jsonl",
+        "preference_eval": out_dir / "preference_eval.jsonl",
     }
     paths["pretrain"].write_text("\n".join(prose) + "\n", encoding="utf-8")
     _write_jsonl(paths["sft"], [
@@ -220,6 +222,10 @@ def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000
     ])
     _write_jsonl(paths["preference"], [
         {"prompt": t.prompt, "chosen": t.reference, "rejected": t.wrong_reference} for t in pref
+    ])
+    # held-out pairs on the eval prompts, for reward models
+    _write_jsonl(paths["preference_eval"], [
+        {"prompt": t.prompt, "chosen": t.reference, "rejected": t.wrong_reference} for t in eval_set
     ])
     _write_jsonl(paths["eval"], [
         {"id": f"{t.task}-{t.lang}-{i}", "task": t.task, "lang": t.lang, "prompt": t.prompt,

@@ -30,3 +30,30 @@ def test_method_trains_and_logs_in_loop_evals(name, tmp_path, monkeypatch, tiny_
     assert [m.step for m in client.get_metric_history(summary.run_id, "eval/rouge/rougeL")] == [0, 1, 2]
     assert [m.step for m in client.get_metric_history(summary.run_id, "train/loss")] == [1, 2]
     assert client.get_metric_history(summary.run_id, METHODS[name]), sorted(run.data.metrics)
+
+
+def test_reward_model_is_scored_by_pairwise_accuracy_on_held_out_pairs(tmp_path, monkeypatch, tiny_model_dir):
+    import json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    exp = apply_overrides(load_class("rm_qwen"), ["max_steps=2", "eval_every=1", "reward_accuracy_limit=16",
+                                                  f"output_dir={tmp_path}"])
+    summary = run_experiment(exp)
+    client = MlflowClient(uri)
+    accuracy = client.get_metric_history(summary.run_id, "eval/reward_accuracy/accuracy")
+    assert [m.step for m in accuracy] == [0, 1, 2]
+    path = client.download_artifacts(summary.run_id, "eval_samples/reward_accuracy/step_000002.json", str(tmp_path))
+    table = json.loads(open(path).read())
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert len(rows) == 16 and all(r["correct"] == (r["score_chosen"] > r["score_rejected"]) for r in rows)
+    assert 100 * sum(r["correct"] for r in rows) / 16 == accuracy[-1].value
+    assert client.get_metric_history(summary.run_id, "train/loss")
+    assert (tmp_path / "rm_qwen" / summary.run_id / "best" / "config.json").exists()
+
+
+def test_reward_model_refuses_generation_evaluators():
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rm_qwen: a reward model has no language-model head"):
+        apply_overrides(load_class("rm_qwen"), ["backend=vllm"])

@@ -1,0 +1,45 @@
+"""Pairwise accuracy of a reward model on held-out preference pairs: how often it scores chosen above rejected."""
+
+from __future__ import annotations
+
+import torch
+
+from evaluators.base import EvalContext, EvalResult
+from harness.data import read_records
+from harness.formats import convert
+
+
+class RewardAccuracy:
+    name = "reward_accuracy"
+    metrics = ("accuracy", "margin")
+    needs_generation = False  # scores the live reward model itself (ctx.model)
+
+    def __init__(self, pairs: str = "data/preference_eval.jsonl", limit: int = 64, batch_size: int = 32):
+        rows = convert(read_records(pairs), "auto", "preference")  # a bad file stops the run before it opens
+        self.rows = rows[:limit] if limit else rows
+        self.batch_size = batch_size
+
+    def _scores(self, model, tokenizer, conversations: list[list[dict]]) -> list[float]:
+        scores = []
+        for i in range(0, len(conversations), self.batch_size):
+            texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[i:i + self.batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            scores += model(**batch).logits[:, 0].float().tolist()
+        return scores
+
+    def evaluate(self, ctx: EvalContext) -> EvalResult:
+        model, was_training = ctx.model, ctx.model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                chosen = self._scores(model, ctx.tokenizer, [r["prompt"] + r["chosen"] for r in self.rows])
+                rejected = self._scores(model, ctx.tokenizer, [r["prompt"] + r["rejected"] for r in self.rows])
+        finally:
+            model.train(was_training)
+        margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+        wins = [100.0 * (m > 0) for m in margins]
+        table = {"prompt": [r["prompt"][-1]["content"] for r in self.rows],
+                 "chosen": [r["chosen"][-1]["content"] for r in self.rows],
+                 "rejected": [r["rejected"][-1]["content"] for r in self.rows],
+                 "score_chosen": chosen, "score_rejected": rejected, "correct": [w > 0 for w in wins]}
+        return EvalResult({"accuracy": sum(wins) / len(wins), "margin": sum(margins) / len(margins)}, table=table)
