@@ -46,7 +46,7 @@ class SweepConfig:
     timeout_s: float | None = None
     storage: str | None = None
     study: str | None = None
-    pruner: str = "median"
+    pruner: str = "hyperband"
     warmup_steps: int = 1  # no pruning before this training step: the step-0 baseline is the same for every trial
     startup_trials: int = 2  # no pruning until this many trials have finished
     seed: int | None = None

@@ -50,7 +50,7 @@ def _runs(client, experiment):
 def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores):
     env, storage, client, tmp = stores
     common = ["simpo_qwen", "max_steps=2", "eval_every=2", "eval_limit=8", "max_new_tokens=8", "beta=3.0",
-              "--seed", "0", "--study", "s1"]
+              "--seed", "0", "--study", "s1", "--pruner", "none"]
     first = _summary(_sweep(env, storage, tmp, *common, "--trials", "2"))
 
     study = optuna.load_study(study_name="s1", storage=storage)
@@ -110,7 +110,8 @@ def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores):
 
 def test_failed_trial_is_recorded_and_a_clearly_worse_trial_is_pruned(stores):
     env, storage, client, tmp = stores
-    summary = _summary(_sweep(env, storage, tmp, "scripted_simpo", *SCRIPTED, "--trials", "4"))
+    summary = _summary(_sweep(env, storage, tmp, "scripted_simpo", *SCRIPTED, "--trials", "4", "--pruner", "median",
+                              "--startup-trials", "2"))
     assert summary["trials"] == {"COMPLETE": 2, "FAIL": 1, "PRUNED": 1}
     trials = optuna.load_study(study_name="scripted_simpo", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
@@ -153,7 +154,7 @@ def test_two_workers_share_one_study_without_running_a_trial_twice(stores):
 
 def test_a_trial_whose_worker_died_is_marked_failed_and_the_study_goes_on(stores):
     env, storage, client, tmp = stores
-    args = ["scripted_simpo", *SCRIPTED, "--study", "dies", "--heartbeat", "1", "--trials", "1"]
+    args = ["scripted_simpo", *SCRIPTED, "--study", "dies", "--heartbeat", "1", "--trials", "1", "--pruner", "none"]
     cmd = [sys.executable, "-m", "harness", "sweep", *args, "max_steps=400", f"output_dir={tmp / 'outputs'}",
            "--storage", storage]
     worker = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
