@@ -76,7 +76,7 @@ def make_storage(url: str, heartbeat_s: int | None = None, on_stale=None) -> opt
                                               heartbeat_stale_trial_callback=on_stale)
         except Exception as e:  # a bad scheme, a missing driver, a server that refuses: say which storage
             # Workers started together on a new database race to create its tables; the loser finds them made.
-            if "already exists" in str(e) and attempt < 2:
+            if ("already exists" in str(e) or "alembic_version" in str(e)) and attempt < 2:
                 time.sleep(1)
                 continue
             raise ConfigError(f"--storage {display_url(url)}: {e}") from None

@@ -69,7 +69,7 @@ def test_relative_paths_resolve_against_the_repository(tmp_path, monkeypatch):
 
 def test_shipped_data_is_what_the_generator_makes(tmp_path):
     paths = {**generate(tmp_path, seed=0), **generate_code_tasks(tmp_path, seed=0)}
-    assert len(paths) == 6
+    assert len(paths) == 7
     for kind, path in paths.items():
         assert path.read_bytes() == (DATA_DIR / path.name).read_bytes(), kind
 
