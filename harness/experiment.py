@@ -33,6 +33,8 @@ class Experiment:
     """Fields every experiment accepts."""
 
     model_head: ClassVar[str] = "causal_lm"  # "reward" for a scalar-score head (reward models)
+    # True for online RL: build_trainer then also gets `backend`, the run's vLLM engine, to generate rollouts
+    needs_rollouts: ClassVar[bool] = False
 
     model: str = "tiny-qwen2"  # "tiny-qwen2", a local model directory, or a Hugging Face hub name
     train_data: str = "data/preference.jsonl"  # local .jsonl/.json/.parquet, or hub "name[:split]"

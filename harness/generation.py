@@ -22,12 +22,15 @@ class GenParams:
     n: int = 1
     seed: int = 0
     stop: tuple[str, ...] = ()  # output ends before the first of these strings
+    sample_logprobs: bool = False  # also return each output's token ids and the logprob of each sampled token
 
 
 @dataclass(frozen=True)
 class Completion:
     texts: list[str]  # n sampled outputs for one prompt
     num_tokens: int  # generated tokens over all n outputs
+    token_ids: list[list[int]] | None = None  # with GenParams.sample_logprobs: per output
+    logprobs: list[list[float]] | None = None  # with GenParams.sample_logprobs: per output, per token
 
 
 class GenerationBackend(Protocol):
@@ -126,9 +129,14 @@ class VLLMBackend:
 
         sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                             max_tokens=params.max_new_tokens, seed=params.seed if params.temperature > 0 else None,
-                            stop=list(params.stop) or None)
+                            stop=list(params.stop) or None, logprobs=0 if params.sample_logprobs else None)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sp, use_tqdm=False)
-        return [Completion([c.text for c in o.outputs], sum(len(c.token_ids) for c in o.outputs)) for o in outs]
+        if not params.sample_logprobs:
+            return [Completion([c.text for c in o.outputs], sum(len(c.token_ids) for c in o.outputs)) for o in outs]
+        return [Completion([c.text for c in o.outputs], sum(len(c.token_ids) for c in o.outputs),
+                           [list(c.token_ids) for c in o.outputs],
+                           [[step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs, strict=True)]
+                            for c in o.outputs]) for o in outs]
 
     def logprobs(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
         from vllm import SamplingParams

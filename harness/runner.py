@@ -110,8 +110,9 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: 
 
         in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, best, *hooks.monitors])
         # monitors come after in_loop: a decision made on a step's report takes effect at that same step's end
-        trainer = exp.build_trainer(model, tokenizer, rows, [in_loop, *hooks.monitors, TrainMetricsLogger(tracker)],
-                                    str(out_dir / "trainer"))
+        callbacks = [in_loop, *hooks.monitors, TrainMetricsLogger(tracker)]
+        extra = {"backend": backend} if exp.needs_rollouts else {}
+        trainer = exp.build_trainer(model, tokenizer, rows, callbacks, str(out_dir / "trainer"), **extra)
         trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; TrainMetricsLogger prints progress
         trainer.train()
         summary = RunSummary(tracker.run_id, tracker.url(), name, in_loop.reports,

@@ -191,9 +191,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000, n_eval: int = 256) -> dict[str, Path]:
+def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000, n_eval: int = 256,
+             n_rl: int = 1000) -> dict[str, Path]:
     """Write the shipped data files: pretraining text, SFT chat data, preference pairs, the eval set and
-    preference pairs on the eval prompts.
+    preference pairs on the eval prompts, and RL prompts with their answers.
 
     The eval prompts are drawn first and excluded from every training split, so no eval question is seen.
     """
@@ -207,6 +208,8 @@ def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000
     # Pretraining text: facts as prose plus answered instances, so the model learns the language of the tasks.
     prose = fact_prose() * 8 + [f"{t.prompt} {t.reference}" for t in sft]
     rng.shuffle(prose)
+    # RL prompts with checkable answers, drawn last so that every file above stays as it was
+    rl = list(sample_tasks(rng, n_rl, held_out | {t.prompt for t in sft} | {t.prompt for t in pref}))
 
     paths = {
         "pretrain": out_dir / "pretrain.txt",
@@ -214,7 +217,9 @@ def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000
         "preference": out_dir / "preference.jsonl",
         "eval": out_dir / "eval.jsonl",
         "preference_eval": out_dir / "preference_eval.jsonl",
+        "rl": out_dir / "rl.jsonl",
     }
+    _write_jsonl(paths["rl"], [{"prompt": t.prompt, "reference": t.reference, "answer": t.answer} for t in rl])
     paths["pretrain"].write_text("\n".join(prose) + "\n", encoding="utf-8")
     _write_jsonl(paths["sft"], [
         {"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": t.reference}]}

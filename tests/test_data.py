@@ -69,7 +69,7 @@ def test_relative_paths_resolve_against_the_repository(tmp_path, monkeypatch):
 
 def test_shipped_data_is_what_the_generator_makes(tmp_path):
     paths = {**generate(tmp_path, seed=0), **generate_code_tasks(tmp_path, seed=0)}
-    assert len(paths) == 7
+    assert len(paths) == 8
     for kind, path in paths.items():
         assert path.read_bytes() == (DATA_DIR / path.name).read_bytes(), kind
 
@@ -78,6 +78,7 @@ def test_eval_prompts_never_appear_in_training_data():
     eval_prompts = {json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()}
     pref = {json.loads(line)["prompt"] for line in (DATA_DIR / "preference.jsonl").read_text().splitlines()}
     sft = {json.loads(line)["messages"][0]["content"] for line in (DATA_DIR / "sft.jsonl").read_text().splitlines()}
-    assert not eval_prompts & pref and not eval_prompts & sft
+    rl = {json.loads(line)["prompt"] for line in (DATA_DIR / "rl.jsonl").read_text().splitlines()}
+    assert not eval_prompts & pref and not eval_prompts & sft and not eval_prompts & rl
     zh = [line for line in (DATA_DIR / "eval.jsonl").read_text().splitlines() if '"lang": "zh"' in line]
     assert len(zh) > 64  # Chinese ROUGE/BLEU measure real Chinese text

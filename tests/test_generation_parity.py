@@ -76,3 +76,18 @@ def test_lora_adapter_is_merged_into_the_engine(vllm_backend, tiny_model_dir, to
     trained = model.get_base_model().state_dict()
     assert torch.equal(trained["model.layers.0.self_attn.q_proj.base_layer.weight"],
                        base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_rollout_samples_carry_the_synced_policys_logprobs(vllm_backend, tiny_model_dir, tokenizer, prompt_ids):
+    """GRPO's rollouts: sampled tokens with their logprobs, which must be the live policy's (after a sync)."""
+    model = _perturbed(load_model(tiny_model_dir), seed=11)
+    vllm_backend.sync_weights(model)
+    params = GenParams(max_new_tokens=12, temperature=1.0, n=4, seed=5, sample_logprobs=True)
+    completions = vllm_backend.generate(prompt_ids[:4], params)
+    assert all(len(c.token_ids) == 4 and len(c.logprobs) == 4 for c in completions)
+    assert any(len({tuple(t) for t in c.token_ids}) > 1 for c in completions)  # the group's samples differ
+    _, hf = _hf(model, tokenizer, prompt_ids[:1])
+    for prompt, c in zip(prompt_ids[:4], completions, strict=True):
+        expected = hf.logprobs([prompt] * 4, c.token_ids)
+        for got, want in zip(c.logprobs, expected, strict=True):
+            assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-3)

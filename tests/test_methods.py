@@ -57,3 +57,36 @@ def test_reward_model_refuses_generation_evaluators():
 
     with pytest.raises(ConfigError, match="rm_qwen: a reward model has no language-model head"):
         apply_overrides(load_class("rm_qwen"), ["backend=vllm"])
+
+
+def test_grpo_rolls_out_from_the_in_loop_engine_and_logs_rewards(tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+
+    from harness.paths import REPO_ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # its own process: the run builds its own in-process vLLM engine (rollouts and evaluation share it)
+    out = subprocess.run([sys.executable, "-m", "harness", "run", "grpo_qwen", "max_steps=2", "eval_every=1",
+                          "eval_limit=8", "max_new_tokens=12", f"output_dir={tmp_path}"], cwd=REPO_ROOT,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("grpo_qwen").experiment_id])
+    metrics = run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/rouge/rougeL")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/rewards/answer_match/mean")] == [1, 2]
+    assert 0 < metrics["train/rewards/rouge_l/mean"] <= 1 and 0 < metrics["train/completions/mean_length"] <= 12
+    # reward = 1.0 x answer_match + 0.5 x rouge_l, per completion, so the means combine the same way
+    combined = metrics["train/rewards/answer_match/mean"] + 0.5 * metrics["train/rewards/rouge_l/mean"]
+    assert metrics["train/reward"] == pytest.approx(combined, abs=1e-6)
+
+
+def test_grpo_needs_the_vllm_engine_and_known_rewards():
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="backend='hf': rollouts come from the vLLM engine"):
+        apply_overrides(load_class("grpo_qwen"), ["backend=hf"])
+    with pytest.raises(ConfigError, match=r"rewards: unknown \['bleu'\]"):
+        apply_overrides(load_class("grpo_qwen"), ["rewards=bleu", "reward_weights=1"])
