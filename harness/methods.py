@@ -105,3 +105,32 @@ def grpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, rollout
                   dict(num_generations=num_generations, max_completion_length=max_new_tokens, temperature=temperature,
                        beta=beta, reward_weights=reward_weights), args,
                   reward_funcs=reward_funcs, rollout_func=rollout)
+
+
+def distill_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, teacher, alpha: float,
+                    temperature: float, max_length: int, **args):
+    """Supervised knowledge distillation on prompt/completion rows: on the completion tokens, `alpha` x the
+    teacher-to-student KL at `temperature` (scaled by T^2, as in Hinton et al.) + (1 - alpha) x cross-entropy."""
+    from trl import SFTConfig, SFTTrainer
+
+    class KDTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"][:, 1:]
+            mask = labels != -100
+            forward = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+            outputs = model(**forward)
+            student = outputs.logits[:, :-1][mask].float()
+            with torch.no_grad():
+                teacher_logits = teacher(**forward).logits[:, :-1][mask].float()
+            kl = torch.nn.functional.kl_div(torch.log_softmax(student / temperature, -1),
+                                            torch.log_softmax(teacher_logits / temperature, -1),
+                                            log_target=True, reduction="batchmean") * temperature**2
+            ce = torch.nn.functional.cross_entropy(student, labels[mask])
+            self._metrics["train"]["kd/kl"].append(kl.item())
+            self._metrics["train"]["kd/ce"].append(ce.item())
+            loss = alpha * kl + (1 - alpha) * ce
+            return (loss, outputs) if return_outputs else loss
+
+    teacher.eval()
+    return _build(SFTConfig, KDTrainer, model, tokenizer, rows, callbacks,
+                  dict(max_length=max_length, completion_only_loss=True), args)

@@ -7,13 +7,20 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from harness.tiny_model import TINY_QWEN2, ensure_tiny_model
+from harness.tiny_model import TINY_QWEN2, TinyModelSpec, ensure_tiny_model
+
+# Models the project builds itself, on first use. The large one (about 3x the parameters, same tokenizer and
+# data) is the embedded teacher for distillation.
+EMBEDDED = {
+    TINY_QWEN2: TinyModelSpec(),
+    "tiny-qwen2-large": TinyModelSpec(hidden_size=384, layers=6, heads=6, kv_heads=2, intermediate_size=1152),
+}
 
 
 def resolve_model(name: str) -> str:
     """A directory path for local and embedded models; hub names are passed through for HF/vLLM to fetch."""
-    if name == TINY_QWEN2:
-        return str(ensure_tiny_model())
+    if name in EMBEDDED:
+        return str(ensure_tiny_model(EMBEDDED[name]))
     if Path(name).is_dir():
         return str(Path(name).resolve())
     return name

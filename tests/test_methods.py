@@ -90,3 +90,23 @@ def test_grpo_needs_the_vllm_engine_and_known_rewards():
         apply_overrides(load_class("grpo_qwen"), ["backend=hf"])
     with pytest.raises(ConfigError, match=r"rewards: unknown \['bleu'\]"):
         apply_overrides(load_class("grpo_qwen"), ["rewards=bleu", "reward_weights=1"])
+
+
+def test_distillation_mixes_teacher_kl_and_cross_entropy(tmp_path, monkeypatch, tiny_model_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # the student as its own teacher: before the first update the two distributions are identical, so KL = 0
+    # (the default teacher, tiny-qwen2-large, takes minutes to build and is exercised by `make experiment`)
+    exp = apply_overrides(load_class("distill_qwen"), [f"teacher={tiny_model_dir}", "kd_alpha=0.25", "max_steps=2",
+                                                       "eval_every=2", "eval_limit=8", "max_new_tokens=8",
+                                                       "backend=hf", f"output_dir={tmp_path}"])
+    summary = run_experiment(exp)
+    client = MlflowClient(uri)
+
+    def history(key):
+        return [m.value for m in client.get_metric_history(summary.run_id, key)]
+
+    kl, ce, loss = history("train/kd/kl"), history("train/kd/ce"), history("train/loss")
+    assert len(kl) == 2 and kl[0] == pytest.approx(0.0, abs=1e-6) and kl[1] > 0  # the student moved away
+    assert loss == pytest.approx([0.25 * k + 0.75 * c for k, c in zip(kl, ce, strict=True)], rel=1e-4)
+    assert [m.step for m in client.get_metric_history(summary.run_id, "eval/rouge/rougeL")] == [0, 2]

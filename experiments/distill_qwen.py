@@ -1,0 +1,34 @@
+"""Knowledge distillation from a larger teacher into the embedded student, evaluated in the loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from harness.experiment import Experiment
+from harness.formats import convert
+from harness.methods import distill_trainer
+from harness.models import load_model, resolve_model
+
+
+@dataclass
+class DistillQwen(Experiment):
+    """Supervised KD: the embedded tiny Qwen2 learns the larger embedded teacher's token distributions on chat data."""
+
+    train_data: str = "data/sft.jsonl"
+    teacher: str = "tiny-qwen2-large"  # built on first use (same tokenizer and data, ~3x parameters), or a path
+    kd_alpha: float = 0.5  # weight of the KL to the teacher; the rest is cross-entropy on the data
+    kd_temperature: float = 2.0
+    learning_rate: float = 1e-4
+
+    def search_space(self, trial) -> dict:
+        return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True),
+                "kd_alpha": trial.suggest_float("kd_alpha", 0.1, 0.9),
+                "kd_temperature": trial.suggest_float("kd_temperature", 1.0, 4.0)}
+
+    def train_rows(self, records):
+        return convert(records, self.data_format, "sft")
+
+    def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
+        teacher = load_model(resolve_model(self.teacher))  # the teacher must share the student's tokenizer
+        return distill_trainer(model, tokenizer, rows, callbacks, teacher=teacher, alpha=self.kd_alpha,
+                               temperature=self.kd_temperature, **self.trainer_args(output_dir))
