@@ -49,7 +49,7 @@ def _runs(client, experiment):
 
 def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores):
     env, storage, client, tmp = stores
-    common = ["simpo_qwen", "max_steps=2", "eval_every=2", "eval_limit=8", "max_new_tokens=8", "beta=3.0",
+    common = ["simpo_qwen", "max_steps=2", "eval_every=2", "eval_limit=8", "max_new_tokens=8", "beta=3.0", "backend=hf",
               "--seed", "0", "--study", "s1", "--pruner", "none"]
     first = _summary(_sweep(env, storage, tmp, *common, "--trials", "2"))
 
