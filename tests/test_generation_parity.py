@@ -91,3 +91,56 @@ def test_rollout_samples_carry_the_synced_policys_logprobs(vllm_backend, tiny_mo
         expected = hf.logprobs([prompt] * 4, c.token_ids)
         for got, want in zip(c.logprobs, expected, strict=True):
             assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-3)
+
+
+LORA_REQUEST_SCRIPT = """
+import json
+import torch
+from peft import LoraConfig, get_peft_model
+from harness.generation import GenParams, VLLMBackend
+from harness.models import load_model
+if __name__ == "__main__":
+    model_dir, prompt_ids = {model_dir!r}, {prompt_ids!r}
+    torch.manual_seed(3)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(load_model(model_dir), config)
+    engine = VLLMBackend(model_dir, max_model_len=256, dtype="float32", lora_rank=8)
+    outputs = []
+    for _ in range(2):  # a second sync must switch the engine to the new adapter
+        engine.sync_weights(model)
+        outputs.append([c.texts for c in engine.generate(prompt_ids, GenParams(max_new_tokens=32))])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-1.0)
+    print(json.dumps(outputs))
+"""
+
+
+def test_lora_request_serving_matches_merged_weights(vllm_backend, tiny_model_dir, tokenizer, prompt_ids):
+    """lora_serving=request (adapter served by vLLM, no merge) generates what the merged path does."""
+    import json
+    import subprocess
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+
+    from harness.paths import REPO_ROOT
+
+    script = LORA_REQUEST_SCRIPT.format(model_dir=tiny_model_dir, prompt_ids=prompt_ids[:16])
+    # its own process: an engine built with LoRA support beside the session's engine
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    served = json.loads(out.stdout.strip().splitlines()[-1])
+    torch.manual_seed(3)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(load_model(tiny_model_dir), config)
+    merged = []
+    for _ in range(2):
+        vllm_backend.sync_weights(model)
+        merged.append([c.texts for c in vllm_backend.generate(prompt_ids[:16], GenParams(max_new_tokens=32))])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-1.0)
+    assert served == merged and merged[0] != merged[1]
