@@ -9,6 +9,10 @@ DEVICE ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(DEVICE)
 NAME ?= simpo_qwen
 ARGS ?=
+# make experiment LAUNCH=deepspeed NPROC=2: data-parallel ranks under deepspeed (ZeRO-2 unless ARGS="deepspeed=zero3")
+# or torchrun; rank 0 evaluates in the loop and logs the one MLflow run
+LAUNCH ?=
+NPROC ?= 2
 # make bench PARTS="sweep judge" runs only those parts of the benchmark
 PARTS ?=
 HOST ?= 127.0.0.1
@@ -55,7 +59,7 @@ endif
 	@echo "[setup] done"
 
 experiment: setup
-	$(PY) -m harness run $(NAME) $(ARGS)
+	$(PY) -m harness run $(NAME) $(ARGS) $(if $(LAUNCH),--launch $(LAUNCH) --nproc $(NPROC))
 
 list: setup
 	$(PY) -m harness list

@@ -36,5 +36,6 @@ class Evaluator(Protocol):
 
     def evaluate(self, ctx: EvalContext) -> EvalResult: ...
 
-# Optional on an evaluator: `artifacts` (file name -> text, logged once per run, e.g. the judge's templates) and
+# Optional on an evaluator: `needs_model = True` when it runs ctx.model itself (not possible under ZeRO-3 sharding),
+# `artifacts` (file name -> text, logged once per run, e.g. the judge's templates) and
 # `close()` (called when the run ends, e.g. to stop a judge server the evaluator started).

@@ -12,7 +12,8 @@ from harness.formats import convert
 class RewardAccuracy:
     name = "reward_accuracy"
     metrics = ("accuracy", "margin")
-    needs_generation = False  # scores the live reward model itself (ctx.model)
+    needs_generation = False
+    needs_model = True  # scores the live reward model itself (ctx.model)
 
     def __init__(self, pairs: str = "data/preference_eval.jsonl", limit: int = 64, batch_size: int = 32):
         rows = convert(read_records(pairs), "auto", "preference")  # a bad file stops the run before it opens

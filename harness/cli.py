@@ -17,8 +17,20 @@ def _run(args: argparse.Namespace) -> int:
     from harness.runner import run_experiment
 
     exp = apply_overrides(load_class(args.name), args.overrides)
-    run_experiment(exp)
-    return 0
+    if args.launch is None:
+        run_experiment(exp)
+        return 0
+    from harness import distributed
+    from harness.runner import prepare
+
+    overrides = list(args.overrides)
+    if args.launch == "deepspeed" and exp.deepspeed == "none":
+        print("[launch] deepspeed launcher without a config: using deepspeed=zero2", flush=True)
+        overrides.append("deepspeed=zero2")
+        exp = apply_overrides(load_class(args.name), overrides)
+    distributed.check_launchable(exp)
+    prepare(exp)  # checks the data and builds the model once, before the ranks start
+    return distributed.launch(args.launch, args.nproc, ["run", args.name, *overrides])
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -160,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train an experiment with in-loop evaluation, logged to MLflow")
     run.add_argument("name", help="experiment NAME (a module in experiments/)")
     run.add_argument("overrides", nargs="*", help="field=value overrides, type-checked against the experiment")
+    run.add_argument("--launch", choices=("deepspeed", "torchrun"),
+                     help="train data-parallel in --nproc processes started by this launcher (deepspeed: ZeRO-2 "
+                          "unless deepspeed=zero3 or a config file is given); rank 0 evaluates and logs")
+    run.add_argument("--nproc", type=_positive, default=2, help="processes with --launch (default 2)")
     run.set_defaults(func=_run)
     sub.add_parser("list", help="list experiments").set_defaults(func=_list)
     sweep = sub.add_parser("sweep", help="Optuna sweep over the experiment's search space, pruned on in-loop evals; "

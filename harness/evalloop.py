@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 from evaluators import EvalContext, Evaluator
+from harness import distributed
 from harness.data import EvalSample
 from harness.generation import GenerationBackend, GenParams
 from harness.prompts import render_prompt
@@ -77,19 +78,28 @@ class Evaluation:
 
 
 class InLoopEvaluation(TrainerCallback):
-    """Calls `evaluation` on the live model and hands each report to the listeners (MLflow, checkpoints, ...)."""
+    """Calls `evaluation` on the live model and hands each report to the listeners (MLflow, checkpoints, ...).
 
-    def __init__(self, evaluation: Evaluation, every: int, listeners: list[Callable[[EvalReport, object], None]]):
+    In a multi-process run, rank 0 holds the evaluation and the other ranks hold None: they take part in gathering
+    ZeRO-3 weights and wait at a barrier until rank 0 has evaluated, so every rank decides on the same steps."""
+
+    def __init__(self, evaluation: Evaluation | None, every: int,
+                 listeners: list[Callable[[EvalReport, object], None]]):
         self.evaluation = evaluation
         self.every = every
         self.listeners = listeners
         self.reports: list[EvalReport] = []
+        self.last_step: int | None = None
 
     def _evaluate(self, model, step: int) -> None:
-        report = self.evaluation.run(model, step)
-        self.reports.append(report)
-        for listener in self.listeners:
-            listener(report, model)
+        with distributed.full_parameters(model):
+            if self.evaluation is not None:
+                report = self.evaluation.run(model, step)
+                self.reports.append(report)
+                for listener in self.listeners:
+                    listener(report, model)
+        distributed.barrier()
+        self.last_step = step
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._evaluate(model, state.global_step)
@@ -99,7 +109,7 @@ class InLoopEvaluation(TrainerCallback):
             self._evaluate(model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not self.reports or self.reports[-1].step != state.global_step:
+        if self.last_step != state.global_step:
             self._evaluate(model, state.global_step)
 
 

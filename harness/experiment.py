@@ -60,6 +60,8 @@ class Experiment:
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or module names: q_proj,v_proj
     # How vLLM sees a LoRA adapter: "merge" folds it into the synced weights; "request" serves it as a LoRA request
     lora_serving: str = "merge"
+    # none, zero2, zero3 (configs in harness/deepspeed_configs/) or a DeepSpeed JSON file; needs a launch
+    deepspeed: str = "none"
     output_dir: str = "outputs"
     # Set from the command line as <evaluator>_<option>=value for options no field declares (see make_evaluators).
     evaluator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -98,6 +100,20 @@ class Experiment:
         for ok, name, why in checks:
             if not ok:
                 raise ConfigError(f"{self.name()}: field '{name}' = {getattr(self, name)!r} {why}")
+        try:
+            self.deepspeed_config()
+        except ConfigError as e:
+            raise ConfigError(f"{self.name()}: {e}") from None
+
+    def deepspeed_config(self) -> str | None:
+        """The path of the DeepSpeed config the trainer gets, or None without DeepSpeed."""
+        from harness.distributed import deepspeed_config, zero_stage
+
+        path = deepspeed_config(self.deepspeed)
+        if path is None:
+            return None
+        zero_stage(path)  # a malformed file stops here, naming its line
+        return str(path)
 
     @classmethod
     def name(cls) -> str:
@@ -142,7 +158,8 @@ class Experiment:
     def trainer_args(self, output_dir: str) -> dict[str, Any]:
         """The arguments every method in harness.methods takes from the base fields."""
         return dict(output_dir=output_dir, max_steps=self.max_steps, learning_rate=self.learning_rate,
-                    batch_size=self.batch_size, seed=self.seed, max_length=self.max_length)
+                    batch_size=self.batch_size, seed=self.seed, max_length=self.max_length,
+                    deepspeed=self.deepspeed_config())
 
     def build_trainer(self, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str):
         """Return a transformers/TRL Trainer that trains `model`; the harness calls `.train()` on it."""

@@ -73,6 +73,24 @@ def inference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _release_default_group() -> None:
+    """The in-process engine made torch.distributed's default group for itself, a group of one. On rank 0 of a
+    multi-process training run the trainer needs that slot for the ranks' group, so it is dropped again. The
+    engine's group coordinators all have one member, and with one member vLLM never communicates through them;
+    their handles are removed so that the engine's shutdown does not destroy groups that no longer exist."""
+    from vllm.distributed import parallel_state
+
+    for coordinator in vars(parallel_state).values():
+        if isinstance(coordinator, parallel_state.GroupCoordinator):
+            if coordinator.world_size != 1:
+                raise RuntimeError(f"the in-loop engine's group {coordinator.unique_name} spans "
+                                   f"{coordinator.world_size} ranks; it is meant to run on rank 0 alone")
+            for handle in ("device_group", "cpu_group"):
+                if hasattr(coordinator, handle):
+                    delattr(coordinator, handle)
+    torch.distributed.destroy_process_group()
+
+
 class _DerivedBufferNotice(logging.Filter):
     """Drops vLLM's per-sync warning that RotaryEmbedding got no weights: its cos/sin cache is derived from the
     config, not a weight, so there is nothing to load and the cached values are kept, as intended."""
@@ -114,6 +132,7 @@ class VLLMBackend:
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DerivedBufferNotice())
         on_gpu = torch.cuda.is_available()
+        group_was_free = not torch.distributed.is_initialized()
         lora = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=1) if lora_rank else {}
         self.llm = LLM(
             model=model_dir, seed=seed, max_model_len=max_model_len,
@@ -121,6 +140,8 @@ class VLLMBackend:
             # CPU graph compilation costs ~25 s per engine start for ~10% more tokens/s: not worth it in a run.
             enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization, **lora,
         )
+        if group_was_free and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _release_default_group()
         self.serve_lora = bool(lora_rank)
         self.lora_request = None
         self._adapter_dirs = tempfile.TemporaryDirectory(prefix="lora-requests-") if lora_rank else None

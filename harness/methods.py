@@ -7,16 +7,18 @@ import torch
 from datasets import Dataset
 
 
-def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_size: int, seed: int) -> dict:
+def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_size: int, seed: int,
+                deepspeed: str | None = None) -> dict:
     """Trainer arguments every method shares: no saving by the trainer (the harness keeps the best checkpoint),
-    no built-in reporting (the harness logs to MLflow), fp32 on CPU."""
+    no built-in reporting (the harness logs to MLflow), fp32 on CPU; `deepspeed` is a DeepSpeed JSON config
+    (the ranks are started by harness.distributed). `batch_size` is per process."""
     on_gpu = torch.cuda.is_available()
     return dict(
         output_dir=output_dir, max_steps=max_steps, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, seed=seed, data_seed=seed, logging_steps=1,
         save_strategy="no", report_to="none", disable_tqdm=True, bf16=on_gpu, use_cpu=not on_gpu,
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, max_steps // 10),
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, deepspeed=deepspeed,
     )
 
 

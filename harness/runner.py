@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,8 +15,9 @@ from pathlib import Path
 from transformers import PrinterCallback, set_seed
 from transformers.utils import logging as hf_logging
 
-from harness import data
+from harness import data, distributed
 from harness.checkpoints import BestCheckpoint
+from harness.errors import ConfigError
 from harness.evalloop import EvalReport, Evaluation, InLoopEvaluation, format_report, is_quality_metric
 from harness.experiment import Experiment
 from harness.generation import GenParams, HFBackend, VLLMBackend
@@ -55,17 +58,21 @@ def make_backend(exp: Experiment, model_path: str, tokenizer):
     return HFBackend(tokenizer)
 
 
-def run_experiment(exp: Experiment, hooks: RunHooks | None = None) -> RunSummary:
+def run_experiment(exp: Experiment, hooks: RunHooks | None = None) -> RunSummary | None:
+    """Train `exp` with in-loop evaluation. In a multi-process launch only rank 0 returns a summary."""
     started = time.time()
     hf_logging.disable_progress_bar()
     name = exp.name()
-    print(f"[run] {name}: " + " ".join(f"{k}={v}" for k, v in exp.params().items()), flush=True)
-    # Inputs first: a bad file stops here, before a model is built or an MLflow run exists.
-    train_records = data.read_records(exp.train_data)
-    rows = exp.train_rows(train_records)
-    samples = data.eval_samples(data.read_records(exp.eval_data), exp.eval_limit)
-    print(f"[data] {len(rows)} training rows from {exp.train_data}, {len(samples)} eval samples from {exp.eval_data}")
-    model_path = resolve_model(exp.model)
+    if distributed.launched():
+        distributed.check_launchable(exp)
+    elif exp.deepspeed != "none":
+        raise ConfigError(f"{name}: deepspeed={exp.deepspeed} runs its ranks under a launcher: `python -m harness run "
+                          f"{name} ... --launch deepspeed --nproc 2` (make experiment LAUNCH=deepspeed NPROC=2)")
+    main = distributed.is_main()
+    rows, samples, model_path = prepare(exp, verbose=main)
+    if not main:
+        _train_shard(exp, rows, model_path)
+        return None
     evaluators = exp.make_evaluators()  # loads and checks their own inputs (HumanEval problems, the sandbox, a judge)
     try:
         return _train_and_evaluate(exp, rows, samples, model_path, evaluators, started, hooks or RunHooks())
@@ -75,12 +82,48 @@ def run_experiment(exp: Experiment, hooks: RunHooks | None = None) -> RunSummary
                 evaluator.close()
 
 
+def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list, str]:
+    """Inputs first: a bad file stops here, before a model is loaded or an MLflow run exists. Returns the training
+    rows, the eval samples and the model's path (the embedded model is built here on first use)."""
+    if verbose:
+        print(f"[run] {exp.name()}: " + " ".join(f"{k}={v}" for k, v in exp.params().items()), flush=True)
+    rows = exp.train_rows(data.read_records(exp.train_data))
+    samples = data.eval_samples(data.read_records(exp.eval_data), exp.eval_limit)
+    if verbose:
+        print(f"[data] {len(rows)} training rows from {exp.train_data}, {len(samples)} eval samples from "
+              f"{exp.eval_data}")
+    return rows, samples, resolve_model(exp.model)
+
+
+def _load(exp: Experiment, model_path: str):
+    return load_tokenizer(model_path), load_model(model_path, exp.peft, exp.lora_rank, exp.lora_alpha,
+                                                  exp.lora_dropout, exp.lora_target_modules, head=exp.model_head)
+
+
+def _train(exp: Experiment, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str, **extra):
+    trainer = exp.build_trainer(model, tokenizer, rows, callbacks, output_dir, **extra)
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; TrainMetricsLogger prints progress
+    trainer.train()
+    return trainer
+
+
+def _train_shard(exp: Experiment, rows: list[dict], model_path: str) -> None:
+    """A rank other than 0: trains on its shard of every batch and joins rank 0's evaluations; logs nothing."""
+    tokenizer, model = _load(exp, model_path)
+    set_seed(exp.seed)
+    with tempfile.TemporaryDirectory(prefix=f"rank{distributed.rank()}-") as output_dir:
+        _train(exp, model, tokenizer, rows, [InLoopEvaluation(None, exp.eval_every, [])], output_dir)
+
+
 def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: str, evaluators: list,
                         started: float, hooks: RunHooks) -> RunSummary:
     name = exp.name()
     tags = {"model": exp.model, "model.path": model_path, "experiment.class": type(exp).__qualname__,
             "data.train.fingerprint": data.fingerprint(exp.train_data),
             "data.eval.fingerprint": data.fingerprint(exp.eval_data), **hooks.tags}
+    if distributed.launched():
+        tags.update({"distributed.world_size": str(distributed.world_size()),
+                     "distributed.launcher": os.environ.get(distributed.LAUNCHER_ENV, "unknown")})
     with mlflow_run(name, exp.params(), tags, run_name=hooks.run_name) as tracker:
         print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {tracking_uri()}", flush=True)
         if hooks.on_open is not None:
@@ -91,9 +134,7 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: 
                 tracker.log_text(text, artifact_file)
         out_dir = Path(exp.output_dir)
         out_dir = (out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir) / name / tracker.run_id
-        tokenizer = load_tokenizer(model_path)
-        model = load_model(model_path, exp.peft, exp.lora_rank, exp.lora_alpha, exp.lora_dropout,
-                           exp.lora_target_modules, head=exp.model_head)
+        tokenizer, model = _load(exp, model_path)
         t = time.time()
         backend = make_backend(exp, model_path, tokenizer)
         print(f"[eval] {backend.name} backend ready in {time.time() - t:.1f}s", flush=True)
@@ -113,9 +154,7 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: 
         # monitors come after in_loop: a decision made on a step's report takes effect at that same step's end
         callbacks = [in_loop, *hooks.monitors, TrainMetricsLogger(tracker)]
         extra = {"backend": backend} if exp.needs_rollouts else {}
-        trainer = exp.build_trainer(model, tokenizer, rows, callbacks, str(out_dir / "trainer"), **extra)
-        trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; TrainMetricsLogger prints progress
-        trainer.train()
+        trainer = _train(exp, model, tokenizer, rows, callbacks, str(out_dir / "trainer"), **extra)
         summary = RunSummary(tracker.run_id, tracker.url(), name, in_loop.reports,
                              best.directory if best.step is not None else None, best.step, best.value,
                              time.time() - started, trainer.state.global_step)

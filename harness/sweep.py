@@ -149,6 +149,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
     exp = apply_overrides(cls, cfg.overrides)
     if type(exp).search_space is Experiment.search_space:
         exp.search_space(None)  # raises the error that says how to declare one
+    if exp.deepspeed != "none":
+        raise ConfigError(f"deepspeed={exp.deepspeed}: a sweep runs each trial as one process; for several workers "
+                          f"run `make sweep-worker` on each machine or GPU instead")
     url = cfg.storage or default_storage()
     storage = make_storage(url, cfg.heartbeat_s, _on_stale_trial)
     pruner_args = dict(kind=cfg.pruner, warmup_steps=cfg.warmup_steps, startup_trials=cfg.startup_trials,

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from harness.errors import ConfigError
 from harness.experiment import load_class
 from harness.paths import REPO_ROOT
-from harness.sweep import display_url, make_storage, trial_overrides
+from harness.sweep import SweepConfig, display_url, make_storage, run_sweep, trial_overrides
 
 EXTRA = str(Path(__file__).parent / "experiments_extra")
 # Small and fast: 8 eval samples, 8 new tokens. The HF backend skips the vLLM engine start in each trial process
@@ -194,6 +194,8 @@ def test_search_space_values_must_be_fields_and_an_experiment_must_declare_one()
 
     with pytest.raises(ConfigError, match="declares no search space"):
         Experiment.search_space(exp, None)
+    with pytest.raises(ConfigError, match=r"deepspeed=zero2: a sweep runs each trial as one process"):
+        run_sweep(SweepConfig("simpo_qwen", ["deepspeed=zero2"], trials=1))
 
 
 def test_storage_password_is_never_shown_and_a_bad_storage_is_named():

@@ -1,0 +1,80 @@
+"""Data-parallel training in two processes under DeepSpeed (CPU accelerator): one MLflow run, in-loop evaluation on
+rank 0 with the ZeRO-3 shards gathered, and the refusals that stop a launch before anything starts."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from harness.errors import ConfigError
+from harness.experiment import load_class
+from harness.overrides import apply_overrides
+from harness.paths import REPO_ROOT
+from harness.runner import run_experiment
+from harness.scoring import score_file
+
+
+def test_deepspeed_zero3_in_two_processes_logs_one_run_evaluated_on_the_gathered_weights(tmp_path, tiny_model_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", "run", "sft_qwen", "--launch", "deepspeed", "--nproc", "2",
+         "deepspeed=zero3", "max_steps=4", "eval_every=2", "eval_limit=16", "learning_rate=1e-3",
+         "select_metric=eval/perplexity/perplexity", "select_mode=min", f"output_dir={tmp_path}"],
+        cwd=REPO_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sft_qwen").experiment_id])  # one, not one per rank
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["distributed.world_size"] == "2" and run.data.tags["distributed.launcher"] == "deepspeed"
+    assert run.data.params["deepspeed"] == "zero3"
+    perplexity = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/perplexity/perplexity")}
+    assert sorted(perplexity) == [0, 2, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+
+    # The best checkpoint was saved by rank 0 inside the gather: full trained weights, not shards or the start.
+    best = tmp_path / "sft_qwen" / run.info.run_id / "best"
+    selection = json.loads((best / "selection.json").read_text())
+    trained, start = load_file(best / "model.safetensors"), load_file(f"{tiny_model_dir}/model.safetensors")
+    assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in start.items()}
+    assert selection["step"] > 0 and any(not trained[k].equal(start[k]) for k in start)
+    # ...and HF scoring those weights offline gives the perplexity the rank-0 engine measured at that step.
+    eval_file = tmp_path / "eval16.jsonl"
+    eval_file.write_text("".join((REPO_ROOT / "data" / "eval.jsonl").read_text().splitlines(keepends=True)[:16]))
+    offline = score_file("perplexity", str(eval_file), str(best)).metrics["perplexity"]
+    assert offline == pytest.approx(perplexity[selection["step"]], rel=1e-3)
+    baseline = score_file("perplexity", str(eval_file), tiny_model_dir).metrics["perplexity"]
+    assert perplexity[0] == pytest.approx(baseline, rel=1e-3)
+
+
+def test_deepspeed_needs_a_launch_and_a_readable_config(tmp_path):
+    exp = apply_overrides(load_class("sft_qwen"), ["deepspeed=zero2"])
+    with pytest.raises(ConfigError, match=r"sft_qwen: deepspeed=zero2 runs its ranks under a launcher: .*--launch"):
+        run_experiment(exp)
+    with pytest.raises(ConfigError, match=r"field 'deepspeed' = 'nope.json': expected none, zero2, zero3 or a "):
+        apply_overrides(load_class("sft_qwen"), ["deepspeed=nope.json"])
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,}\n}')
+    with pytest.raises(ConfigError, match=rf"DeepSpeed config {bad}: line 1: "):
+        apply_overrides(load_class("sft_qwen"), [f"deepspeed={bad}"])
+    bad.write_text('{"zero_optimization": {"stage": 4}}')
+    with pytest.raises(ConfigError, match=r"'zero_optimization.stage' = 4 must be 0-3"):
+        apply_overrides(load_class("sft_qwen"), [f"deepspeed={bad}"])
+
+
+@pytest.mark.parametrize(("name", "overrides", "message"), [
+    ("rm_qwen", ["deepspeed=zero3"], r"rm_qwen: under ZeRO-3 .* \(reward_accuracy\) need zero2 or no DeepSpeed"),
+    ("sft_qwen", ["deepspeed=zero3", "backend=hf"], r"must go through the vLLM engine \(backend=vllm, got hf\)"),
+    ("grpo_qwen", [], r"grpo_qwen: online RL generates rollouts from one in-loop engine on rank 0"),
+])
+def test_launch_refuses_what_ranks_cannot_do_before_starting_them(name, overrides, message, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "harness", "run", name, "--launch", "torchrun", *overrides,
+                          f"output_dir={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert out.returncode == 2 and "[launch]" not in out.stdout
+    assert re.search(message, out.stderr), out.stderr
+    assert not (tmp_path / "mlflow.db").exists()
