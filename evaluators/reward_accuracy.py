@@ -9,6 +9,16 @@ from harness.data import read_records
 from harness.formats import convert
 
 
+def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
+    """A reward model's scalar score of each conversation, rendered by the chat template it was trained with."""
+    scores = []
+    for i in range(0, len(conversations), batch_size):
+        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[i:i + batch_size]]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        scores += model(**batch).logits[:, 0].float().tolist()
+    return scores
+
+
 class RewardAccuracy:
     name = "reward_accuracy"
     metrics = ("accuracy", "margin")
@@ -20,21 +30,15 @@ class RewardAccuracy:
         self.rows = rows[:limit] if limit else rows
         self.batch_size = batch_size
 
-    def _scores(self, model, tokenizer, conversations: list[list[dict]]) -> list[float]:
-        scores = []
-        for i in range(0, len(conversations), self.batch_size):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[i:i + self.batch_size]]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            scores += model(**batch).logits[:, 0].float().tolist()
-        return scores
-
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         model, was_training = ctx.model, ctx.model.training
         model.eval()
         try:
             with torch.no_grad():
-                chosen = self._scores(model, ctx.tokenizer, [r["prompt"] + r["chosen"] for r in self.rows])
-                rejected = self._scores(model, ctx.tokenizer, [r["prompt"] + r["rejected"] for r in self.rows])
+                chosen = reward_scores(model, ctx.tokenizer, [r["prompt"] + r["chosen"] for r in self.rows],
+                                       self.batch_size)
+                rejected = reward_scores(model, ctx.tokenizer, [r["prompt"] + r["rejected"] for r in self.rows],
+                                         self.batch_size)
         finally:
             model.train(was_training)
         margins = [c - r for c, r in zip(chosen, rejected, strict=True)]

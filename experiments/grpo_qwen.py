@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from harness.errors import ConfigError
 from harness.experiment import Experiment
 from harness.methods import grpo_trainer
-from harness.rewards import REWARDS
+from harness.rewards import REWARD_COLUMNS, make_rewards
 from harness.rollouts import VLLMRollout
 
 
@@ -16,7 +16,7 @@ class GrpoQwen(Experiment):
     """GRPO on the embedded tiny Qwen2: G samples per task prompt from the shared vLLM engine, answer rewards."""
 
     needs_rollouts = True
-    train_data: str = "data/rl.jsonl"  # prompt, reference, answer: the columns the rewards read
+    train_data: str = "data/rl.jsonl"  # prompt, plus the columns the rewards read (REWARD_COLUMNS)
     learning_rate: float = 1e-5
     batch_size: int = 8  # completions per step: batch_size / num_generations prompts
     num_generations: int = 4
@@ -24,14 +24,17 @@ class GrpoQwen(Experiment):
     beta: float = 0.0  # KL to a reference; 0 (TRL's default) needs no reference model
     rewards: list[str] = field(default_factory=lambda: ["answer_match", "rouge_l"])
     reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    reward_model: str = ""  # for the reward_model reward: a reward model directory, e.g. rm_qwen's best checkpoint
     max_new_tokens: int = 32
 
     def validate(self) -> None:
         super().validate()
-        unknown = [r for r in self.rewards if r not in REWARDS]
+        unknown = [r for r in self.rewards if r not in REWARD_COLUMNS]
         problems = [
             (self.backend == "vllm", f"backend={self.backend!r}: rollouts come from the vLLM engine; use vllm"),
-            (not unknown, f"rewards: unknown {unknown}; known: {', '.join(REWARDS)}"),
+            (not unknown, f"rewards: unknown {unknown}; known: {', '.join(REWARD_COLUMNS)}"),
+            ("reward_model" not in self.rewards or self.reward_model, "rewards=reward_model needs reward_model=PATH "
+             "(a reward model directory, e.g. outputs/rm_qwen/<run id>/best)"),
             (len(self.reward_weights) == len(self.rewards), "reward_weights: one weight per reward"),
             (self.num_generations >= 2, "num_generations must be >= 2 (advantages are relative to the group)"),
             (self.batch_size % self.num_generations == 0, "batch_size must be a multiple of num_generations"),
@@ -47,12 +50,14 @@ class GrpoQwen(Experiment):
     def train_rows(self, records):
         from harness.errors import DataError
 
+        columns = ("prompt", *dict.fromkeys(c for r in self.rewards for c in REWARD_COLUMNS[r]))
         rows = []
         for r in records:
-            for key in ("prompt", "reference", "answer"):
+            for key in columns:
                 if not isinstance(r.fields.get(key), str) or not r.fields[key]:
-                    raise DataError(f"{r.source}: field '{key}' must be a non-empty string (GRPO rewards read it)")
-            rows.append({k: r.fields[k] for k in ("prompt", "reference", "answer")})
+                    raise DataError(f"{r.source}: field '{key}' must be a non-empty string (rewards "
+                                    f"{','.join(self.rewards)} read {', '.join(columns)})")
+            rows.append({k: r.fields[k] for k in columns})
         return rows
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir, backend=None):
@@ -60,6 +65,6 @@ class GrpoQwen(Experiment):
         args = self.trainer_args(output_dir)
         args.pop("max_length")  # prompts are rendered by the rollout; completions are capped by max_new_tokens
         return grpo_trainer(model, tokenizer, rows, callbacks, rollout=rollout,
-                            reward_funcs=[REWARDS[r] for r in self.rewards], reward_weights=self.reward_weights,
-                            num_generations=self.num_generations, max_new_tokens=self.max_new_tokens,
-                            temperature=self.temperature, beta=self.beta, **args)
+                            reward_funcs=make_rewards(self.rewards, self.reward_model),
+                            reward_weights=self.reward_weights, num_generations=self.num_generations,
+                            max_new_tokens=self.max_new_tokens, temperature=self.temperature, beta=self.beta, **args)

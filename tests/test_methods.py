@@ -64,23 +64,48 @@ def test_grpo_rolls_out_from_the_in_loop_engine_and_logs_rewards(tmp_path, tiny_
     import subprocess
     import sys
 
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from harness.paths import REPO_ROOT
 
+    # a reward model as the third reward: the embedded trunk with a fresh scalar head (what rm_qwen starts from)
+    reward_model = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(reward_model)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(reward_model)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # its own process: the run builds its own in-process vLLM engine (rollouts and evaluation share it)
     out = subprocess.run([sys.executable, "-m", "harness", "run", "grpo_qwen", "max_steps=2", "eval_every=1",
-                          "eval_limit=8", "max_new_tokens=12", f"output_dir={tmp_path}"], cwd=REPO_ROOT,
-                         env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600)
+                          "eval_limit=8", "max_new_tokens=12", "rewards=answer_match,rouge_l,reward_model",
+                          "reward_weights=1,0.5,0.1", f"reward_model={reward_model}", f"output_dir={tmp_path}"],
+                         cwd=REPO_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("grpo_qwen").experiment_id])
     metrics = run.data.metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/rouge/rougeL")] == [0, 1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/rewards/answer_match/mean")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/rewards/reward_model/mean")] == [1, 2]
     assert 0 < metrics["train/rewards/rouge_l/mean"] <= 1 and 0 < metrics["train/completions/mean_length"] <= 12
-    # reward = 1.0 x answer_match + 0.5 x rouge_l, per completion, so the means combine the same way
-    combined = metrics["train/rewards/answer_match/mean"] + 0.5 * metrics["train/rewards/rouge_l/mean"]
-    assert metrics["train/reward"] == pytest.approx(combined, abs=1e-6)
+    assert metrics["train/rewards/reward_model/std"] > 0  # it scored the completions, not a constant
+    # reward = 1.0 x answer_match + 0.5 x rouge_l + 0.1 x reward_model, per completion: the means combine the same way
+    combined = (metrics["train/rewards/answer_match/mean"] + 0.5 * metrics["train/rewards/rouge_l/mean"]
+                + 0.1 * metrics["train/rewards/reward_model/mean"])
+    assert metrics["train/reward"] == pytest.approx(combined, abs=1e-5)
+
+
+def test_code_pass_reward_runs_the_tests_in_the_sandbox():
+    from harness.code_tasks import FAMILIES, _problem
+    from harness.rewards import CodePass
+
+    task = _problem(FAMILIES[0], 7)  # add_7
+    fenced = "Here it is:\n```python\ndef add_7(x):\n    return x + 7\n```"
+    completions = ["    return x + 7\n", "    return x + 8\n", fenced, "    import os; os._exit(0)\n",
+                   "    while True: pass\n"]
+    reward = CodePass(timeout_s=2.0)
+    n = len(completions)
+    assert reward(completions, prompts=[task["prompt"]] * n, test=[task["test"]] * n,
+                  entry_point=[task["entry_point"]] * n) == [1.0, 0.0, 1.0, 0.0, 0.0]
 
 
 def test_grpo_needs_the_vllm_engine_and_known_rewards():
@@ -90,6 +115,8 @@ def test_grpo_needs_the_vllm_engine_and_known_rewards():
         apply_overrides(load_class("grpo_qwen"), ["backend=hf"])
     with pytest.raises(ConfigError, match=r"rewards: unknown \['bleu'\]"):
         apply_overrides(load_class("grpo_qwen"), ["rewards=bleu", "reward_weights=1"])
+    with pytest.raises(ConfigError, match=r"rewards=reward_model needs reward_model=PATH"):
+        apply_overrides(load_class("grpo_qwen"), ["rewards=reward_model", "reward_weights=1"])
 
 
 def test_distillation_mixes_teacher_kl_and_cross_entropy(tmp_path, monkeypatch, tiny_model_dir):
