@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,16 +48,36 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Holds Ctrl-C and SIGTERM until a store call is done, then delivers them. Interrupted mid-transaction, a write
+    can leave its SQLite connection holding the write lock, and the KILLED status written next waits on that lock."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread can set handlers
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # now the usual handler acts: KeyboardInterrupt, or the run's own
+
+
 def _retrying(call, *args, **kwargs):
     """An embedded SQLite store has one writer at a time: a UI or a poller reading it can make a write fail with
     'database is locked'. Such a write is retried for up to ~30 s instead of failing the run or losing its status."""
-    for attempt in range(30):
-        try:
-            return call(*args, **kwargs)
-        except Exception as e:  # MLflow wraps the SQLAlchemy error; the message is what identifies it
-            if "database is locked" not in str(e) or attempt == 29:
-                raise
-            time.sleep(min(0.1 * (attempt + 1), 2.0))
+    with _interrupts_held():
+        for attempt in range(30):
+            try:
+                return call(*args, **kwargs)
+            except Exception as e:  # MLflow wraps the SQLAlchemy error; the message is what identifies it
+                if "database is locked" not in str(e) or attempt == 29:
+                    raise
+                time.sleep(min(0.1 * (attempt + 1), 2.0))
 
 
 class Tracker:

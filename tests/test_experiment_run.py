@@ -191,3 +191,19 @@ def test_code_experiment_logs_pass_at_1_and_the_sample_table(tmp_path, tiny_mode
     assert len(table["data"]) == 6 and all(row[0].startswith("CodeTask/") for row in table["data"])
     store_bytes = (tmp_path / "mlflow.db").read_bytes()
     assert b"sk-never-logged" not in store_bytes
+
+
+def test_ctrl_c_during_a_store_call_lands_after_it_so_no_transaction_is_cut():
+    from harness.tracking import _retrying
+
+    finished = []
+
+    def write():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the signal is pending here; a plain handler would have raised already
+        finished.append(True)
+
+    with pytest.raises(KeyboardInterrupt):
+        _retrying(write)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
