@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from harness.distributed import world_size
+
 
 @dataclass(frozen=True)
 class GenParams:
@@ -140,7 +142,7 @@ class VLLMBackend:
             # CPU graph compilation costs ~25 s per engine start for ~10% more tokens/s: not worth it in a run.
             enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization, **lora,
         )
-        if group_was_free and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if group_was_free and world_size() > 1:
             _release_default_group()
         self.serve_lora = bool(lora_rank)
         self.lora_request = None
