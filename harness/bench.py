@@ -8,11 +8,12 @@
    `evaluate_functional_correctness` on the same file (each in a fresh process, timing the evaluation only).
 5. Judged samples/s with the concurrency limit vs one request at a time, against the same local vLLM judge server.
 6. One evaluation of a LoRA model: adapter folded into the synced weights vs served as a vLLM LoRA request.
-7. A seeded sweep of simpo_qwen run with each pruner and without one: training steps spent and best objective.
+7. Data-parallel training: one process vs two DeepSpeed ranks (ZeRO-2, ZeRO-3) at the same global batch.
+8. A seeded sweep of simpo_qwen run with each pruner and without one: training steps spent and best objective.
    The seed gives every sweep the same sampled values (Optuna's TPE samples at random for its first 10 trials),
    so the comparison differs only in what pruning stopped.
 
-`python -m harness.bench [generation|sync|share|lora|sandbox|judge|sweep ...]` runs only the named parts.
+`python -m harness.bench [generation|sync|share|lora|ddp|sandbox|judge|sweep ...]` runs only the named parts.
 """
 
 from __future__ import annotations
@@ -153,6 +154,36 @@ def lora_serving(model_dir: Path, prompts: list[str]) -> dict:
     return result
 
 
+def _run_timings(client, run) -> dict:
+    evals = client.get_metric_history(run.info.run_id, "eval/time/total_s")
+    syncs = client.get_metric_history(run.info.run_id, "eval/time/sync_s")
+    gathers = client.get_metric_history(run.info.run_id, "eval/time/gather_s") or syncs[:0]
+    return {"train_s": run.data.metrics["train/train_runtime"] - sum(x.value for x in evals + gathers),
+            "sync_s_mean": statistics.mean(x.value for x in syncs),
+            "gather_s_mean": statistics.mean(x.value for x in gathers) if gathers else 0.0,
+            "wall_s": run.data.metrics["run/wall_s"]}
+
+
+def data_parallel(steps: int = 30) -> dict:
+    """sft_qwen for `steps` at the same global batch of 8: one process vs two ranks under DeepSpeed ZeRO-2 and
+    ZeRO-3 (4 per rank). Training time excludes the in-loop evaluations; sync is per evaluation (ZeRO-3: gather)."""
+    from mlflow.tracking import MlflowClient
+
+    setups = {"single": ["batch_size=8"], "zero2": ["batch_size=4", "--launch", "deepspeed", "deepspeed=zero2"],
+              "zero3": ["batch_size=4", "--launch", "deepspeed", "deepspeed=zero3"]}
+    result = {"steps": steps}
+    for name, args in setups.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            uri = f"sqlite:///{tmp}/mlflow.db"
+            subprocess.run([sys.executable, "-m", "harness", "run", "sft_qwen", f"max_steps={steps}", "eval_every=10",
+                            "eval_limit=32", f"output_dir={tmp}/out", *args], cwd=REPO_ROOT, check=True,
+                           capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+            client = MlflowClient(uri)
+            (run,) = client.search_runs([client.get_experiment_by_name("sft_qwen").experiment_id])
+            result[name] = _run_timings(client, run)
+    return result
+
+
 SWEEP_ARGS = ["max_steps=40", "eval_every=5", "eval_limit=32", "select_metric=eval/perplexity/perplexity",
               "select_mode=min"]
 
@@ -235,7 +266,7 @@ def judge_speed(samples: int = 32) -> dict:
     return result
 
 
-PARTS = ("generation", "sync", "share", "lora", "sandbox", "judge", "sweep")
+PARTS = ("generation", "sync", "share", "lora", "ddp", "sandbox", "judge", "sweep")
 
 
 def main(parts: list[str]) -> None:
@@ -276,6 +307,14 @@ def main(parts: list[str]) -> None:
         print(f"[bench] LoRA rank 16 on the embedded model, one evaluation (sync + {lo['prompts']} prompts x 48 "
               f"tokens): folded into the weights {lo['merge_s']:.3f}s vs served as a LoRA request "
               f"{lo['request_s']:.3f}s -> merge/request = {lo['merge_s'] / lo['request_s']:.2f}x", flush=True)
+    if "ddp" in parts:
+        d = results["ddp"] = data_parallel()
+        for name in ("single", "zero2", "zero3"):
+            r = d[name]
+            print(f"[bench] sft_qwen {d['steps']} steps, global batch 8, {name:<6}: training {r['train_s']:.1f}s "
+                  f"({r['train_s'] / d['single']['train_s']:.2f}x single), per eval: gather {r['gather_s_mean']:.3f}s "
+                  f"+ sync {r['sync_s_mean']:.3f}s, "
+                  f"wall {r['wall_s']:.1f}s", flush=True)
     if "sandbox" in parts:
         sb = results["sandbox"] = sandbox_speed()
         print(f"[bench] HumanEval, {sb['programs']} canonical solutions, {sb['workers']} at a time: sandboxed "

@@ -92,9 +92,13 @@ class InLoopEvaluation(TrainerCallback):
         self.last_step: int | None = None
 
     def _evaluate(self, model, step: int) -> None:
+        start = time.perf_counter()
         with distributed.full_parameters(model):
             if self.evaluation is not None:
+                gathered_s = time.perf_counter() - start
                 report = self.evaluation.run(model, step)
+                if distributed.world_size() > 1:  # ZeRO-3 gathers the shards first; other setups take ~0 here
+                    report.metrics["eval/time/gather_s"] = gathered_s
                 self.reports.append(report)
                 for listener in self.listeners:
                     listener(report, model)

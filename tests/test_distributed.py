@@ -37,6 +37,8 @@ def test_deepspeed_zero3_in_two_processes_logs_one_run_evaluated_on_the_gathered
     perplexity = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/perplexity/perplexity")}
     assert sorted(perplexity) == [0, 2, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    gathers = client.get_metric_history(run.info.run_id, "eval/time/gather_s")
+    assert [m.step for m in gathers] == [0, 2, 4] and all(m.value > 0 for m in gathers)
 
     # The best checkpoint was saved by rank 0 inside the gather: full trained weights, not shards or the start.
     best = tmp_path / "sft_qwen" / run.info.run_id / "best"
