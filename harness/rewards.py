@@ -3,11 +3,9 @@ They reuse what the evaluators measure, so the reward and the in-loop score agre
 
 from __future__ import annotations
 
-import secrets
-
 import torch
 
-from evaluators.humaneval import classify, extract_completion, program
+from evaluators.humaneval import extract_completion, score_completions
 from evaluators.reward_accuracy import reward_scores
 from evaluators.rouge import rouge_scores
 from harness.sandbox import Limits, Sandbox
@@ -38,12 +36,12 @@ class CodePass:
 
     def __call__(self, completions: list, prompts: list[str], test: list[str], entry_point: list[str],
                  **_) -> list[float]:
-        marker = f"__all_tests_ran_{secrets.token_hex(8)}__"
-        problems = [{"prompt": p, "test": t, "entry_point": e} for p, t, e in zip(prompts, test, entry_point,
-                                                                                   strict=True)]
-        programs = [program(pr, extract_completion(pr["prompt"], _text(c), pr["entry_point"]), marker)
-                    for pr, c in zip(problems, completions, strict=True)]
-        return [float(classify(ex, marker)[0] == "passed") for ex in self.sandbox.run_many(programs)]
+        problems = [{"task_id": str(i), "prompt": p, "test": t, "entry_point": e}
+                    for i, (p, t, e) in enumerate(zip(prompts, test, entry_point, strict=True))]
+        samples = [(pr["task_id"], extract_completion(pr["prompt"], _text(c), pr["entry_point"]))
+                   for pr, c in zip(problems, completions, strict=True)]
+        _, rows = score_completions(problems, samples, self.sandbox, ks=[])
+        return [float(r["passed"]) for r in rows]
 
 
 class RewardModel:
