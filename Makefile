@@ -86,7 +86,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) -m harness.bench $(PARTS)
+	$(PY) -m harness.commands.bench $(PARTS)
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host $(HOST) --port $(PORT)

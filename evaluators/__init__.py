@@ -1,4 +1,4 @@
-"""Evaluators by name. Adding one is a small class with `name`, `needs_generation` and `evaluate`."""
+"""Evaluators by name. Adding one is a small subclass of `Evaluator` with `name`, `metrics` and `evaluate`."""
 
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from evaluators.bleu import Bleu
@@ -8,7 +8,7 @@ from evaluators.perplexity import Perplexity
 from evaluators.reward_accuracy import RewardAccuracy
 from evaluators.rouge import RougeChinese
 
-EVALUATORS: dict[str, type] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge,
+EVALUATORS: dict[str, type[Evaluator]] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge,
                                                               RewardAccuracy)}
 
 __all__ = ["EVALUATORS", "EvalContext", "EvalResult", "Evaluator"]

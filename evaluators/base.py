@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from harness.data import EvalSample
-    from harness.generation import GenerationBackend
+    from harness.core.generation import GenerationBackend
+    from harness.core.records import EvalSample
 
 
 @dataclass
@@ -29,13 +29,22 @@ class EvalResult:
     table: dict[str, list] | None = None  # the evaluator's own rows when they are not the eval samples
 
 
-class Evaluator(Protocol):
-    name: str
-    metrics: tuple[str, ...]  # the metric names `evaluate` returns, so a config can be checked before running
-    needs_generation: bool  # True: reads ctx.predictions; False: scores with ctx.backend
+class Evaluator:
+    """The base of every evaluator. A subclass sets `name` and `metrics` and implements `evaluate`; the rest has
+    defaults that fit a metric over generated text, and a subclass overrides only what differs."""
 
-    def evaluate(self, ctx: EvalContext) -> EvalResult: ...
+    name: ClassVar[str]
+    metrics: ClassVar[tuple[str, ...]]  # the metric names `evaluate` returns, so a config is checked before running
+    needs_generation: ClassVar[bool] = True  # True: reads ctx.predictions; False: generates or scores by itself
+    needs_model: ClassVar[bool] = False  # True: runs ctx.model itself (impossible under ZeRO-3 sharding)
 
-# Optional on an evaluator: `needs_model = True` when it runs ctx.model itself (not possible under ZeRO-3 sharding),
-# `artifacts` (file name -> text, logged once per run, e.g. the judge's templates) and
-# `close()` (called when the run ends, e.g. to stop a judge server the evaluator started).
+    @property
+    def artifacts(self) -> dict[str, str]:
+        """Files logged once per run (file name -> text), e.g. the judge's prompt templates."""
+        return {}
+
+    def evaluate(self, ctx: EvalContext) -> EvalResult:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the evaluator started (e.g. a judge server); called once when the run ends."""

@@ -7,7 +7,7 @@ import re
 import sacrebleu
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-from evaluators.base import EvalContext, EvalResult
+from evaluators.base import EvalContext, EvalResult, Evaluator
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -27,10 +27,9 @@ def char_bleu4(prediction: str, reference: str) -> float:
     return 100 * sentence_bleu([list(reference)], list(prediction), smoothing_function=SmoothingFunction().method3)
 
 
-class Bleu:
+class Bleu(Evaluator):
     name = "bleu"
     metrics = ("bleu", "bleu4")
-    needs_generation = True
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         refs = [s.reference for s in ctx.samples]

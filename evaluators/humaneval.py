@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluators.base import EvalContext, EvalResult
-from harness.data import Record, read_records, resolve_local
-from harness.errors import DataError
-from harness.sandbox import Execution, Limits, Sandbox
+from evaluators.base import EvalContext, EvalResult, Evaluator
+from evaluators.sandbox import Execution, Limits, Sandbox
+from harness.core.errors import DataError
+from harness.core.records import Record, read_records, resolve_local
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 PROBLEM_FIELDS = ("task_id", "prompt", "test", "entry_point")
@@ -130,7 +130,7 @@ def score_completions(problems: list[dict], completions: list[tuple[str, str]], 
     return metrics, rows
 
 
-class HumanEval:
+class HumanEval(Evaluator):
     name = "humaneval"
     metrics = ("pass_at_1", "passed", "failed", "timed_out", "errored")
     needs_generation = False  # it generates from its own problems, n samples each
@@ -153,13 +153,13 @@ class HumanEval:
 
     def _prompt_ids(self, tokenizer) -> list[list[int]]:
         if self.prompt_style == "chat":
-            from harness.prompts import render_prompt
+            from harness.core.prompts import render_prompt
 
             return [render_prompt(tokenizer, f"{CHAT_INSTRUCTION}```python\n{p['prompt']}```") for p in self.problems]
         return [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in self.problems]
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
-        from harness.generation import GenParams
+        from harness.core.generation import GenParams
 
         params = GenParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                            n=self.n, seed=self.seed, stop=() if self.prompt_style == "chat" else STOP_SEQUENCES)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evaluators.base import EvalContext, EvalResult
-from harness.errors import ConfigError
-from harness.judge_client import JudgeClient, JudgeRequest
-from harness.paths import cache_dir as harness_cache
+from evaluators.base import EvalContext, EvalResult, Evaluator
+from evaluators.judge_client import JudgeClient, JudgeRequest
+from harness.core.errors import ConfigError
+from harness.core.paths import cache_dir as harness_cache
 
 TEMPLATES = Path(__file__).parent / "judge_templates"
 
@@ -69,10 +69,9 @@ def _template(path: str, default: str, fields: tuple[str, ...]) -> tuple[str, st
     return str(file), text
 
 
-class Judge:
+class Judge(Evaluator):
     name = "judge"
     metrics = ("score", "win_rate", "parse_failures", "requests", "failed", "cache_hits")
-    needs_generation = True
 
     def __init__(self, base_url: str = "local", model: str = "tiny-qwen2", api_key_env: str = "OPENAI_API_KEY",
                  pointwise_template: str = "", pairwise_template: str = "", pairwise: bool = True,
@@ -86,7 +85,7 @@ class Judge:
         self.pairwise_path, self.pairwise_template = _template(pairwise_template, "pairwise.txt",
                                                                ("prompt", "reference", "answer_a", "answer_b"))
         if base_url == "local":  # vLLM's server on loopback, for as long as this evaluator lives
-            from harness.judge_server import LocalJudgeServer
+            from evaluators.judge_server import LocalJudgeServer
 
             self.server = LocalJudgeServer(model)
             base_url = self.server.base_url
@@ -97,8 +96,11 @@ class Judge:
                                   retries, budget, structured,
                                   (Path(cache_dir) if cache_dir else harness_cache() / "judge") if cache else None)
         self.baseline: list[str] | None = None
-        self.artifacts = {"judge/pointwise_template.txt": self.pointwise_template,
-                          "judge/pairwise_template.txt": self.pairwise_template}
+
+    @property
+    def artifacts(self) -> dict[str, str]:
+        return {"judge/pointwise_template.txt": self.pointwise_template,
+                "judge/pairwise_template.txt": self.pairwise_template}
 
     def _ask(self, template: str, schema: dict, name: str, **fields: str) -> JudgeRequest:
         return JudgeRequest([{"role": "user", "content": template.format(**fields)}], schema, name)

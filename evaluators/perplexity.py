@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from evaluators.base import EvalContext, EvalResult
+from evaluators.base import EvalContext, EvalResult, Evaluator
 
 
 def reference_ids(tokenizer, references: list[str]) -> list[list[int]]:
@@ -19,7 +19,7 @@ def perplexity_from_logprobs(logprobs: list[list[float]]) -> tuple[float, list[f
     return math.exp(-total / count), per
 
 
-class Perplexity:
+class Perplexity(Evaluator):
     name = "perplexity"
     metrics = ("perplexity",)
     needs_generation = False

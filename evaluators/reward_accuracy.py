@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from evaluators.base import EvalContext, EvalResult
-from harness.data import read_records
-from harness.formats import convert
+from evaluators.base import EvalContext, EvalResult, Evaluator
+from harness.core.formats import convert
+from harness.core.records import read_records
 
 
 def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> list[float]:
@@ -19,7 +19,7 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size:
     return scores
 
 
-class RewardAccuracy:
+class RewardAccuracy(Evaluator):
     name = "reward_accuracy"
     metrics = ("accuracy", "margin")
     needs_generation = False

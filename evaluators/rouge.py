@@ -5,7 +5,7 @@ from __future__ import annotations
 import jieba
 from rouge_chinese import Rouge
 
-from evaluators.base import EvalContext, EvalResult
+from evaluators.base import EvalContext, EvalResult, Evaluator
 
 jieba.setLogLevel(60)  # jieba prints its dictionary loading to stderr on first use
 
@@ -19,10 +19,9 @@ def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
     return {"rouge1": 100 * s["rouge-1"]["f"], "rouge2": 100 * s["rouge-2"]["f"], "rougeL": 100 * s["rouge-l"]["f"]}
 
 
-class RougeChinese:
+class RougeChinese(Evaluator):
     name = "rouge"
     metrics = ("rouge1", "rouge2", "rougeL")
-    needs_generation = True
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         rows = [rouge_scores(p, s.reference) for p, s in zip(ctx.predictions, ctx.samples, strict=True)]

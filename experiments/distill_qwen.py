@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.experiment import Experiment
-from harness.formats import convert
-from harness.methods import distill_trainer
-from harness.models import load_model, resolve_model
+from harness.core.formats import convert
+from harness.core.models import load_model, resolve_model
+from harness.training.experiment import Experiment
+from harness.training.methods import distill_trainer
 
 
 @dataclass

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.errors import ConfigError
-from harness.experiment import Experiment
-from harness.methods import grpo_trainer
-from harness.rewards import REWARD_COLUMNS, make_rewards
-from harness.rollouts import VLLMRollout
+from harness.rl.rewards import REWARD_COLUMNS, make_rewards
+from harness.rl.rollouts import VLLMRollout
+from harness.training.experiment import Experiment
+from harness.training.methods import grpo_trainer
 
 
 @dataclass
@@ -27,28 +26,23 @@ class GrpoQwen(Experiment):
     reward_model: str = ""  # for the reward_model reward: a reward model directory, e.g. rm_qwen's best checkpoint
     max_new_tokens: int = 32
 
-    def validate(self) -> None:
-        super().validate()
+    def rules(self) -> list[tuple[bool, str, str]]:
         unknown = [r for r in self.rewards if r not in REWARD_COLUMNS]
-        problems = [
-            (self.backend == "vllm", f"backend={self.backend!r}: rollouts come from the vLLM engine; use vllm"),
-            (not unknown, f"rewards: unknown {unknown}; known: {', '.join(REWARD_COLUMNS)}"),
-            ("reward_model" not in self.rewards or self.reward_model, "rewards=reward_model needs reward_model=PATH "
-             "(a reward model directory, e.g. outputs/rm_qwen/<run id>/best)"),
-            (len(self.reward_weights) == len(self.rewards), "reward_weights: one weight per reward"),
-            (self.num_generations >= 2, "num_generations must be >= 2 (advantages are relative to the group)"),
-            (self.batch_size % self.num_generations == 0, "batch_size must be a multiple of num_generations"),
+        return [
+            (not unknown, "", f"rewards: unknown {unknown}; known: {', '.join(REWARD_COLUMNS)}"),
+            ("reward_model" not in self.rewards or bool(self.reward_model), "", "rewards=reward_model needs "
+             "reward_model=PATH (a reward model directory, e.g. outputs/rm_qwen/<run id>/best)"),
+            (len(self.reward_weights) == len(self.rewards), "", "reward_weights: one weight per reward"),
+            (self.num_generations >= 2, "", "num_generations must be >= 2 (advantages are relative to the group)"),
+            (self.batch_size % self.num_generations == 0, "", "batch_size must be a multiple of num_generations"),
         ]
-        for ok, why in problems:
-            if not ok:
-                raise ConfigError(f"{self.name()}: {why}")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),
                 "temperature": trial.suggest_float("temperature", 0.7, 1.2)}
 
     def train_rows(self, records):
-        from harness.errors import DataError
+        from harness.core.errors import DataError
 
         columns = ("prompt", *dict.fromkeys(c for r in self.rewards for c in REWARD_COLUMNS[r]))
         rows = []

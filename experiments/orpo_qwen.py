@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.experiment import Experiment
-from harness.formats import convert
-from harness.methods import orpo_trainer
+from harness.core.formats import convert
+from harness.training.experiment import Experiment
+from harness.training.methods import orpo_trainer
 
 
 @dataclass

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.errors import ConfigError
-from harness.experiment import Experiment
-from harness.formats import convert
-from harness.methods import reward_trainer
+from harness.core.formats import convert
+from harness.training.experiment import Experiment
+from harness.training.methods import reward_trainer
 
 
 @dataclass
@@ -21,14 +20,6 @@ class RmQwen(Experiment):
     select_metric: str = "eval/reward_accuracy/accuracy"
     reward_accuracy_pairs: str = "data/preference_eval.jsonl"
     reward_accuracy_limit: int = 64
-
-    def validate(self) -> None:
-        super().validate()
-        generating = [e for e in self.evaluators if e != "reward_accuracy"]
-        if generating or self.backend != "hf":
-            raise ConfigError(f"{self.name()}: a reward model has no language-model head, so it can only be "
-                              f"evaluated by reward_accuracy with backend=hf (got evaluators={self.evaluators}, "
-                              f"backend={self.backend})")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True)}

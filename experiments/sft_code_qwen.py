@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from harness.data import prompt_completion_rows
-from harness.experiment import Experiment
-from harness.methods import sft_trainer
+from harness.core.records import prompt_completion_rows
+from harness.training.experiment import Experiment
+from harness.training.methods import sft_trainer
 
 
 @dataclass

@@ -4,20 +4,20 @@ import json
 
 import pytest
 
-from harness.data import EvalSample
-from harness.paths import DATA_DIR
+from harness.core.paths import DATA_DIR
+from harness.core.records import EvalSample
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
-    from harness.tiny_model import ensure_tiny_model
+    from harness.embedded.tiny_qwen2 import ensure_tiny_model
 
     return str(ensure_tiny_model())
 
 
 @pytest.fixture(scope="session")
 def vllm_backend(tiny_model_dir):
-    from harness.generation import VLLMBackend
+    from harness.engines.vllm_engine import VLLMBackend
 
     # float32, the precision the weights are trained in here: parity must then be exact, token for token
     backend = VLLMBackend(tiny_model_dir, seed=0, max_model_len=256, dtype="float32")

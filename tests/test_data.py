@@ -6,12 +6,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness import data
-from harness.code_tasks import generate_code_tasks
-from harness.errors import DataError
-from harness.formats import convert
-from harness.paths import DATA_DIR
-from harness.tasks import generate
+from harness.core import records as data
+from harness.core.errors import DataError
+from harness.core.formats import convert
+from harness.core.paths import DATA_DIR
+from harness.embedded.code_data import generate_code_tasks
+from harness.embedded.fact_data import generate
 
 PAIR = {"prompt": "What is 2 plus 2?", "chosen": "2 plus 2 is 4.", "rejected": "2 plus 2 is 5."}
 

@@ -11,12 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from harness.errors import ConfigError
-from harness.experiment import load_class
-from harness.overrides import apply_overrides
-from harness.paths import REPO_ROOT
-from harness.runner import run_experiment
-from harness.scoring import score_file
+from experiments import load_class
+from harness.commands.score import score_file
+from harness.core.errors import ConfigError
+from harness.core.paths import REPO_ROOT
+from harness.training.overrides import apply_overrides
 
 
 def test_deepspeed_zero3_in_two_processes_logs_one_run_evaluated_on_the_gathered_weights(tmp_path, tiny_model_dir):
@@ -58,9 +57,8 @@ def test_deepspeed_zero3_in_two_processes_logs_one_run_evaluated_on_the_gathered
 
 
 def test_deepspeed_needs_a_launch_and_a_readable_config(tmp_path):
-    exp = apply_overrides(load_class("sft_qwen"), ["deepspeed=zero2"])
     with pytest.raises(ConfigError, match=r"sft_qwen: deepspeed=zero2 runs its ranks under a launcher: .*--launch"):
-        run_experiment(exp)
+        apply_overrides(load_class("sft_qwen"), ["deepspeed=zero2"])
     with pytest.raises(ConfigError, match=r"field 'deepspeed' = 'nope.json': expected none, zero2, zero3 or a "):
         apply_overrides(load_class("sft_qwen"), ["deepspeed=nope.json"])
     bad = tmp_path / "ds.json"

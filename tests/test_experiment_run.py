@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.paths import REPO_ROOT
+from harness.core.paths import REPO_ROOT
 
 EVAL_KEYS = ["eval/perplexity/perplexity", "eval/bleu/bleu", "eval/bleu/bleu4", "eval/rouge/rouge1",
              "eval/rouge/rouge2", "eval/rouge/rougeL"]
@@ -111,7 +111,7 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_what_was_logged(store):
 FAILING_RUN = """
 from transformers import TrainerCallback
 from experiments.simpo_qwen import SimpoQwen
-from harness.runner import run_experiment
+from harness.training.runner import run_experiment
 
 class Boom(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
@@ -197,7 +197,7 @@ def test_code_experiment_logs_pass_at_1_and_the_sample_table(tmp_path, tiny_mode
 
 
 def test_ctrl_c_during_a_store_call_lands_after_it_so_no_transaction_is_cut():
-    from harness.tracking import _retrying
+    from harness.training.tracking import _retrying
 
     finished = []
 
@@ -217,7 +217,7 @@ def test_ctrl_c_during_a_store_call_lands_after_it_so_no_transaction_is_cut():
 
 
 def test_a_long_run_logs_every_table_past_mlflows_tag_limit(tmp_path, monkeypatch):
-    from harness.tracking import TAG_VALUE_LIMIT, mlflow_run
+    from harness.training.tracking import TAG_VALUE_LIMIT, mlflow_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

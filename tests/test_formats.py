@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from harness.data import read_records
-from harness.errors import DataError
-from harness.formats import check, convert
-from harness.paths import REPO_ROOT
+from harness.core.errors import DataError
+from harness.core.formats import check, convert
+from harness.core.paths import REPO_ROOT
+from harness.core.records import read_records
 
 Q, A = "What is 2 plus 2?", "2 plus 2 is 4."
 CHAT = [{"role": "user", "content": Q}, {"role": "assistant", "content": A}]

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from harness.generation import GenParams, HFBackend
-from harness.models import load_model, load_tokenizer
-from harness.prompts import render_prompt
+from harness.core.generation import GenParams
+from harness.core.models import load_model, load_tokenizer
+from harness.core.prompts import render_prompt
+from harness.engines.hf_engine import HFBackend
 
 
 def _perturbed(model, seed: int):
@@ -97,8 +98,9 @@ LORA_REQUEST_SCRIPT = """
 import json
 import torch
 from peft import LoraConfig, get_peft_model
-from harness.generation import GenParams, VLLMBackend
-from harness.models import load_model
+from harness.core.generation import GenParams
+from harness.engines.vllm_engine import VLLMBackend
+from harness.core.models import load_model
 if __name__ == "__main__":
     model_dir, prompt_ids = {model_dir!r}, {prompt_ids!r}
     torch.manual_seed(3)
@@ -125,7 +127,7 @@ def test_lora_request_serving_matches_merged_weights(vllm_backend, tiny_model_di
 
     from peft import LoraConfig, get_peft_model
 
-    from harness.paths import REPO_ROOT
+    from harness.core.paths import REPO_ROOT
 
     script = LORA_REQUEST_SCRIPT.format(model_dir=tiny_model_dir, prompt_ids=prompt_ids[:16])
     # its own process: an engine built with LoRA support beside the session's engine

@@ -10,9 +10,9 @@ from itertools import combinations
 import pytest
 
 from evaluators.humaneval import extract_completion, load_problems, pass_at_k, score_completions
-from harness.errors import DataError
-from harness.paths import REPO_ROOT
-from harness.sandbox import Sandbox
+from evaluators.sandbox import Sandbox
+from harness.core.errors import DataError
+from harness.core.paths import REPO_ROOT
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.experiment import load_class
-from harness.overrides import apply_overrides
-from harness.runner import run_experiment
+from experiments import load_class
+from harness.training.overrides import apply_overrides
+from harness.training.runner import run_experiment
 
 # the metric each method's trainer logs besides the loss: proof that the intended loss ran
 METHODS = {"sft_qwen": "train/mean_token_accuracy", "dpo_qwen": "train/rewards/margins",
@@ -53,7 +53,7 @@ def test_reward_model_is_scored_by_pairwise_accuracy_on_held_out_pairs(tmp_path,
 
 
 def test_reward_model_refuses_generation_evaluators():
-    from harness.errors import ConfigError
+    from harness.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="rm_qwen: a reward model has no language-model head"):
         apply_overrides(load_class("rm_qwen"), ["backend=vllm"])
@@ -66,7 +66,7 @@ def test_grpo_rolls_out_from_the_in_loop_engine_and_logs_rewards(tmp_path, tiny_
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from harness.paths import REPO_ROOT
+    from harness.core.paths import REPO_ROOT
 
     # a reward model as the third reward: the embedded trunk with a fresh scalar head (what rm_qwen starts from)
     reward_model = tmp_path / "rm"
@@ -95,8 +95,8 @@ def test_grpo_rolls_out_from_the_in_loop_engine_and_logs_rewards(tmp_path, tiny_
 
 
 def test_code_pass_reward_runs_the_tests_in_the_sandbox():
-    from harness.code_tasks import FAMILIES, _problem
-    from harness.rewards import CodePass
+    from harness.embedded.code_data import FAMILIES, _problem
+    from harness.rl.rewards import CodePass
 
     task = _problem(FAMILIES[0], 7)  # add_7
     fenced = "Here it is:\n```python\ndef add_7(x):\n    return x + 7\n```"
@@ -109,7 +109,7 @@ def test_code_pass_reward_runs_the_tests_in_the_sandbox():
 
 
 def test_grpo_needs_the_vllm_engine_and_known_rewards():
-    from harness.errors import ConfigError
+    from harness.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="backend='hf': rollouts come from the vLLM engine"):
         apply_overrides(load_class("grpo_qwen"), ["backend=hf"])

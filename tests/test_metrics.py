@@ -8,7 +8,7 @@ from evaluators import EVALUATORS, EvalContext
 from evaluators.bleu import char_bleu4, corpus_bleu
 from evaluators.perplexity import perplexity_from_logprobs
 from evaluators.rouge import rouge_scores
-from harness.data import EvalSample
+from harness.core.records import EvalSample
 
 
 def test_corpus_bleu_13a_by_hand():

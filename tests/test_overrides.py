@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from experiments.simpo_qwen import SimpoQwen
-from harness.errors import ConfigError
-from harness.overrides import apply_overrides
-from harness.paths import REPO_ROOT
+from harness.core.errors import ConfigError
+from harness.core.paths import REPO_ROOT
+from harness.training.overrides import apply_overrides
 
 
 def test_values_are_parsed_by_field_type():
@@ -62,7 +62,7 @@ def test_cli_rejects_unknown_experiment():
     result = subprocess.run([sys.executable, "-m", "harness", "run", "nope_qwen"], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 2
-    from harness.experiment import discover
+    from experiments import discover
 
     assert f"unknown experiment 'nope_qwen'; known: {', '.join(sorted(discover()))}\n" in result.stderr
     assert "simpo_qwen" in discover() and "dpo_qwen" in discover()

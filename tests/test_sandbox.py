@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.sandbox import SANDBOX_UID_BASE, SANDBOX_UID_COUNT, IsolationUnavailable, Limits, Sandbox
+from evaluators.sandbox import SANDBOX_UID_BASE, SANDBOX_UID_COUNT, IsolationUnavailable, Limits, Sandbox
 
 LIMITS = Limits(timeout_s=2.0, cpu_s=3, memory_mb=256, processes=8, file_size_mb=1, output_bytes=4096)
 

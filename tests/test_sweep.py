@@ -12,10 +12,10 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.errors import ConfigError
-from harness.experiment import load_class
-from harness.paths import REPO_ROOT
-from harness.sweep import SweepConfig, display_url, make_storage, run_sweep, trial_overrides
+from experiments import load_class
+from harness.core.errors import ConfigError
+from harness.core.paths import REPO_ROOT
+from harness.sweeps.study import SweepConfig, display_url, make_storage, run_sweep, trial_overrides
 
 EXTRA = str(Path(__file__).parent / "experiments_extra")
 # Small and fast: 8 eval samples, 8 new tokens. The HF backend skips the vLLM engine start in each trial process
@@ -190,7 +190,7 @@ def test_search_space_values_must_be_fields_and_an_experiment_must_declare_one()
         ["max_steps=3", "beta=2.0", "evaluators=bleu,rouge"]
     with pytest.raises(ConfigError, match=r"search_space returned \['betta'\], which are not fields"):
         trial_overrides(exp, [], {"betta": 2.0})
-    from harness.experiment import Experiment
+    from harness.training.experiment import Experiment
 
     with pytest.raises(ConfigError, match="declares no search space"):
         Experiment.search_space(exp, None)

@@ -4,10 +4,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from evaluators import EVALUATORS
-from harness.evalloop import Evaluation
-from harness.generation import GenParams, HFBackend
-from harness.models import load_model, load_tokenizer
-from harness.tiny_model import TinyModelSpec, build_tiny_model
+from harness.core.generation import GenParams
+from harness.core.models import load_model, load_tokenizer
+from harness.embedded.tiny_qwen2 import TinyModelSpec, build_tiny_model
+from harness.engines.hf_engine import HFBackend
+from harness.training.inloop import Evaluation
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path):

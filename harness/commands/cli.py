@@ -1,0 +1,262 @@
+"""`python -m harness run|list|sweep|compare|score|data|judge-server`: the command line the Makefile wraps."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from evaluators.sandbox import IsolationUnavailable
+from harness.core.errors import ConfigError, DataError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from experiments import load_class
+    from harness.core import ranks
+    from harness.training import distributed
+    from harness.training.overrides import apply_overrides, build_experiment
+    from harness.training.runner import prepare, run_experiment
+
+    if ranks.launched():  # a rank: the parent checked these settings and passes them resolved
+        run_experiment(build_experiment(load_class(args.name), args.overrides))
+        return 0
+    exp = apply_overrides(load_class(args.name), args.overrides, launch=args.launch)
+    if args.launch is None:
+        run_experiment(exp)
+        return 0
+    prepare(exp)  # checks the data and builds the model once, before the ranks start
+    return distributed.launch(args.launch, args.nproc, ["run", args.name, *args.overrides,
+                                                        f"deepspeed={exp.deepspeed}"])
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from harness.sweeps.study import SweepConfig, run_sweep
+
+    if args.trials is None and args.timeout is None and args.total_trials is None:
+        raise ConfigError("sweep needs --trials, --total-trials or --timeout (otherwise it would never end)")
+    cfg = SweepConfig(args.name, args.overrides, trials=args.trials, total_trials=args.total_trials,
+                      timeout_s=args.timeout, storage=args.storage, study=args.study, pruner=args.pruner,
+                      warmup_steps=args.warmup_steps, startup_trials=args.startup_trials, seed=args.seed,
+                      heartbeat_s=args.heartbeat)
+    print(json.dumps(run_sweep(cfg)))
+    return 0
+
+
+def _trial(args: argparse.Namespace) -> int:
+    from harness.sweeps.trial import run_trial
+
+    return run_trial(args.spec)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness.commands.compare import compare
+
+    if bool(args.run_ids) == bool(args.experiment):
+        raise ConfigError("compare needs RUN_ID ... or --experiment NAME (one of the two)")
+    table, png = compare(args.run_ids, args.experiment, args.out, args.max_runs)
+    print(table)
+    print(f"eval curves: {png} (also logged to each run under compare/)")
+    return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
+    return int(text)
+
+
+def _list(_: argparse.Namespace) -> int:
+    from experiments import discover
+
+    for name, cls in discover().items():
+        print(f"{name:<20} {cls.description()}")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    if args.evaluator == "humaneval":
+        from harness.commands.score import score_humaneval_file
+
+        metrics, results_path = score_humaneval_file(args.samples, args.problems, args.k, args.allow_weak_isolation)
+        print(f"per-sample results: {results_path}", file=sys.stderr)
+        print(json.dumps(metrics))
+        return 0
+    if args.evaluator == "judge":
+        from harness.commands.score import score_judge_file
+
+        if not args.base_url or not args.judge_model:
+            raise ConfigError("score judge needs --base-url and --judge-model")
+        print(json.dumps(score_judge_file(args.samples, args.base_url, args.judge_model, args.pairwise_with,
+                                          api_key_env=args.api_key_env)))
+        return 0
+    from harness.commands.score import score_file
+
+    print(json.dumps(score_file(args.evaluator, args.samples, args.model).metrics))
+    return 0
+
+
+def _judge_server(args: argparse.Namespace) -> int:
+    import time
+
+    from evaluators.judge_server import LocalJudgeServer
+
+    server = LocalJudgeServer(args.model, args.port)
+    print(f"judge server for {args.model} at {server.base_url} (Ctrl-C stops it)", flush=True)
+    try:
+        while server.process.poll() is None:
+            time.sleep(1)
+    finally:
+        server.close()
+    return 0
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k expects comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"--k expects positive integers, got {text!r}")
+    return ks
+
+
+def _data(args: argparse.Namespace) -> int:
+    from harness.core.paths import DATA_DIR
+    from harness.embedded.code_data import generate_code_tasks
+    from harness.embedded.fact_data import generate
+
+    out = Path(args.out) if args.out else DATA_DIR
+    for kind, path in {**generate(out, seed=args.seed), **generate_code_tasks(out, seed=args.seed)}.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from harness.core.formats import check
+    from harness.core.records import read_records
+
+    counts = check(read_records(args.file), args.format)
+    print(json.dumps({"file": args.file, "records": sum(counts.values()), "formats": dict(counts)}))
+    return 0
+
+
+def _data_convert(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from harness.core.formats import convert
+    from harness.core.records import read_records
+
+    if not args.out.endswith(".jsonl"):
+        raise ConfigError(f"data convert writes JSONL: OUT must end with .jsonl, got {args.out!r}")
+    rows = convert(read_records(args.input), args.format, args.to)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")  # all or nothing: a bad record leaves no OUT
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(tmp, out)
+    print(json.dumps({"in": args.input, "out": args.out, "to": args.to, "rows": len(rows)}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from evaluators import EVALUATORS
+
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train an experiment with in-loop evaluation, logged to MLflow")
+    run.add_argument("name", help="experiment NAME (a module in experiments/)")
+    run.add_argument("overrides", nargs="*", help="field=value overrides, type-checked against the experiment")
+    run.add_argument("--launch", choices=("deepspeed", "torchrun"),
+                     help="train data-parallel in --nproc processes started by this launcher (deepspeed: ZeRO-2 "
+                          "unless deepspeed=zero3 or a config file is given); rank 0 evaluates and logs")
+    run.add_argument("--nproc", type=_positive, default=2, help="processes with --launch (default 2)")
+    run.set_defaults(func=_run)
+    sub.add_parser("list", help="list experiments").set_defaults(func=_list)
+    sweep = sub.add_parser("sweep", help="Optuna sweep over the experiment's search space, pruned on in-loop evals; "
+                                         "prints one JSON object last")
+    sweep.add_argument("name", help="experiment NAME (its search_space method says what is tuned)")
+    sweep.add_argument("overrides", nargs="*", help="field=value fixed for every trial")
+    sweep.add_argument("--trials", type=_positive, help="trials this process runs")
+    sweep.add_argument("--total-trials", type=_positive,
+                       help="stop once the study has this many finished trials, counting every worker's")
+    sweep.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    sweep.add_argument("--storage", help="Optuna storage URL (default: OPTUNA_STORAGE or sqlite:///optuna.db); "
+                                         "a PostgreSQL URL lets workers on several machines share a study")
+    sweep.add_argument("--study", help="study name (default: the experiment's); an existing study is resumed")
+    sweep.add_argument("--pruner", choices=("hyperband", "median", "none"), default="hyperband",
+                       help="hyperband (default: in `make bench` it spent 56%% fewer steps for the same best value) "
+                            "or median")
+    sweep.add_argument("--warmup-steps", type=int, default=1,
+                       help="median pruner: no pruning before this training step (default 1: after the baseline)")
+    sweep.add_argument("--startup-trials", type=int, default=2,
+                       help="median pruner: no pruning until this many trials have finished")
+    sweep.add_argument("--seed", type=int, help="sampler seed (give each worker its own, or none)")
+    sweep.add_argument("--heartbeat", type=_positive, default=30,
+                       help="seconds between trial heartbeats; a trial silent for 4 of them is marked FAIL")
+    sweep.set_defaults(func=_sweep)
+    trial = sub.add_parser("trial", help="run one sweep trial from its spec file (started by `sweep`)")
+    trial.add_argument("spec")
+    trial.set_defaults(func=_trial)
+    comp = sub.add_parser("compare", help="eval metrics of runs side by side (baseline -> final) and their curves")
+    comp.add_argument("run_ids", nargs="*", metavar="RUN_ID")
+    comp.add_argument("--experiment", help="compare the newest finished runs of this MLflow experiment")
+    comp.add_argument("--max-runs", type=_positive, default=10)
+    comp.add_argument("--out", help="PNG path (default outputs/compare/eval_curves_<runs>.png)")
+    comp.set_defaults(func=_compare)
+    score = sub.add_parser("score", help="score saved generations offline; prints one JSON object last")
+    score.add_argument("evaluator", choices=sorted(EVALUATORS))
+    score.add_argument("--samples", required=True,
+                       help="JSONL: prompt, reference, prediction (humaneval: task_id, completion)")
+    score.add_argument("--model", help="perplexity: tiny-qwen2 or a local model directory")
+    score.add_argument("--problems", help="humaneval: problems JSONL (default: the 164 shipped HumanEval problems)")
+    score.add_argument("--k", type=_ks, default=[1, 10, 100], help="humaneval: pass@k values, e.g. 1,10")
+    score.add_argument("--allow-weak-isolation", action="store_true",
+                       help="humaneval: run without bubblewrap (resource limits only; the code can reach your files)")
+    score.add_argument("--base-url", help="judge: OpenAI-compatible API base URL (e.g. http://127.0.0.1:8000/v1)")
+    score.add_argument("--judge-model", help="judge: the judge model's name at that API")
+    score.add_argument("--pairwise-with", help="judge: predictions to compare against (same prompts, same order)")
+    score.add_argument("--api-key-env", default="OPENAI_API_KEY", help="judge: environment variable with the API key")
+    score.set_defaults(func=_score)
+    server = sub.add_parser("judge-server", help="serve a local model as an OpenAI-compatible judge on 127.0.0.1")
+    server.add_argument("--model", default="tiny-qwen2")
+    server.add_argument("--port", type=int, default=8000)
+    server.set_defaults(func=_judge_server)
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    gen = data_sub.add_parser("generate", help="regenerate the embedded task data (deterministic for a seed)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", help="directory (default: data/)")
+    gen.set_defaults(func=_data)
+    formats = ("auto", "messages", "sharegpt", "alpaca", "preference", "kto", "prompt_completion", "text")
+    chk = data_sub.add_parser("check", help="validate every record of a data file; prints counts per format")
+    chk.add_argument("file", help="local .jsonl/.json/.parquet/.txt or a hub dataset name[:split]")
+    chk.add_argument("--format", choices=formats, default="auto")
+    chk.set_defaults(func=_data_check)
+    conv = data_sub.add_parser("convert", help="convert a data file to another format (JSONL out)")
+    conv.add_argument("input", metavar="IN")
+    conv.add_argument("out", metavar="OUT")
+    conv.add_argument("--to", required=True, choices=("messages", "preference", "kto", "text"))
+    conv.add_argument("--format", choices=formats, default="auto", help="IN's format (default: detected)")
+    conv.set_defaults(func=_data_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling the `overrides` list at the first option; key=value after options belong to it too
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, IsolationUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,95 @@
+"""`python -m harness compare`: runs side by side, every eval metric at baseline and final, and their curves.
+
+The plot is also logged to each compared run (under `compare/`) so that the MLflow UI shows it next to the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+from harness.core.errors import ConfigError
+from harness.core.paths import REPO_ROOT
+from harness.training.inloop import is_quality_metric
+from harness.training.tracking import RunRecord, existing_run, load_runs
+
+
+def compare(run_ids: list[str], experiment: str | None = None, out: str | None = None,
+            max_runs: int = 10) -> tuple[str, Path]:
+    """The printed table and the PNG of eval curves for these runs (or an experiment's newest finished runs)."""
+    try:
+        runs = load_runs(run_ids, experiment, is_quality_metric, max_runs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    runs = [r for r in runs if r.history]
+    if not runs:
+        raise ConfigError("no run to compare has eval metrics (eval/<evaluator>/<metric>)")
+    digest = hashlib.sha1(" ".join(sorted(r.run_id for r in runs)).encode()).hexdigest()[:10]
+    png = Path(out) if out else REPO_ROOT / "outputs" / "compare" / f"eval_curves_{digest}.png"
+    plot_curves(runs, png)
+    for run in runs:
+        existing_run(run.run_id).log_artifact(str(png), "compare")
+    return format_table(runs), png
+
+
+def _label(run: RunRecord) -> str:
+    return f"{run.name} ({run.run_id[:8]})" if run.name != run.run_id[:8] else run.run_id[:8]
+
+
+def _cell(points: list[tuple[int, float]]) -> str:
+    if not points:
+        return "-"
+    (_, base), (_, final) = points[0], points[-1]
+    delta = final - base if not (math.isnan(base) or math.isnan(final)) else float("nan")
+    return f"{base:.3f} -> {final:.3f} ({delta:+.3f})"
+
+
+def format_table(runs: list[RunRecord]) -> str:
+    keys = sorted({k for r in runs for k in r.history})
+    width = max(28, *(len(k) for k in keys)) + 2
+    col = max(26, *(len(_label(r)) for r in runs)) + 2
+    lines = ["metric (baseline -> final)".ljust(width) + "".join(_label(r).ljust(col) for r in runs)]
+    lines.append("".ljust(width) + "".join(f"{r.experiment}, steps {_steps(r)}".ljust(col) for r in runs))
+    for key in keys:
+        lines.append(key.ljust(width) + "".join(_cell(r.history.get(key, [])).ljust(col) for r in runs))
+    differing = sorted(k for k in {k for r in runs for k in r.params}
+                       if len({r.params.get(k) for r in runs}) > 1)
+    if differing:
+        lines.append("params that differ:")
+        for key in differing:
+            lines.append(f"  {key}".ljust(width) + "".join(str(r.params.get(key, "-")).ljust(col) for r in runs))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _steps(run: RunRecord) -> str:
+    steps = sorted({s for points in run.history.values() for s, _ in points})
+    return f"{steps[0]}-{steps[-1]}" if steps else "-"
+
+
+def plot_curves(runs: list[RunRecord], path: Path) -> None:
+    """One panel per eval metric, one line per run, step on the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in runs for k in r.history})
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    figure, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for run in runs:
+            points = run.history.get(key)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=_label(run))
+        ax.set_title(key.removeprefix("eval/"), fontsize=10)
+        ax.set_xlabel("step")
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(4, len(runs)), fontsize=8)
+    figure.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(runs) / 4), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

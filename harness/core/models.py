@@ -1,0 +1,67 @@
+"""Resolving `model=` (embedded, local directory or hub name), loading it, and wrapping it with a PEFT adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from harness.embedded.tiny_qwen2 import TINY_QWEN2, TinyModelSpec, ensure_tiny_model
+
+# Models the project builds itself, on first use. The large one (about 3x the parameters, same tokenizer and
+# data) is the embedded teacher for distillation.
+EMBEDDED = {
+    TINY_QWEN2: TinyModelSpec(),
+    "tiny-qwen2-large": TinyModelSpec(hidden_size=384, layers=6, heads=6, kv_heads=2, intermediate_size=1152),
+}
+
+
+def resolve_model(name: str) -> str:
+    """A directory path for local and embedded models; hub names are passed through for HF/vLLM to fetch."""
+    if name in EMBEDDED:
+        return str(ensure_tiny_model(EMBEDDED[name]))
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    return name
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, peft: str = "none", rank: int = 16, alpha: int = 32, dropout: float = 0.0,
+               target_modules: list[str] | None = None, head: str = "causal_lm"):
+    """fp32 on CPU (bf16 training there is slow and lossy), bf16 on a GPU; with `peft`, a LoRA-family adapter on
+    `target_modules` (default every linear layer): lora, dora (weight-decomposed), or qlora (LoRA on the base
+    model loaded in 4-bit NF4 by bitsandbytes; GPU only, checked by Experiment.validate before anything loads)."""
+    on_gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    kwargs = {}
+    if peft == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    if head == "reward":  # one scalar per sequence, read at its last token: a new head on the same trunk
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, num_labels=1, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if on_gpu and peft != "qlora":  # a 4-bit model is placed by bitsandbytes
+        model = model.to("cuda")
+    if peft == "none":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if peft == "qlora":
+        model = prepare_model_for_kbit_training(model)
+    targets = target_modules or ["all-linear"]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_dora=peft == "dora",
+                        target_modules=targets[0] if targets == ["all-linear"] else targets,
+                        task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,142 @@
+"""Reading training and eval records from local files or the Hugging Face hub, validated up front.
+
+Every problem is reported with the file, the line (JSONL) or record index (JSON, Parquet, hub) and the field,
+before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.core.errors import DataError
+from harness.core.paths import REPO_ROOT
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+
+
+@dataclass(frozen=True)
+class Record:
+    source: str  # "path line N" or "dataset record N": where an error message should point
+    fields: dict[str, Any]
+
+
+def resolve_local(spec: str) -> Path | None:
+    """A path as given (relative to the working directory), else relative to the repository root."""
+    for candidate in (Path(spec), REPO_ROOT / spec):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_records(spec: str) -> list[Record]:
+    """Records of a local JSONL/JSON/Parquet file, a .txt file (one {"text"} record per line), or a hub
+    dataset given as `name` or `name:split`."""
+    path = resolve_local(spec)
+    if path is None:
+        if spec.endswith(LOCAL_SUFFIXES):
+            raise DataError(f"{spec}: no such file (looked in {Path.cwd()} and {REPO_ROOT})")
+        return _read_hub(spec)
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".json":
+        return _read_json(path)
+    if path.suffix == ".txt":
+        return _read_text(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [Record(f"{path} record {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
+    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+        records.append(Record(f"{path} line {lineno}", row))
+    return records
+
+
+def _read_text(path: Path) -> list[Record]:
+    """One document per non-empty line (multi-line documents belong in JSONL as {"text": ...})."""
+    lines = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+    return [Record(f"{path} line {n}", {"text": line}) for n, line in lines if line.strip()]
+
+
+def _read_json(path: Path) -> list[Record]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DataError(f"{path}: expected a JSON array of objects")
+    return [Record(f"{path} record {i + 1}", row) for i, row in enumerate(rows)]
+
+
+def _read_hub(spec: str) -> list[Record]:
+    import datasets
+
+    name, _, split = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # the hub client raises many types; the user needs the name and the reason
+        raise DataError(f"{spec}: not a local file and could not be loaded from the hub ({e})") from e
+    return [Record(f"{spec} record {i + 1}", row) for i, row in enumerate(ds)]
+
+
+def fingerprint(spec: str) -> str:
+    """sha256 of a local file's bytes (first 16 hex digits), or the hub name itself."""
+    path = resolve_local(spec)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path else f"hub:{spec}"
+
+
+def prompt_completion_rows(records: list[Record]) -> list[dict]:
+    """Supervised pairs `prompt`/`completion` (strings); the loss is on the completion only."""
+    rows = []
+    for r in records:
+        row = {}
+        for key in ("prompt", "completion"):
+            value = r.fields.get(key)
+            if not isinstance(value, str) or not value:
+                what = "is missing" if value is None else "must be a non-empty string"
+                raise DataError(f"{r.source}: field '{key}' {what}")
+            row[key] = value
+        rows.append(row)
+    if not rows:
+        raise DataError("the training data has no records")
+    return rows
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    id: str
+    prompt: str
+    reference: str
+
+
+def eval_samples(records: list[Record], limit: int = 0) -> list[EvalSample]:
+    """Eval records with a string `prompt` and `reference`; `limit` keeps the first N (0 keeps all)."""
+    samples = []
+    for i, r in enumerate(records[:limit] if limit else records):
+        values = {}
+        for key in ("prompt", "reference"):
+            value = r.fields.get(key)
+            if not isinstance(value, str) or not value.strip():
+                what = "is missing" if value is None else "must be a non-empty string"
+                raise DataError(f"{r.source}: field '{key}' {what}")
+            values[key] = value
+        samples.append(EvalSample(str(r.fields.get("id", i)), values["prompt"], values["reference"]))
+    if not samples:
+        raise DataError("the eval data has no records")
+    return samples

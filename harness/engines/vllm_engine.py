@@ -1,0 +1,167 @@
+"""The in-loop vLLM engine: one long-lived in-process engine per run, fed the live weights in memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from harness.core.generation import Completion, GenParams
+from harness.core.ranks import world_size
+
+
+def inference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the base model's parameter names, with active LoRA (or DoRA) adapters folded in.
+
+    The merged tensors are new ones: merging in place and unmerging afterwards would leave rounding error in the
+    weights being trained, accumulating with every evaluation.
+    """
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return model.state_dict()
+    base = model.get_base_model()
+    weights = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        key = f"{name}.weight"
+                        variant = module.lora_variant.get(adapter)  # DoRA and other variants merge their own way
+                        if variant is None:
+                            weights[key] = weights[key] + module.get_delta_weight(adapter).to(weights[key].dtype)
+                        else:
+                            weights[key] = variant.merge_safe(module, adapter, weights[key].clone())
+    return weights
+
+
+def _release_default_group() -> None:
+    """The in-process engine made torch.distributed's default group for itself, a group of one. On rank 0 of a
+    multi-process training run the trainer needs that slot for the ranks' group, so it is dropped again. The
+    engine's group coordinators all have one member, and with one member vLLM never communicates through them;
+    their handles are removed so that the engine's shutdown does not destroy groups that no longer exist."""
+    from vllm.distributed import parallel_state
+
+    for coordinator in vars(parallel_state).values():
+        if isinstance(coordinator, parallel_state.GroupCoordinator):
+            if coordinator.world_size != 1:
+                raise RuntimeError(f"the in-loop engine's group {coordinator.unique_name} spans "
+                                   f"{coordinator.world_size} ranks; it is meant to run on rank 0 alone")
+            for handle in ("device_group", "cpu_group"):
+                if hasattr(coordinator, handle):
+                    delattr(coordinator, handle)
+    torch.distributed.destroy_process_group()
+
+
+class _DerivedBufferNotice(logging.Filter):
+    """Drops vLLM's per-sync warning that RotaryEmbedding got no weights: its cos/sin cache is derived from the
+    config, not a weight, so there is nothing to load and the cached values are kept, as intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
+def _configure_vllm_env() -> None:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings are about tuning we chose not to do
+    # In-process engine: the only mode where live weights can be pushed without a checkpoint round trip.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default would take most of RAM
+        # Without these vLLM pins torch to one thread and binds it to a core, slowing training in the same process.
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto`: bfloat16 on a GPU (as RL and eval stacks run vLLM there), float32 on CPU. On CPU, float32 is the
+    precision the weights are trained in, so greedy output equals HF's exactly; vllm-cpu 0.32 in bfloat16 is about
+    2x faster but died with SIGILL on some prompts of the embedded model here, so it is opt-in only."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+class VLLMBackend:
+    """One vLLM engine for the whole run; `sync_weights` copies live weights into it in memory."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, seed: int = 0, max_model_len: int = 512, gpu_memory_utilization: float = 0.3,
+                 dtype: str = "auto", lora_rank: int | None = None):
+        """`lora_rank`: serve a LoRA adapter as a LoRA request (see `sync_weights`) instead of folding it in."""
+        _configure_vllm_env()
+        from vllm import LLM
+
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_DerivedBufferNotice())
+        on_gpu = torch.cuda.is_available()
+        group_was_free = not torch.distributed.is_initialized()
+        lora = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=1) if lora_rank else {}
+        self.llm = LLM(
+            model=model_dir, seed=seed, max_model_len=max_model_len,
+            dtype=resolve_dtype(dtype),
+            # CPU graph compilation costs ~25 s per engine start for ~10% more tokens/s: not worth it in a run.
+            enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization, **lora,
+        )
+        if group_was_free and world_size() > 1:
+            _release_default_group()
+        self.serve_lora = bool(lora_rank)
+        self.lora_request = None
+        self._adapter_dirs = tempfile.TemporaryDirectory(prefix="lora-requests-") if lora_rank else None
+        self.logprobs([[0]], [[0]])  # first prompt-logprob call compiles kernels; pay it here, not in step 0
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Fold the live weights (LoRA included) into the engine; or, when serving LoRA requests, save only the
+        adapter and point the next requests at it under a fresh id (vLLM caches adapters by id)."""
+        if self.serve_lora:
+            from vllm.lora.request import LoRARequest
+
+            number = self.lora_request.lora_int_id + 1 if self.lora_request else 1
+            directory = Path(self._adapter_dirs.name) / f"adapter-{number}"
+            model.save_pretrained(directory)
+            self.lora_request = LoRARequest(f"adapter-{number}", number, str(directory))
+            if number > 1:
+                shutil.rmtree(Path(self._adapter_dirs.name) / f"adapter-{number - 1}", ignore_errors=True)
+            return
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.reload_weights(weights_iterator=iter(inference_weights(model).items()))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                            max_tokens=params.max_new_tokens, seed=params.seed if params.temperature > 0 else None,
+                            stop=list(params.stop) or None, logprobs=0 if params.sample_logprobs else None)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sp, use_tqdm=False,
+                                 lora_request=self.lora_request)
+        if not params.sample_logprobs:
+            return [Completion([c.text for c in o.outputs], sum(len(c.token_ids) for c in o.outputs)) for o in outs]
+        return [Completion([c.text for c in o.outputs], sum(len(c.token_ids) for c in o.outputs),
+                           [list(c.token_ids) for c in o.outputs],
+                           [[step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs, strict=True)]
+                            for c in o.outputs]) for o in outs]
+
+    def logprobs(self, prompt_ids: list[list[int]], continuation_ids: list[list[int]]) -> list[list[float]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, continuation_ids, strict=True)]
+        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False,
+                                 lora_request=self.lora_request)
+        result = []
+        for p, c, o in zip(prompt_ids, continuation_ids, outs, strict=True):
+            entries = o.prompt_logprobs[len(p) :]
+            result.append([entry[tok].logprob for tok, entry in zip(c, entries, strict=True)])
+        return result
+
+    def close(self) -> None:
+        del self.llm
+        if self._adapter_dirs is not None:
+            self._adapter_dirs.cleanup()

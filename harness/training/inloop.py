@@ -1,0 +1,128 @@
+"""Evaluation inside the training loop: baseline at step 0, every `eval_every` steps, and at the end."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers import TrainerCallback
+
+from evaluators import EvalContext, Evaluator
+from harness.core import ranks
+from harness.core.generation import GenerationBackend, GenParams
+from harness.core.prompts import render_prompt
+from harness.core.records import EvalSample
+from harness.training import distributed
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    step: int
+    metrics: dict[str, float]  # "eval/<evaluator>/<metric>" and "eval/time/*", "eval/generation/*"
+    table: dict[str, list]  # columns of the per-sample table: prompt, reference, prediction, scores
+    evaluator_tables: dict[str, dict[str, list]]  # evaluator name -> its own rows (e.g. humaneval samples)
+
+
+def is_quality_metric(key: str) -> bool:
+    """An evaluator's score ("eval/<evaluator>/<metric>"), as opposed to the timings and token counts."""
+    return key.startswith("eval/") and not key.startswith(("eval/time/", "eval/generation/"))
+
+
+class Evaluation:
+    """Runs the evaluators on one fixed eval set with one generation backend."""
+
+    def __init__(self, evaluators: list[Evaluator], samples: list[EvalSample], backend: GenerationBackend,
+                 tokenizer, params: GenParams):
+        self.evaluators = evaluators
+        self.samples = samples
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.params = params
+        self.prompt_ids = [render_prompt(tokenizer, s.prompt) for s in samples]
+
+    def run(self, model, step: int) -> EvalReport:
+        t0 = time.perf_counter()
+        self.backend.sync_weights(model)
+        t1 = time.perf_counter()
+        ctx = EvalContext(self.samples, backend=self.backend, prompt_ids=self.prompt_ids, tokenizer=self.tokenizer,
+                          model=model)
+        metrics: dict[str, float] = {}
+        table: dict[str, list] = {
+            "id": [s.id for s in self.samples],
+            "prompt": [s.prompt for s in self.samples],
+            "reference": [s.reference for s in self.samples],
+        }
+        if any(e.needs_generation for e in self.evaluators):
+            completions = self.backend.generate(self.prompt_ids, self.params)
+            ctx.predictions = [c.texts[0] for c in completions]
+            table["prediction"] = ctx.predictions
+            tokens = sum(c.num_tokens for c in completions)
+            metrics["eval/generation/tokens"] = tokens
+        t2 = time.perf_counter()
+        evaluator_tables = {}
+        for evaluator in self.evaluators:
+            result = evaluator.evaluate(ctx)
+            metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in result.metrics.items()})
+            table.update({f"{evaluator.name}/{k}": v for k, v in result.per_sample.items()})
+            if result.table is not None:
+                evaluator_tables[evaluator.name] = result.table
+        t3 = time.perf_counter()
+        metrics["eval/time/sync_s"] = t1 - t0
+        metrics["eval/time/generate_s"] = t2 - t1
+        metrics["eval/time/score_s"] = t3 - t2
+        metrics["eval/time/total_s"] = t3 - t0
+        if "eval/generation/tokens" in metrics:
+            metrics["eval/generation/tokens_per_s"] = metrics["eval/generation/tokens"] / max(t2 - t1, 1e-9)
+        return EvalReport(step, metrics, table, evaluator_tables)
+
+
+class InLoopEvaluation(TrainerCallback):
+    """Calls `evaluation` on the live model and hands each report to the listeners (MLflow, checkpoints, ...).
+
+    In a multi-process run, rank 0 holds the evaluation and the other ranks hold None: they take part in gathering
+    ZeRO-3 weights and wait at a barrier until rank 0 has evaluated, so every rank decides on the same steps."""
+
+    def __init__(self, evaluation: Evaluation | None, every: int,
+                 listeners: list[Callable[[EvalReport, object], None]]):
+        self.evaluation = evaluation
+        self.every = every
+        self.listeners = listeners
+        self.reports: list[EvalReport] = []
+        self.last_step: int | None = None
+
+    def _evaluate(self, model, step: int) -> None:
+        start = time.perf_counter()
+        with distributed.full_parameters(model):
+            if self.evaluation is not None:
+                gathered_s = time.perf_counter() - start
+                report = self.evaluation.run(model, step)
+                if ranks.world_size() > 1:  # ZeRO-3 gathers the shards first; other setups take ~0 here
+                    report.metrics["eval/time/gather_s"] = gathered_s
+                self.reports.append(report)
+                for listener in self.listeners:
+                    listener(report, model)
+        distributed.barrier()
+        self.last_step = step
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._evaluate(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._evaluate(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.last_step != state.global_step:
+            self._evaluate(model, state.global_step)
+
+
+def format_report(report: EvalReport) -> str:
+    scores = [f"{k.removeprefix('eval/')}={v:.2f}" for k, v in report.metrics.items()
+              if is_quality_metric(k) and not math.isnan(v)]
+    m = report.metrics
+    speed = f", {m['eval/generation/tokens_per_s']:.0f} tok/s" if "eval/generation/tokens_per_s" in m else ""
+    return (f"[eval] step {report.step}: {' '.join(scores)} | {m['eval/time/total_s']:.2f}s "
+            f"(sync {m['eval/time/sync_s']:.2f}, generate {m['eval/time/generate_s']:.2f}, "
+            f"score {m['eval/time/score_s']:.2f}{speed})")

@@ -1,0 +1,138 @@
+"""Training methods as TRL trainers. Methods TRL keeps under `trl.experimental` are imported here only,
+so that a TRL upgrade that moves them touches this one file."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+
+
+def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_size: int, seed: int,
+                deepspeed: str | None = None) -> dict:
+    """Trainer arguments every method shares: no saving by the trainer (the harness keeps the best checkpoint),
+    no built-in reporting (the harness logs to MLflow), fp32 on CPU; `deepspeed` is a DeepSpeed JSON config
+    (the ranks are started by harness.training.distributed). `batch_size` is per process."""
+    on_gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=output_dir, max_steps=max_steps, learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size, seed=seed, data_seed=seed, logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, bf16=on_gpu, use_cpu=not on_gpu,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, max_steps // 10),
+        dataloader_num_workers=0, deepspeed=deepspeed,
+    )
+
+
+def _build(config_cls, trainer_cls, model, tokenizer, rows: list[dict], callbacks: list, method_args: dict,
+           args: dict, **trainer_kwargs):
+    config = config_cls(**method_args, **common_args(**args))
+    return trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                       callbacks=callbacks, **trainer_kwargs)
+
+
+def simpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, gamma: float,
+                  max_length: int, **args):
+    """SimPO = CPO's `simpo` loss with the behaviour-cloning term off (cpo_alpha=0); with it on it is CPO-SimPO."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    return _build(CPOConfig, CPOTrainer, model, tokenizer, rows, callbacks,
+                  dict(loss_type="simpo", cpo_alpha=0.0, beta=beta, simpo_gamma=gamma, max_length=max_length), args)
+
+
+def cpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, cpo_alpha: float,
+                max_length: int, **args):
+    """CPO: a sigmoid preference loss without a reference model plus `cpo_alpha` x NLL on the chosen answers."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    return _build(CPOConfig, CPOTrainer, model, tokenizer, rows, callbacks,
+                  dict(loss_type="sigmoid", cpo_alpha=cpo_alpha, beta=beta, max_length=max_length), args)
+
+
+def orpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, max_length: int, **args):
+    """ORPO: NLL on the chosen answers plus `beta` (the paper's lambda) x the odds-ratio preference term."""
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return _build(ORPOConfig, ORPOTrainer, model, tokenizer, rows, callbacks,
+                  dict(beta=beta, max_length=max_length), args)
+
+
+def dpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, loss_type: str,
+                max_length: int, **args):
+    """DPO against a frozen reference: a copy of the starting model, or the base weights under a LoRA adapter."""
+    from trl import DPOConfig, DPOTrainer
+
+    return _build(DPOConfig, DPOTrainer, model, tokenizer, rows, callbacks,
+                  dict(beta=beta, loss_type=[loss_type], max_length=max_length), args)
+
+
+def kto_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, desirable_weight: float,
+                undesirable_weight: float, max_length: int, **args):
+    """KTO on unpaired examples labelled desirable or not, against a frozen reference like DPO."""
+    from trl import KTOConfig, KTOTrainer
+
+    return _build(KTOConfig, KTOTrainer, model, tokenizer, rows, callbacks,
+                  dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                       max_length=max_length), args)
+
+
+def sft_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, max_length: int, **args):
+    """Supervised fine-tuning on prompt/completion rows (plain or conversational), loss on the completion only."""
+    from trl import SFTConfig, SFTTrainer
+
+    return _build(SFTConfig, SFTTrainer, model, tokenizer, rows, callbacks,
+                  dict(max_length=max_length, completion_only_loss=True), args)
+
+
+def pretrain_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, max_length: int, **args):
+    """Continued pretraining: next-token loss on every token of raw `text` rows."""
+    from trl import SFTConfig, SFTTrainer
+
+    return _build(SFTConfig, SFTTrainer, model, tokenizer, rows, callbacks,
+                  dict(max_length=max_length, dataset_text_field="text", completion_only_loss=False), args)
+
+
+def reward_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, max_length: int, **args):
+    """A reward model from preference pairs: Bradley-Terry loss on the scores of chosen vs rejected."""
+    from trl import RewardConfig, RewardTrainer
+
+    return _build(RewardConfig, RewardTrainer, model, tokenizer, rows, callbacks, dict(max_length=max_length), args)
+
+
+def grpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, rollout, reward_funcs: list,
+                 reward_weights: list[float], num_generations: int, max_new_tokens: int, temperature: float,
+                 beta: float, **args):
+    """GRPO: group-relative advantages over `num_generations` samples per prompt, generated by `rollout`."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    return _build(GRPOConfig, GRPOTrainer, model, tokenizer, rows, callbacks,
+                  dict(num_generations=num_generations, max_completion_length=max_new_tokens, temperature=temperature,
+                       beta=beta, reward_weights=reward_weights), args,
+                  reward_funcs=reward_funcs, rollout_func=rollout)
+
+
+def distill_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, teacher, alpha: float,
+                    temperature: float, max_length: int, **args):
+    """Supervised knowledge distillation on prompt/completion rows: on the completion tokens, `alpha` x the
+    teacher-to-student KL at `temperature` (scaled by T^2, as in Hinton et al.) + (1 - alpha) x cross-entropy."""
+    from trl import SFTConfig, SFTTrainer
+
+    class KDTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs["labels"][:, 1:]
+            mask = labels != -100
+            forward = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+            outputs = model(**forward)
+            student = outputs.logits[:, :-1][mask].float()
+            with torch.no_grad():
+                teacher_logits = teacher(**forward).logits[:, :-1][mask].float()
+            kl = torch.nn.functional.kl_div(torch.log_softmax(student / temperature, -1),
+                                            torch.log_softmax(teacher_logits / temperature, -1),
+                                            log_target=True, reduction="batchmean") * temperature**2
+            ce = torch.nn.functional.cross_entropy(student, labels[mask])
+            self._metrics["train"]["kd/kl"].append(kl.item())
+            self._metrics["train"]["kd/ce"].append(ce.item())
+            loss = alpha * kl + (1 - alpha) * ce
+            return (loss, outputs) if return_outputs else loss
+
+    teacher.eval()
+    return _build(SFTConfig, KDTrainer, model, tokenizer, rows, callbacks,
+                  dict(max_length=max_length, completion_only_loss=True), args)

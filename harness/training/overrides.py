@@ -1,0 +1,120 @@
+"""`key=value` overrides, type-checked against the experiment's fields before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from harness.core.errors import ConfigError
+from harness.training.experiment import Experiment
+from harness.training.settings import check_settings
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def field_types(cls: type[Experiment]) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "evaluator_options"}
+
+
+def evaluator_option_types(name: str) -> dict[str, type]:
+    """The keyword options of an evaluator's constructor, with their types."""
+    from evaluators import EVALUATORS
+
+    hints = typing.get_type_hints(EVALUATORS[name].__init__)
+    return {k: v for k, v in hints.items() if k != "return"}
+
+
+def describe_fields(cls: type[Experiment]) -> str:
+    from evaluators import EVALUATORS
+
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.name in field_types(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"  {f.name}: {_type_name(field_types(cls)[f.name])} = {default!r}")
+    options = [f"{name}_<{'|'.join(evaluator_option_types(name))}>" for name in EVALUATORS
+               if evaluator_option_types(name)]
+    lines.append("  evaluator options (see README): " + "; ".join(options))
+    return "\n".join(lines)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def parse_value(raw: str, tp, key: str):
+    args = typing.get_args(tp)
+    if type(None) in args:  # Optional[X]: parse as X
+        (tp,) = [a for a in args if a is not type(None)]
+    if tp is bool:
+        low = raw.lower()
+        if low in _TRUE | _FALSE:
+            return low in _TRUE
+        raise ValueError(f"expects bool (true/false), got {raw!r}")
+    if tp is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"expects int, got {raw!r}") from None
+    if tp is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"expects float, got {raw!r}") from None
+    if tp is str:
+        return raw
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        return [parse_value(part.strip(), inner, key) for part in raw.split(",") if part.strip()]
+    raise ValueError(f"has a type ({tp}) that cannot be set from the command line")
+
+
+def apply_overrides(cls: type[Experiment], args: list[str], launch: str | None = None,
+                    sweep: bool = False) -> Experiment:
+    """The experiment from `key=value` strings, checked by `check_settings` for how it will be started (`launch`,
+    `sweep`); raise ConfigError naming the problem (a bad key or type also lists the valid fields)."""
+    return check_settings(build_experiment(cls, args), launch, sweep)
+
+
+def build_experiment(cls: type[Experiment], args: list[str]) -> Experiment:
+    """The experiment from typed `key=value` strings, without the settings check (a rank of a launched run: its
+    parent checked the same settings)."""
+    values, options = parse_overrides(cls, args)
+    return cls(**values, evaluator_options=options) if options else cls(**values)
+
+
+def parse_overrides(cls: type[Experiment], args: list[str]) -> tuple[dict, dict[str, dict]]:
+    """Typed field values and evaluator options ({evaluator: {option: value}}) from `key=value` strings."""
+    types = field_types(cls)
+    values: dict = {}
+    options: dict[str, dict] = {}
+    for arg in args:
+        key, sep, raw = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"override {arg!r} is not key=value.\nValid fields of {cls.name()}:\n{describe_fields(cls)}"
+            )
+        option = _evaluator_option(key) if key not in types else None
+        if key not in types and option is None:
+            raise ConfigError(f"unknown field {key!r} for {cls.name()}.\nValid fields:\n{describe_fields(cls)}")
+        try:
+            if option is None:
+                values[key] = parse_value(raw, types[key], key)
+            else:
+                evaluator, name, tp = option
+                options.setdefault(evaluator, {})[name] = parse_value(raw, tp, key)
+        except ValueError as e:
+            raise ConfigError(f"field {key!r} {e}.\nValid fields of {cls.name()}:\n{describe_fields(cls)}") from None
+    return values, options
+
+
+def _evaluator_option(key: str) -> tuple[str, str, type] | None:
+    """`humaneval_n` -> ("humaneval", "n", int) when `n` is an option of the humaneval evaluator."""
+    from evaluators import EVALUATORS
+
+    for name in EVALUATORS:
+        option = key.removeprefix(f"{name}_")
+        if option != key and option in evaluator_option_types(name):
+            return name, option, evaluator_option_types(name)[option]
+    return None

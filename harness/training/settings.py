@@ -1,0 +1,102 @@
+"""Which settings go together: the one check that run, sweep and launch all call before any work.
+
+A value alone is typed by overrides; everything else lives here: ranges, choices, field against field
+(backend x peft x lora_serving x evaluators x select_metric), the experiment's own rules (its `rules()`), and what
+the way it is started allows (a launcher, a sweep). Defaults that depend on the start (ZeRO-2 under the deepspeed
+launcher) are filled in here too, so that the printed config shows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+
+from evaluators import EVALUATORS
+from harness.core.errors import ConfigError
+from harness.training.distributed import LAUNCHERS, deepspeed_config, zero_stage
+from harness.training.experiment import BACKENDS, GENERATION_DTYPES, PEFT_KINDS, Experiment
+
+
+def check_settings(exp: Experiment, launch: str | None = None, sweep: bool = False) -> Experiment:
+    """`exp` with start-dependent defaults filled in, after every rule; raises ConfigError naming the field.
+    `launch`: the launcher that will start the ranks (deepspeed, torchrun) or None for one process; `sweep`: the
+    experiment runs as sweep trials."""
+    if launch == "deepspeed" and exp.deepspeed == "none":
+        exp = dataclasses.replace(exp, deepspeed="zero2")
+    name = exp.name()
+    for ok, field, why in _field_rules(exp) + exp.rules():
+        if not ok:
+            where = f"field '{field}' = {getattr(exp, field)!r} " if field else ""
+            raise ConfigError(f"{name}: {where}{why}")
+    try:
+        deepspeed = deepspeed_config(exp.deepspeed)
+        stage = zero_stage(deepspeed) if deepspeed else None
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+    for ok, why in _start_rules(exp, launch, sweep, stage):
+        if not ok:
+            raise ConfigError(f"{name}: {why}")
+    return exp
+
+
+def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
+    unknown = [e for e in exp.evaluators if e not in EVALUATORS]
+    selectable = [f"eval/{e}/{m}" for e in exp.evaluators if e in EVALUATORS for m in EVALUATORS[e].metrics]
+    rules = [
+        (exp.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
+        (exp.select_mode in ("max", "min"), "select_mode", "must be 'max' or 'min'"),
+        (exp.generation_dtype in GENERATION_DTYPES, "generation_dtype",
+         f"must be one of {', '.join(GENERATION_DTYPES)}"),
+        (exp.max_steps >= 1, "max_steps", "must be >= 1"),
+        (exp.eval_every >= 1, "eval_every", "must be >= 1"),
+        (exp.eval_limit >= 0, "eval_limit", "must be >= 0 (0 means the whole eval set)"),
+        (exp.batch_size >= 1, "batch_size", "must be >= 1"),
+        (exp.learning_rate > 0, "learning_rate", "must be > 0"),
+        (bool(exp.evaluators), "evaluators", "must name at least one evaluator"),
+        (exp.peft in PEFT_KINDS, "peft", f"must be one of {', '.join(PEFT_KINDS)}"),
+        (exp.lora_serving in ("merge", "request"), "lora_serving", "must be 'merge' or 'request'"),
+        (exp.lora_serving == "merge" or (exp.peft == "lora" and exp.backend == "vllm"), "lora_serving",
+         "'request' needs peft=lora and backend=vllm (vLLM serves plain LoRA adapters only)"),
+        (exp.peft != "qlora" or _qlora_available(), "peft",
+         "needs a CUDA GPU and bitsandbytes (4-bit NF4 base weights); this machine has none: use peft=lora, "
+         "which trains the same adapter on full-precision weights"),
+        (not unknown, "evaluators", f"unknown {unknown}; known: {', '.join(sorted(EVALUATORS))}"),
+        (exp.select_metric in selectable or bool(unknown), "select_metric",
+         f"is not produced by the chosen evaluators; choose one of: {', '.join(selectable)}"),
+    ]
+    if exp.needs_rollouts:
+        rules.append((exp.backend == "vllm", "",
+                      f"backend={exp.backend!r}: rollouts come from the vLLM engine; use vllm"))
+    if exp.model_head == "reward":
+        generating = [e for e in exp.evaluators if e in EVALUATORS and not EVALUATORS[e].needs_model]
+        rules.append((not generating and exp.backend == "hf", "",
+                      f"a reward model has no language-model head, so it can only be evaluated by reward_accuracy "
+                      f"with backend=hf (got evaluators={exp.evaluators}, backend={exp.backend})"))
+    return rules
+
+
+def _start_rules(exp: Experiment, launch: str | None, sweep: bool, stage: int | None) -> list[tuple[bool, str]]:
+    readers = [e for e in exp.evaluators if EVALUATORS[e].needs_model]
+    return [
+        (not sweep or stage is None,
+         f"deepspeed={exp.deepspeed}: a sweep runs each trial as one process; for several workers run `make "
+         f"sweep-worker` on each machine or GPU instead"),
+        (launch is None or launch in LAUNCHERS, f"--launch {launch!r}: expected one of {', '.join(LAUNCHERS)}"),
+        (launch is not None or stage is None,
+         f"deepspeed={exp.deepspeed} runs its ranks under a launcher: `python -m harness run {exp.name()} ... "
+         f"--launch deepspeed --nproc 2` (make experiment LAUNCH=deepspeed NPROC=2)"),
+        (launch is None or not exp.needs_rollouts,
+         "online RL generates rollouts from one in-loop engine on rank 0, which the other ranks cannot reach yet; "
+         "run it without --launch"),
+        (launch is None or stage != 3 or (exp.backend != "hf" and not readers),
+         f"under ZeRO-3 the live model's weights are sharded across ranks, so in-loop evaluation must go through "
+         f"the vLLM engine (backend=vllm, got {exp.backend}); evaluators that run the training model itself "
+         f"({', '.join(readers) or 'none'}) need zero2 or no DeepSpeed"),
+    ]
+
+
+def _qlora_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
