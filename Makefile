@@ -29,7 +29,7 @@ TIMEOUT ?=
 DASHBOARD_PORT ?= 8080
 SWEEP_OPTS = --storage "$(STORAGE)" --study "$(STUDY)" --pruner $(PRUNER) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
-.PHONY: setup bubblewrap experiment list sweep sweep-worker dashboard compare test lint bench ui judge-server data \
+.PHONY: setup bubblewrap experiment show list sweep sweep-worker dashboard compare test test-fast lint bench ui judge-server data \
 	clean-cache clean
 
 setup: $(STAMP)
@@ -61,6 +61,11 @@ endif
 experiment: setup
 	$(PY) -m harness run $(NAME) $(ARGS) $(if $(LAUNCH),--launch $(LAUNCH) --nproc $(NPROC))
 
+# make show NAME=x ARGS="k=v ...": every field with its type, default, value and help, then the settings check
+# (with LAUNCH=deepspeed|torchrun: checked for that launcher)
+show: setup
+	$(PY) -m harness show $(NAME) $(ARGS) $(if $(LAUNCH),--launch $(LAUNCH))
+
 list: setup
 	$(PY) -m harness list
 
@@ -81,6 +86,10 @@ compare: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The tests that need no model, engine or harness subprocess (marked `slow` in tests/): about a minute
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import sacrebleu
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from evaluators.base import EvalContext, EvalResult, Evaluator
 
@@ -24,6 +23,9 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> tuple[float, s
 
 def char_bleu4(prediction: str, reference: str) -> float:
     """Character-level BLEU-4 with NLTK smoothing method3, x100, exactly as LLaMA-Factory's compute_metrics."""
+    # nltk takes ~2 s to import: loaded on first use, not by every command that lists the evaluators
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
     return 100 * sentence_bleu([list(reference)], list(prediction), smoothing_function=SmoothingFunction().method3)
 
 

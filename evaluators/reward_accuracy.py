@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from harness.core.formats import convert
 from harness.core.records import read_records
@@ -34,6 +32,8 @@ class RewardAccuracy(Evaluator):
         model, was_training = ctx.model, ctx.model.training
         model.eval()
         try:
+            import torch  # the heavy package stays out of commands that only list evaluators
+
             with torch.no_grad():
                 chosen = reward_scores(model, ctx.tokenizer, [r["prompt"] + r["chosen"] for r in self.rows],
                                        self.batch_size)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -74,8 +75,6 @@ def _world_executable(path: Path) -> bool:
 
 def find_interpreter() -> str:
     """A Python the sandboxed (possibly unprivileged) user can execute; the programs need the stdlib only."""
-    import sys
-
     for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
         if candidate and _world_executable(Path(candidate)):
             return str(Path(candidate).resolve())
@@ -119,7 +118,7 @@ class Sandbox:
                 "the network) with allow_weak_isolation / --allow-weak-isolation."
             )
         self.is_root = os.geteuid() == 0
-        self.interpreter = find_interpreter() if self.is_root else os.path.realpath(__import__("sys").executable)
+        self.interpreter = find_interpreter() if self.is_root else os.path.realpath(sys.executable)
         self._executions = itertools.count()
 
     def run_many(self, programs: list[str], on_done: Callable[[int, Execution], None] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.core.formats import convert
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, help_field
 from harness.training.methods import cpo_trainer
 
 
@@ -13,9 +13,10 @@ from harness.training.methods import cpo_trainer
 class CpoQwen(Experiment):
     """CPO (sigmoid preference loss plus NLL on the chosen answers, no reference) on the embedded tiny Qwen2."""
 
-    beta: float = 0.1
-    cpo_alpha: float = 1.0  # weight of the NLL (behaviour cloning) term
-    learning_rate: float = 1e-5
+    beta: float = help_field(
+        0.1, "scale of the chosen-minus-rejected log-probability inside the sigmoid preference loss")
+    cpo_alpha: float = help_field(1.0, "weight of the NLL (behaviour cloning) term on the chosen answers")
+    learning_rate: float = help_field(1e-5, "peak learning rate (constant after a short warm-up)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),

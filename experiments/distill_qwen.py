@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from harness.core.formats import convert
 from harness.core.models import load_model, resolve_model
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, help_field
 from harness.training.methods import distill_trainer
 
 
@@ -14,11 +14,15 @@ from harness.training.methods import distill_trainer
 class DistillQwen(Experiment):
     """Supervised KD: the embedded tiny Qwen2 learns the larger embedded teacher's token distributions on chat data."""
 
-    train_data: str = "data/sft.jsonl"
-    teacher: str = "tiny-qwen2-large"  # built on first use (same tokenizer and data, ~3x parameters), or a path
-    kd_alpha: float = 0.5  # weight of the KL to the teacher; the rest is cross-entropy on the data
-    kd_temperature: float = 2.0
-    learning_rate: float = 1e-4
+    train_data: str = help_field(
+        "data/sft.jsonl", "chat data (messages, sharegpt or alpaca) whose completions the student learns")
+    teacher: str = help_field(
+        "tiny-qwen2-large", "tiny-qwen2-large (built on first use: same tokenizer and data, ~3x parameters), or a "
+                            "path or hub model sharing the student's tokenizer")
+    kd_alpha: float = help_field(
+        0.5, "weight of the KL to the teacher; the rest (1 - kd_alpha) is cross-entropy on the data")
+    kd_temperature: float = help_field(2.0, "softmax temperature of teacher and student in the KL (scaled by T^2)")
+    learning_rate: float = help_field(1e-4, "peak learning rate (constant after a short warm-up)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True),

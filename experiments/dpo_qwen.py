@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.core.formats import convert
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, help_field
 from harness.training.methods import dpo_trainer
 
 
@@ -13,9 +13,9 @@ from harness.training.methods import dpo_trainer
 class DpoQwen(Experiment):
     """DPO (sigmoid loss against a frozen copy of the starting model) on the embedded tiny Qwen2."""
 
-    beta: float = 0.1  # strength of the KL anchor to the reference
-    loss_type: str = "sigmoid"  # any of TRL's DPO losses: sigmoid, ipo, hinge, robust, ...
-    learning_rate: float = 1e-5
+    beta: float = help_field(0.1, "strength of the KL anchor to the reference")
+    loss_type: str = help_field("sigmoid", "any of TRL's DPO losses: sigmoid, ipo, hinge, robust, ...")
+    learning_rate: float = help_field(1e-5, "peak learning rate (constant after a short warm-up)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from harness.core.records import require_text
 from harness.rl.rewards import REWARD_COLUMNS, make_rewards
 from harness.rl.rollouts import VLLMRollout
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, help_factory, help_field
 from harness.training.methods import grpo_trainer
 
 
@@ -15,16 +16,21 @@ class GrpoQwen(Experiment):
     """GRPO on the embedded tiny Qwen2: G samples per task prompt from the shared vLLM engine, answer rewards."""
 
     needs_rollouts = True
-    train_data: str = "data/rl.jsonl"  # prompt, plus the columns the rewards read (REWARD_COLUMNS)
-    learning_rate: float = 1e-5
-    batch_size: int = 8  # completions per step: batch_size / num_generations prompts
-    num_generations: int = 4
-    temperature: float = 1.0
-    beta: float = 0.0  # KL to a reference; 0 (TRL's default) needs no reference model
-    rewards: list[str] = field(default_factory=lambda: ["answer_match", "rouge_l"])
-    reward_weights: list[float] = field(default_factory=lambda: [1.0, 0.5])
-    reward_model: str = ""  # for the reward_model reward: a reward model directory, e.g. rm_qwen's best checkpoint
-    max_new_tokens: int = 32
+    train_data: str = help_field(
+        "data/rl.jsonl", "prompts, plus the columns the rewards read (answer, reference, test/entry_point)")
+    learning_rate: float = help_field(1e-5, "peak learning rate (constant after a short warm-up)")
+    batch_size: int = help_field(
+        8, "completions per step: batch_size / num_generations prompts (a multiple of num_generations)")
+    num_generations: int = help_field(4, "samples per prompt, the group the advantages are relative to (>= 2)")
+    temperature: float = help_field(1.0, "sampling temperature of the rollouts")
+    beta: float = help_field(0.0, "KL to a reference; 0 (TRL's default) needs no reference model")
+    rewards: list[str] = help_factory(
+        lambda: ["answer_match", "rouge_l"], "reward functions, comma-separated: answer_match, rouge_l, code_pass, "
+                                             "reward_model")
+    reward_weights: list[float] = help_factory(lambda: [1.0, 0.5], "one weight per reward, in the order of rewards")
+    reward_model: str = help_field(
+        "", "for the reward_model reward: a reward model directory, e.g. rm_qwen's best checkpoint")
+    max_new_tokens: int = help_field(32, "cap on generated tokens per rollout completion and per eval prompt")
 
     def rules(self) -> list[tuple[bool, str, str]]:
         unknown = [r for r in self.rewards if r not in REWARD_COLUMNS]
@@ -42,17 +48,9 @@ class GrpoQwen(Experiment):
                 "temperature": trial.suggest_float("temperature", 0.7, 1.2)}
 
     def train_rows(self, records):
-        from harness.core.errors import DataError
-
         columns = ("prompt", *dict.fromkeys(c for r in self.rewards for c in REWARD_COLUMNS[r]))
-        rows = []
-        for r in records:
-            for key in columns:
-                if not isinstance(r.fields.get(key), str) or not r.fields[key]:
-                    raise DataError(f"{r.source}: field '{key}' must be a non-empty string (rewards "
-                                    f"{','.join(self.rewards)} read {', '.join(columns)})")
-            rows.append({k: r.fields[k] for k in columns})
-        return rows
+        why = f"rewards {','.join(self.rewards)} read {', '.join(columns)}"
+        return [{key: require_text(r, key, why=why) for key in columns} for r in records]
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir, backend=None):
         rollout = VLLMRollout(backend, tokenizer, self.max_new_tokens, self.temperature, self.seed)

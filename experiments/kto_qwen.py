@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.core.formats import convert
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, help_field
 from harness.training.methods import kto_trainer
 
 
@@ -13,10 +13,11 @@ from harness.training.methods import kto_trainer
 class KtoQwen(Experiment):
     """KTO on unpaired desirable/undesirable answers on the embedded tiny Qwen2 (pairs are split when given)."""
 
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    learning_rate: float = 1e-5
+    beta: float = help_field(0.1, "strength of the KL anchor to the reference")
+    desirable_weight: float = help_field(1.0, "loss weight of the desirable examples (raise it when they are fewer)")
+    undesirable_weight: float = help_field(
+        1.0, "loss weight of the undesirable examples (raise it when they are fewer)")
+    learning_rate: float = help_field(1e-5, "peak learning rate (constant after a short warm-up)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),

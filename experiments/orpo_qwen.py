@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.core.formats import convert
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, help_field
 from harness.training.methods import orpo_trainer
 
 
@@ -13,8 +13,8 @@ from harness.training.methods import orpo_trainer
 class OrpoQwen(Experiment):
     """ORPO (NLL on chosen plus an odds-ratio term, no reference) on the embedded tiny Qwen2."""
 
-    beta: float = 0.1  # the ORPO paper's lambda
-    learning_rate: float = 1e-5
+    beta: float = help_field(0.1, "weight of the odds-ratio preference term: the ORPO paper's lambda")
+    learning_rate: float = help_field(1e-5, "peak learning rate (constant after a short warm-up)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),

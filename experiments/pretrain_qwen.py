@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.core.formats import convert
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, help_field
 from harness.training.methods import pretrain_trainer
 
 
@@ -13,11 +13,11 @@ from harness.training.methods import pretrain_trainer
 class PretrainQwen(Experiment):
     """Continued pretraining of the embedded tiny Qwen2 on raw text (.txt one document per line, or {"text"} rows)."""
 
-    train_data: str = "data/pretrain.txt"
-    learning_rate: float = 1e-4
-    max_length: int = 64
-    select_metric: str = "eval/perplexity/perplexity"
-    select_mode: str = "min"
+    train_data: str = help_field("data/pretrain.txt", "raw text: a .txt file, one document per line, or text records")
+    learning_rate: float = help_field(1e-4, "peak learning rate (constant after a short warm-up)")
+    max_length: int = help_field(64, "tokens per document seen by the trainer (longer ones are truncated)")
+    select_metric: str = help_field("eval/perplexity/perplexity", "the best checkpoint is kept by eval perplexity")
+    select_mode: str = help_field("min", "min: a lower perplexity is better")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True)}

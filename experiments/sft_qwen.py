@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.core.formats import convert
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, help_field
 from harness.training.methods import sft_trainer
 
 
@@ -13,8 +13,8 @@ from harness.training.methods import sft_trainer
 class SftQwen(Experiment):
     """SFT of the embedded tiny Qwen2 on chat data (messages, ShareGPT or Alpaca), multi-turn, assistant-only loss."""
 
-    train_data: str = "data/sft.jsonl"
-    learning_rate: float = 1e-4
+    train_data: str = help_field("data/sft.jsonl", "chat data: messages, sharegpt or alpaca records, multi-turn")
+    learning_rate: float = help_field(1e-4, "peak learning rate (constant after a short warm-up)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.core.formats import convert
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, help_field
 from harness.training.methods import simpo_trainer
 
 
@@ -13,9 +13,10 @@ from harness.training.methods import simpo_trainer
 class SimpoQwen(Experiment):
     """SimPO (reference-free, length-normalised reward with a margin) on the embedded tiny Qwen2."""
 
-    beta: float = 2.5  # reward scale; the SimPO paper's setting
-    gamma: float = 1.375  # target reward margin (TRL's simpo_gamma); the SimPO paper's setting
-    learning_rate: float = 1e-5  # the paper used 1e-6 for 7B models; a 4M-parameter model moves only from ~1e-5
+    beta: float = help_field(2.5, "reward scale; the SimPO paper's setting")
+    gamma: float = help_field(1.375, "target reward margin (TRL's simpo_gamma); the SimPO paper's setting")
+    learning_rate: float = help_field(
+        1e-5, "peak learning rate; the paper used 1e-6 for 7B models, a 4M-parameter model moves only from ~1e-5")
 
     def search_space(self, trial) -> dict:
         space = {

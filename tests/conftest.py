@@ -1,4 +1,11 @@
-"""Shared fixtures: the embedded model (built once, cached like any run) and one vLLM engine per session."""
+"""Shared fixtures: the embedded model (built once, cached like any run) and one vLLM engine per session.
+
+The `slow` marker (registered in pyproject.toml) is on every test that takes more than about 3 seconds: it needs
+the embedded model or a vLLM engine (a training run, a model server), runs the harness in a subprocess (each start
+imports torch and friends), or does much else (builds a model, runs hundreds of sandboxed programs). Tests that use
+`tiny_model_dir` or `vllm_backend`, directly or through another fixture, get it here; the others carry
+`@pytest.mark.slow` (or `pytestmark`) in their file. `make test-fast` runs `pytest -m "not slow"` in about a minute.
+"""
 
 import json
 
@@ -6,6 +13,16 @@ import pytest
 
 from harness.core.paths import DATA_DIR
 from harness.core.records import EvalSample
+
+# A test that asks for one of these, directly or through another fixture, is slow.
+SLOW_FIXTURES = frozenset({"tiny_model_dir", "vllm_backend"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -4,16 +4,23 @@ produce on demand. The behaviour is chosen by the request's `model`:
 ok-N: score N, and "A" for every pairwise question   |  longer: prefers the longer answer (position-blind)
 flaky-429: 429 with Retry-After: 1 first, then ok-7   |  flaky-500: 500 twice, then ok-7
 slow: answers after 3 s                               |  malformed: an answer that is not JSON
+retry-after-soon, retry-after-date, retry-after-huge: 429 on every attempt, with a Retry-After header that is
+    garbage ("soon"), an HTTP date an hour ahead, or 99999999999 seconds (about 3000 years)
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
 import re
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+RETRY_AFTER = {"retry-after-soon": lambda: "soon",
+               "retry-after-date": lambda: email.utils.formatdate(time.time() + 3600, usegmt=True),
+               "retry-after-huge": lambda: "99999999999"}
 
 
 class FaultServer:
@@ -55,6 +62,8 @@ class FaultServer:
                     attempt = server.attempts[(model, prompt)]
                 if model == "flaky-429" and attempt == 1:
                     return self._send(429, b'{"error": "rate limited"}', {"Retry-After": "1"})
+                if model in RETRY_AFTER:
+                    return self._send(429, b'{"error": "rate limited"}', {"Retry-After": RETRY_AFTER[model]()})
                 if model == "flaky-500" and attempt <= 2:
                     return self._send(500, b'{"error": "internal"}')
                 if model == "slow":

@@ -70,6 +70,7 @@ def test_deepspeed_needs_a_launch_and_a_readable_config(tmp_path):
         apply_overrides(load_class("sft_qwen"), [f"deepspeed={bad}"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "overrides", "message"), [
     ("rm_qwen", ["deepspeed=zero3"], r"rm_qwen: under ZeRO-3 .* \(reward_accuracy\) need zero2 or no DeepSpeed"),
     ("sft_qwen", ["deepspeed=zero3", "backend=hf"], r"must go through the vLLM engine \(backend=vllm, got hf\)"),

@@ -216,6 +216,7 @@ def test_ctrl_c_during_a_store_call_lands_after_it_so_no_transaction_is_cut():
         signal.signal(signal.SIGINT, inherited)
 
 
+@pytest.mark.slow
 def test_a_long_run_logs_every_table_past_mlflows_tag_limit(tmp_path, monkeypatch):
     from harness.training.tracking import TAG_VALUE_LIMIT, mlflow_run
 

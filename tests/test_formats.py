@@ -107,6 +107,7 @@ def test_unusable_first_records_are_named(tmp_path, record, to, message):
     assert str(err.value).startswith(f"{path} line 1: {message}")
 
 
+@pytest.mark.slow
 def test_data_check_and_convert_commands(tmp_path):
     src = _file(tmp_path, [RECORDS["alpaca"], RECORDS["alpaca"]], "alpaca.jsonl")
     run = [sys.executable, "-m", "harness", "data"]

@@ -40,6 +40,7 @@ def test_completion_rule():
     assert extract_completion(prompt, "```\n    return x * 2\n```", "f") == "    return x * 2\n"
 
 
+@pytest.mark.slow
 def test_all_canonical_solutions_pass_and_wrong_ones_fail(canonical):
     problems = load_problems()
     assert len(problems) == 164
@@ -51,6 +52,7 @@ def test_all_canonical_solutions_pass_and_wrong_ones_fail(canonical):
     assert metrics["passed"] == 164 and metrics["failed"] + metrics["errored"] == 20
 
 
+@pytest.mark.slow
 def test_results_agree_with_human_evals_own_evaluation(tmp_path, canonical):
     ids = list(canonical)[:24]
     samples = []

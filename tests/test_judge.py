@@ -1,6 +1,7 @@
 """LLM-as-judge against real sockets: scripted faults from a small server of the tests' own, and vLLM's own
 OpenAI-compatible server serving the embedded model for the happy path."""
 
+import email.utils
 import json
 import os
 import subprocess
@@ -63,6 +64,68 @@ def test_server_errors_are_retried_with_backoff(server):
     assert waits == [0.5, 1.0] and client.stats.requests == 3
 
 
+def test_case5_retry_after_is_parsed_in_both_forms_and_garbage_is_absent():
+    from evaluators.judge_client import retry_after_s
+
+    now = 1_700_000_000.0
+    assert retry_after_s("120", now) == 120.0 and retry_after_s(" 7 ", now) == 7.0
+    assert retry_after_s(email.utils.formatdate(now + 3600, usegmt=True), now) == 3600.0
+    assert retry_after_s("Tue, 14 Nov 2023 22:13:20 -0000", now) == 0.0  # a past date (no zone: UTC) is no wait
+    for garbage in ("soon", "", "-5", "1e3", "nan", "inf", "Mon, 99 Foo 2024", "Wed, 01 Jan 99999 00:00:00 GMT"):
+        assert retry_after_s(garbage, now) is None, garbage
+    assert retry_after_s(None) is None
+
+
+def test_case5_garbage_retry_after_falls_back_to_backoff_and_the_sample_fails(server):
+    waits = []
+    client = JudgeClient(server.base_url, "retry-after-soon", retries=3, sleep=waits.append)
+    reply = client.complete(_request())
+    assert (reply.content, reply.error) == (None, "HTTP 429")
+    assert waits == [0.5, 1.0, 2.0]  # the backoff, as if there were no header
+    assert client.stats.snapshot() == {"requests": 4, "retries": 3, "failed": 1, "cache_hits": 0}
+
+
+def test_case5_long_retry_after_waits_are_capped_by_max_wait_s(server):
+    from harness.training.overrides import evaluator_option_types
+
+    for model in ("retry-after-date", "retry-after-huge"):  # an hour ahead; 99999999999 s
+        waits = []
+        client = JudgeClient(server.base_url, model, retries=2, sleep=waits.append)
+        assert client.complete(_request()).content is None
+        assert waits == [30.0, 30.0], model  # the default max_wait_s
+        assert client.stats.snapshot() == {"requests": 3, "retries": 2, "failed": 1, "cache_hits": 0}
+        waits.clear()
+        client = JudgeClient(server.base_url, model, retries=2, max_wait_s=2.5, sleep=waits.append)
+        assert client.complete(_request()).content is None and waits == [2.5, 2.5], model
+    waits = []
+    JudgeClient(server.base_url, "flaky-500", retries=3, max_wait_s=0.7, sleep=waits.append).complete(_request())
+    assert waits == [0.5, 0.7]  # the backoff too
+    assert evaluator_option_types("judge")["max_wait_s"] is float  # `judge_max_wait_s=...` on the command line
+    with pytest.raises(ConfigError, match="max_wait_s"):
+        Judge(base_url=server.base_url, max_wait_s=-1.0)
+
+
+@pytest.mark.slow
+def test_case5_score_judge_against_bad_retry_after_finishes_with_failures_counted(server, tmp_path):
+    rows = [{"prompt": p, "reference": r, "prediction": r} for p, r in zip(PROMPTS, REFS, strict=True)]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    code = ("import json, sys, time\n"
+            "from harness.commands.score import score_judge_file\n"
+            "for model in sys.argv[3:]:\n"
+            "    start = time.monotonic()\n"
+            "    metrics = score_judge_file(sys.argv[1], sys.argv[2], model, retries=2, max_wait_s=0.2, cache=False)\n"
+            "    print(json.dumps({'model': model, 'elapsed_s': time.monotonic() - start, **metrics}), flush=True)\n")
+    models = ["retry-after-soon", "retry-after-date", "retry-after-huge"]
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.jsonl"), server.base_url, *models],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # a hang fails, not blocks
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["model"] for r in results] == models
+    for r in results:
+        assert "score" not in r and r["failed"] == 4 and r["requests"] == 12, r  # 4 samples x 3 tries, all failed
+        assert r["elapsed_s"] < 10, r  # two waits of at most 0.2 s per sample, concurrently
+
+
 def test_timeouts_are_retried_then_the_sample_fails(server):
     client = JudgeClient(server.base_url, "slow", retries=1, timeout_s=0.3, sleep=lambda s: None)
     reply = client.complete(_request())
@@ -121,6 +184,7 @@ def test_bad_template_is_a_config_error(tmp_path):
         Judge(base_url="http://127.0.0.1:9/v1", pointwise_template=str(template))
 
 
+@pytest.mark.slow
 def test_offline_scoring_cli(server, tmp_path):
     rows = [{"prompt": p, "reference": r, "prediction": r + " Indeed."} for p, r in zip(PROMPTS, REFS, strict=True)]
     base = [{"prompt": p, "prediction": r} for p, r in zip(PROMPTS, REFS, strict=True)]
@@ -157,7 +221,7 @@ def test_in_loop_judge_logs_scores_and_never_the_api_key(server, tmp_path, tiny_
     assert run.data.params["judge_model"] == "ok-7" and "judge_api_key_env" not in run.data.params
     assert all(r["authorization"] == f"Bearer {secret}" for r in server.requests)  # it was used...
     stored = [(tmp_path / "mlflow.db").read_bytes()]
-    stored += [p.read_bytes() for p in (REPO_ROOT / "mlruns").rglob("*") if p.is_file() and run.info.run_id in str(p)]
+    stored += [p.read_bytes() for p in (tmp_path / "mlruns").rglob("*") if p.is_file()]  # beside the store
     stored += [p.read_bytes() for p in Path(tmp_path / "out").rglob("*") if p.is_file()]
     stored += [p.read_bytes() for p in Path(tmp_path / "judge-cache").rglob("*") if p.is_file()]
     assert len(stored) > 5 and not any(secret.encode() in b for b in stored)  # ...and never stored

@@ -47,6 +47,7 @@ def test_select_metric_must_come_from_an_enabled_evaluator():
         apply_overrides(SimpoQwen, ["evaluators=rouge", "select_metric=eval/bleu/bleu"])
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_field_before_any_work(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "harness", "run", "simpo_qwen", "max_step=3"],
@@ -58,6 +59,7 @@ def test_cli_rejects_unknown_field_before_any_work(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing was built or written
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_experiment():
     result = subprocess.run([sys.executable, "-m", "harness", "run", "nope_qwen"], cwd=REPO_ROOT,
                             capture_output=True, text=True)

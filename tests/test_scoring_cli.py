@@ -22,6 +22,7 @@ def _write(path, rows):
     return str(path)
 
 
+@pytest.mark.slow
 def test_bleu_and_rouge_from_a_samples_file(tmp_path):
     samples = _write(tmp_path / "s.jsonl", [
         {"prompt": "q", "reference": "北京是中国的首都", "prediction": "北京是首都"},
@@ -33,6 +34,7 @@ def test_bleu_and_rouge_from_a_samples_file(tmp_path):
     assert set(bleu) == {"bleu", "bleu4"} and 0 < bleu["bleu"] < 100
 
 
+@pytest.mark.slow
 def test_missing_prediction_is_named(tmp_path):
     samples = _write(tmp_path / "s.jsonl", [{"prompt": "q", "reference": "r"}])
     out = subprocess.run([sys.executable, "-m", "harness", "score", "bleu", "--samples", samples], cwd=REPO_ROOT,

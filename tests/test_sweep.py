@@ -1,5 +1,6 @@
 """Sweeps: `python -m harness sweep` in subprocesses against a real SQLite Optuna storage and MLflow store."""
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,17 @@ from mlflow.tracking import MlflowClient
 from experiments import load_class
 from harness.core.errors import ConfigError
 from harness.core.paths import REPO_ROOT
-from harness.sweeps.study import SweepConfig, display_url, make_storage, run_sweep, trial_overrides
+from harness.sweeps.study import (
+    TRIAL_PID_ATTR,
+    SweepConfig,
+    _Signals,
+    _TrialLauncher,
+    display_url,
+    fail_trial,
+    make_storage,
+    run_sweep,
+    trial_overrides,
+)
 
 EXTRA = str(Path(__file__).parent / "experiments_extra")
 # Small and fast: 8 eval samples, 8 new tokens. The HF backend skips the vLLM engine start in each trial process
@@ -181,7 +192,7 @@ def test_a_trial_whose_worker_died_is_marked_failed_and_the_study_goes_on(stores
     trials = optuna.load_study(study_name="dies", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     _, runs = _runs(client, "scripted_simpo")
-    assert runs[0].info.status == "FAILED" and runs[0].data.tags["optuna.trial.state"] == "FAIL"
+    assert runs[0].info.status == "KILLED" and runs[0].data.tags["optuna.trial.state"] == "FAIL"
 
 
 def test_search_space_values_must_be_fields_and_an_experiment_must_declare_one():
@@ -216,3 +227,186 @@ def test_resuming_a_study_with_another_objective_is_refused(stores):
     assert "--study taken: the study was created for experiment 'simpo_qwen' optimising 'eval/rouge/rougeL'" \
         in out.stderr
     assert client.get_experiment_by_name("scripted_simpo") is None  # nothing was logged
+
+
+# Case 2: signals. No MLflow run and no Optuna trial stays RUNNING when the driver or a trial process dies.
+
+
+def _start_driver(env, storage, tmp, *args):
+    """A driver in its own process group (so the test can kill it with its trial), with Ctrl-C's default
+    disposition as from a terminal (see test_experiment_run), its output in a file."""
+    cmd = [sys.executable, "-m", "harness", "sweep", *args, f"output_dir={tmp / 'outputs'}", "--storage", storage]
+    log = open(tmp / "driver.log", "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc.log = log
+    return proc
+
+
+def _wait_for(what, check, driver, tmp, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        assert driver.poll() is None, f"the driver exited before {what}:\n" + (tmp / "driver.log").read_text()[-3000:]
+        time.sleep(0.5)
+    pytest.fail(f"no {what} within {timeout}s")
+
+
+def _running_trial_run(client, number):
+    exp = client.get_experiment_by_name("scripted_simpo")
+    runs = client.search_runs([exp.experiment_id], f"tags.`optuna.trial.number` = '{number}'") if exp else []
+    return runs[0] if runs and runs[0].info.status == "RUNNING" else None
+
+
+def _all_runs(client):
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_case2_sigterm_to_the_driver_leaves_nothing_running(stores):
+    env, storage, client, tmp = stores
+    driver = _start_driver(env, storage, tmp, "scripted_simpo", *SCRIPTED, "max_steps=400", "--study", "term",
+                           "--trials", "2", "--pruner", "none")
+    try:
+        run = _wait_for("trial run RUNNING", lambda: _running_trial_run(client, 0), driver, tmp)
+        started = time.time()
+        driver.send_signal(signal.SIGTERM)
+        code = driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        driver.log.close()
+    log = (tmp / "driver.log").read_text()
+    assert code == 130, log[-3000:]
+    assert time.time() - started < 60  # the trial ended within its grace period, not at the SIGKILL
+    assert "SIGTERM: stopping trial 0" in log and "SIGKILL" not in log
+    (trial,) = optuna.load_study(study_name="term", storage=storage).get_trials()
+    assert trial.state.name == "FAIL"
+    assert not _alive(trial.user_attrs[TRIAL_PID_ATTR])
+    runs = {r.info.run_id: r for r in _all_runs(client)}
+    assert {r.info.status for r in runs.values()} == {"KILLED"}, {r.info.run_name: r.info.status
+                                                                 for r in runs.values()}
+    (parent,), trial_runs = _runs(client, "scripted_simpo")
+    assert list(trial_runs) == [0] and trial_runs[0].info.run_id == run.info.run_id
+    assert trial_runs[0].data.tags["optuna.trial.state"] == "FAIL"
+    assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+
+
+@pytest.mark.slow
+def test_case2_sigkilled_trial_and_resume(stores):
+    env, storage, client, tmp = stores
+    # trials 0 and 1 train long; trial 2 (the resume's) is the script's crash, so the resume is short
+    args = ["scripted_simpo", *SCRIPTED, "max_steps=400", "--study", "kill", "--pruner", "none"]
+    driver = _start_driver(env, storage, tmp, *args, "--trials", "2")
+    try:
+        _wait_for("trial 0 run RUNNING", lambda: _running_trial_run(client, 0), driver, tmp)
+        (trial,) = optuna.load_study(study_name="kill", storage=storage).get_trials()
+        os.kill(trial.user_attrs[TRIAL_PID_ATTR], signal.SIGKILL)  # nothing can run in the trial process
+        # the driver fails trial 0 itself and goes on with trial 1
+        _wait_for("trial 1 run RUNNING", lambda: _running_trial_run(client, 1), driver, tmp)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and trial 1's process, with no chance to clean up
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        driver.log.close()
+    log = (tmp / "driver.log").read_text()
+    assert "trial 0: FAIL (process exit code -9)" in log, log[-3000:]
+    trials = optuna.load_study(study_name="kill", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "RUNNING"]
+    (parent,), runs = _runs(client, "scripted_simpo")
+    assert runs[0].info.status == "KILLED" and runs[0].data.tags["optuna.trial.state"] == "FAIL"
+    assert runs[1].info.status == "RUNNING" and parent.info.status == "RUNNING"  # what only a resume can end
+
+    # resumed at once: the dead driver ran on this machine, so its trial is failed without waiting for the
+    # heartbeat's grace period (30 s x 4 here)
+    out = _sweep(env, storage, tmp, *args, "--trials", "1")
+    summary = _summary(out)
+    assert "trial 1: FAIL (its driver (pid" in out.stdout
+    assert summary["trials"] == {"FAIL": 3}
+    trials = optuna.load_study(study_name="kill", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "FAIL"]
+    (parent,), runs = _runs(client, "scripted_simpo")
+    assert [runs[n].info.status for n in range(3)] == ["KILLED", "KILLED", "FAILED"]
+    assert all(r.data.tags["optuna.trial.state"] == "FAIL" for r in runs.values())
+    assert parent.info.status == "FINISHED"
+    assert "RUNNING" not in {r.info.status for r in _all_runs(client)}
+
+
+def test_case2_a_trial_that_ignores_sigterm_is_killed_after_the_grace_period():
+    signals = _Signals()
+    launcher = _TrialLauncher(None, [], "", {}, "", Path("."), signals, grace_s=1.0)
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
+           "time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        signals.received = signal.SIGTERM  # as the driver's handler records it
+        started = time.time()
+        assert launcher._wait(proc, 0) == -signal.SIGKILL
+        assert 1.0 <= time.time() - started < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_case2_fail_trial_closes_a_run_whose_id_was_never_recorded(tmp_path, monkeypatch):
+    """A trial process killed between opening its MLflow run and recording the run's id: the run is found by its
+    tags. And failing a trial twice (its driver, then a later one) changes nothing the second time."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("scripted_simpo")
+    parent = client.create_run(exp_id, tags={"sweep.role": "parent"})
+    other = client.create_run(exp_id, tags={"mlflow.parentRunId": parent.info.run_id, "optuna.trial.number": "1"})
+    run = client.create_run(exp_id, tags={"mlflow.parentRunId": parent.info.run_id, "optuna.trial.number": "0"})
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.set_user_attr("experiment", "scripted_simpo")
+    study.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+    trial = study.ask()
+    for _ in range(2):
+        fail_trial(study, trial._trial_id, "KILLED", "test")
+        assert study.get_trials()[0].state.name == "FAIL"
+        closed = client.get_run(run.info.run_id)
+        assert closed.info.status == "KILLED" and closed.data.tags["optuna.trial.state"] == "FAIL"
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"
+
+
+@pytest.mark.slow
+def test_case2_sigkilled_driver_takes_its_trial_down(stores):
+    env, storage, client, tmp = stores
+    driver = _start_driver(env, storage, tmp, "scripted_simpo", *SCRIPTED, "max_steps=400", "--study", "orphan",
+                           "--trials", "1", "--pruner", "none")
+    try:
+        run = _wait_for("trial run RUNNING", lambda: _running_trial_run(client, 0), driver, tmp)
+        (trial,) = optuna.load_study(study_name="orphan", storage=storage).get_trials()
+        driver.kill()  # the driver alone: the kernel sends its trial process SIGTERM (Linux)
+        driver.wait()
+        pid = trial.user_attrs[TRIAL_PID_ATTR]
+        deadline = time.time() + 60
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.log.close()
+    log = (tmp / "driver.log").read_text()
+    assert not _alive(pid), log[-3000:]
+    assert "trial 0: FAIL (its driver died)" in log, log[-3000:]
+    (trial,) = optuna.load_study(study_name="orphan", storage=storage).get_trials()
+    assert trial.state.name == "FAIL"
+    (parent,), runs = _runs(client, "scripted_simpo")
+    assert runs[0].info.run_id == run.info.run_id and runs[0].info.status == "KILLED"
+    assert runs[0].data.tags["optuna.trial.state"] == "FAIL"
+    assert parent.info.status == "RUNNING"  # only the next driver on the study can end it (see the test above)

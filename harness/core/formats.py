@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 
 from harness.core.errors import DataError
-from harness.core.records import Record
+from harness.core.records import Record, require_text
 
 FORMATS = ("messages", "sharegpt", "alpaca", "preference", "kto", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant")
@@ -63,15 +63,6 @@ def record_format(records: list[Record], fmt: str, accepted: tuple[str, ...]) ->
     return found
 
 
-def _string(record: Record, key: str, value=None) -> str:
-    value = record.fields.get(key) if value is None else value
-    if value is None:
-        raise DataError(f"{record.source}: field '{key}' is missing")
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{record.source}: field '{key}' must be a non-empty string")
-    return value
-
-
 def _messages(record: Record, key: str, value, roles=ROLES) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{record.source}: field '{key}' must be a non-empty list of {{role, content}} messages")
@@ -92,7 +83,7 @@ def _text_or_messages(record: Record, key: str, role: str) -> list[dict]:
         return _messages(record, key, value)
     if value is not None and not isinstance(value, str):
         raise DataError(f"{record.source}: field '{key}' must be a string or a list of {{role, content}} messages")
-    return [{"role": role, "content": _string(record, key, value)}]
+    return [{"role": role, "content": require_text(record, key, value)}]
 
 
 def _sharegpt_turns(record: Record, key: str, value) -> list[dict]:
@@ -103,8 +94,8 @@ def _sharegpt_turns(record: Record, key: str, value) -> list[dict]:
         where = f"{key}[{i}]"
         if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
             raise DataError(f"{record.source}: field '{where}.from' must be one of {sorted(SHAREGPT_ROLES)}")
-        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": _string(record, f"{where}.value",
-                                                                            turn.get("value"))})
+        content = require_text(record, f"{where}.value", turn.get("value"))
+        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": content})
     return out
 
 
@@ -122,16 +113,16 @@ def chat(record: Record, fmt: str) -> list[dict]:
         turns = _sharegpt_turns(record, "conversations", record.fields.get("conversations"))
         return _ends_with_assistant(record, "conversations", turns)
     if fmt == "alpaca":
-        instruction = _string(record, "instruction")
+        instruction = require_text(record, "instruction")
         extra = record.fields.get("input") or ""
         system = record.fields.get("system")
         messages = [{"role": "system", "content": system}] if system else []
         messages += [{"role": "user", "content": f"{instruction}\n\n{extra}" if extra else instruction},
-                     {"role": "assistant", "content": _string(record, "output")}]
+                     {"role": "assistant", "content": require_text(record, "output")}]
         return messages
     if fmt == "prompt_completion":
-        return [{"role": "user", "content": _string(record, "prompt")},
-                {"role": "assistant", "content": _string(record, "completion")}]
+        return [{"role": "user", "content": require_text(record, "prompt")},
+                {"role": "assistant", "content": require_text(record, "completion")}]
     raise DataError(f"{record.source}: {fmt} records are not conversations")
 
 
@@ -153,9 +144,9 @@ def preference(record: Record, fmt: str) -> dict:
         answers = {}
         for side in ("chosen", "rejected"):
             if f"{side}_gpt" in record.fields:
-                answers[side] = _string(record, f"{side}_gpt")
+                answers[side] = require_text(record, f"{side}_gpt")
             elif isinstance(record.fields.get(side), dict):
-                answers[side] = _string(record, f"{side}.value", record.fields[side].get("value"))
+                answers[side] = require_text(record, f"{side}.value", record.fields[side].get("value"))
             else:
                 raise DataError(f"{record.source}: field '{side}' (a {{from, value}} turn) or '{side}_gpt' "
                                 "is missing: a ShareGPT preference record needs both answers")
@@ -177,7 +168,7 @@ def kto(record: Record, fmt: str) -> list[dict]:
 
 
 def text(record: Record, fmt: str) -> str:
-    return _string(record, "text")
+    return require_text(record, "text")
 
 
 def convert(records: list[Record], fmt: str, to: str) -> list[dict]:

@@ -24,6 +24,29 @@ class Record:
     fields: dict[str, Any]
 
 
+_FIELD = object()  # require_text's default: read the value from the record's own field
+
+
+def require_text(record: Record, key: str, value: Any = _FIELD, *, blank_ok: bool = False, why: str = "") -> str:
+    """The text of the required field `key` of `record`, returned as it is (not stripped).
+
+    The rule for every required text field: present, a `str`, and not empty once stripped of white space.
+    `blank_ok=True` waives the last condition, for model outputs (a prediction or completion may be empty).
+    `value` is the field's value when it is not a top-level field (e.g. key 'conversations[0].value').
+    The error names the file and line (or record) and the field, and adds `why` in parentheses when given.
+    """
+    value = record.fields.get(key) if value is _FIELD else value
+    if value is None:
+        what = "is missing"
+    elif not isinstance(value, str):
+        what = "must be a string" if blank_ok else "must be a non-empty string"
+    elif blank_ok or value.strip():
+        return value
+    else:
+        what = "must be a non-empty string"
+    raise DataError(f"{record.source}: field '{key}' {what}" + (f" ({why})" if why else ""))
+
+
 def resolve_local(spec: str) -> Path | None:
     """A path as given (relative to the working directory), else relative to the repository root."""
     for candidate in (Path(spec), REPO_ROOT / spec):
@@ -103,16 +126,7 @@ def fingerprint(spec: str) -> str:
 
 def prompt_completion_rows(records: list[Record]) -> list[dict]:
     """Supervised pairs `prompt`/`completion` (strings); the loss is on the completion only."""
-    rows = []
-    for r in records:
-        row = {}
-        for key in ("prompt", "completion"):
-            value = r.fields.get(key)
-            if not isinstance(value, str) or not value:
-                what = "is missing" if value is None else "must be a non-empty string"
-                raise DataError(f"{r.source}: field '{key}' {what}")
-            row[key] = value
-        rows.append(row)
+    rows = [{key: require_text(r, key) for key in ("prompt", "completion")} for r in records]
     if not rows:
         raise DataError("the training data has no records")
     return rows
@@ -127,16 +141,8 @@ class EvalSample:
 
 def eval_samples(records: list[Record], limit: int = 0) -> list[EvalSample]:
     """Eval records with a string `prompt` and `reference`; `limit` keeps the first N (0 keeps all)."""
-    samples = []
-    for i, r in enumerate(records[:limit] if limit else records):
-        values = {}
-        for key in ("prompt", "reference"):
-            value = r.fields.get(key)
-            if not isinstance(value, str) or not value.strip():
-                what = "is missing" if value is None else "must be a non-empty string"
-                raise DataError(f"{r.source}: field '{key}' {what}")
-            values[key] = value
-        samples.append(EvalSample(str(r.fields.get("id", i)), values["prompt"], values["reference"]))
+    samples = [EvalSample(str(r.fields.get("id", i)), require_text(r, "prompt"), require_text(r, "reference"))
+               for i, r in enumerate(records[:limit] if limit else records)]
     if not samples:
         raise DataError("the eval data has no records")
     return samples

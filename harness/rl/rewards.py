@@ -3,6 +3,8 @@ They reuse what the evaluators measure, so the reward and the in-loop score agre
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from evaluators.answer import contains_answer
@@ -52,8 +54,7 @@ class RewardModel:
     __name__ = "reward_model"
 
     def __init__(self, path: str):
-        from pathlib import Path
-
+        # lazy: transformers (also behind harness.core.models) only for a run that uses a reward model
         from transformers import AutoModelForSequenceClassification
 
         from harness.core.models import load_tokenizer, resolve_model

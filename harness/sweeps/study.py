@@ -2,23 +2,35 @@
 
 The driver (this module) samples each trial's fields, starts the trial in its own process (harness.sweeps.trial) and
 tells Optuna the outcome; the trial process reports every in-loop evaluation to the study itself and stops
-when the pruner says so. A crash or a leak in one trial therefore never takes the sweep down, and a driver
-that dies leaves a trial whose heartbeat stops: the next driver on the study marks it FAIL.
+when the pruner says so. A crash or a leak in one trial therefore never takes the sweep down.
+
+Nothing is left RUNNING, whatever signal ends which process (`fail_trial` is the one way a trial ends FAIL):
+- driver gets SIGTERM, SIGINT or SIGHUP: the trial process gets SIGTERM and `TRIAL_GRACE_S` to end its run
+  KILLED, then SIGKILL; the driver ends what is left (trial FAIL, its run KILLED), then its parent run KILLED,
+  and exits 130;
+- trial process dies, even by SIGKILL: the driver sees it exit without a result and fails the trial;
+- driver dies by SIGKILL: its trial process gets SIGTERM from the kernel (Linux) and fails its trial itself;
+  anything still RUNNING is failed by the next driver on the study: at once when the dead driver ran on this
+  machine, else once its heartbeat is stale (4 beats); the parent run is reopened and ended by that driver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from experiments import load_class
@@ -26,12 +38,15 @@ from harness.core.errors import ConfigError
 from harness.core.paths import REPO_ROOT
 from harness.training.experiment import Experiment
 from harness.training.overrides import apply_overrides, field_types, parse_overrides
-from harness.training.tracking import existing_run, mlflow_run, tracking_uri
+from harness.training.tracking import end_runs, existing_run, mlflow_run, tracking_uri
 
 PRUNERS = ("median", "hyperband", "none")
 # Heartbeats and PartialFixedSampler are marked experimental by Optuna; their warnings would repeat every trial.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+DRIVER_ATTR = "sweep.driver"  # on each trial: the driver process that runs it, so a later driver can tell it died
+TRIAL_PID_ATTR = "sweep.trial_pid"
+TRIAL_GRACE_S = 30.0  # a stopped driver gives its trial process this long to end its run, then kills it
 
 
 class TrialFailed(RuntimeError):
@@ -52,6 +67,7 @@ class SweepConfig:
     startup_trials: int = 2  # no pruning until this many trials have finished
     seed: int | None = None
     heartbeat_s: int = 30
+    grace_s: float = TRIAL_GRACE_S
 
 
 def default_storage() -> str:
@@ -105,14 +121,103 @@ def trial_overrides(exp: Experiment, fixed: list[str], values: dict) -> list[str
     return [*fixed, *(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in values.items())]
 
 
+def fail_trial(study: optuna.Study, trial_id: int, run_status: str, why: str, *, tell: bool = True,
+               run_ids: tuple[str, ...] = ()) -> None:
+    """The one way a trial ends FAIL, whoever finds it failed (its driver, the trial process, a later driver): the
+    Optuna trial FAIL if still RUNNING (`tell=False`: the objective is about to raise inside `study.optimize`,
+    which tells Optuna itself), and its MLflow run ended `run_status` if still RUNNING (KILLED: its process was
+    killed or lost; FAILED: it exited on an error) and tagged `optuna.trial.state=FAIL`. The run is found by
+    `run_ids`, the trial's `mlflow_run_id` attribute, or its tags (a process killed before it recorded the id)."""
+    trial = study._storage.get_trial(trial_id)
+    if tell and trial.state == TrialState.RUNNING:
+        with contextlib.suppress(UpdateFinishedTrialError):  # another worker failed it at the same moment
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    attrs = study.user_attrs
+    parent = attrs.get(PARENT_RUN_ATTR)
+    tags = {"mlflow.parentRunId": parent, "optuna.trial.number": str(trial.number)} if parent else None
+    try:
+        for run_id in end_runs(run_status, (*run_ids, *filter(None, [trial.user_attrs.get("mlflow_run_id")])),
+                               attrs.get("experiment"), tags):
+            existing_run(run_id).set_tags({"optuna.trial.state": "FAIL"})
+    except Exception as e:  # the MLflow store is unreachable: the Optuna state above is what counts
+        print(f"[sweep] trial {trial.number}: could not close its MLflow run: {e}", file=sys.stderr, flush=True)
+    print(f"[sweep] trial {trial.number}: FAIL ({why})", flush=True)
+
+
 def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A trial whose driver died: Optuna marks it FAIL; close its MLflow run the same way."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    print(f"[sweep] trial {trial.number} lost its process (no heartbeat): marked FAIL", flush=True)
-    if run_id:
-        run = existing_run(run_id)
-        run.fail_if_running()
-        run.set_tags({"optuna.trial.state": "FAIL"})
+    """A trial whose driver stopped beating: Optuna has marked it FAIL; close its MLflow run the same way."""
+    fail_trial(study, trial._trial_id, "KILLED", "its driver stopped beating: lost")
+
+
+def process_identity(pid: int) -> dict | None:
+    """What identifies a live process for a later driver: this kernel boot and PID namespace (where the same pid
+    means the same process), the pid and its start time (a reused pid has another). None off Linux."""
+    try:
+        machine = Path("/proc/sys/kernel/random/boot_id").read_text().strip() + "/" + os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    started = _start_time(pid)
+    return {"machine": machine, "pid": pid, "start": started} if started else None
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time from /proc/PID/stat; None when it is gone or a zombie (dead, not yet waited for)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]  # fields[0] is field 3 (state); starttime is field 22
+
+
+def _is_gone(identity: dict | None) -> bool:
+    """True only when the process certainly ended: it ran on this machine and is no longer there."""
+    here = process_identity(os.getpid())
+    if not identity or here is None or identity.get("machine") != here["machine"]:
+        return False
+    return _start_time(identity["pid"]) != identity["start"]
+
+
+def fail_lost_trials(study: optuna.Study) -> None:
+    """Trials that a dead driver left RUNNING: those whose driver ran on this machine and is gone (at once), and
+    those whose heartbeat is stale (any machine; Optuna fails them and calls `_on_stale_trial`)."""
+    optuna.storages.fail_stale_trials(study)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        driver = trial.user_attrs.get(DRIVER_ATTR)
+        if _is_gone(driver):
+            fail_trial(study, trial._trial_id, "KILLED", f"its driver (pid {driver['pid']}) is gone")
+
+
+class _Signals:
+    """While trials run, SIGTERM, SIGINT and SIGHUP are recorded instead of raised (signals already ignored, as
+    under nohup, stay ignored), so that the driver stops where it can end what it started: in `_wait` (the trial
+    process gets SIGTERM), before a trial starts, or after one ends (`check`, also an Optuna callback)."""
+
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGHUP: "SIGHUP"}
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():  # only it can set handlers
+            for signum in self.NAMES:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def name(self) -> str:
+        return self.NAMES.get(self.received, str(self.received))
+
+    def check(self, *_callback_args) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"{self.name()}: sweep stopped")
 
 
 def _open_study(cfg: SweepConfig, exp: Experiment, storage, sampler, pruner) -> tuple[optuna.Study, bool]:
@@ -168,21 +273,27 @@ def run_sweep(cfg: SweepConfig) -> dict:
               "sweep.objective": exp.select_metric, **exp.params()}
     tags = {"optuna.study": study.study_name, "optuna.storage": shown_url, "sweep.role": "parent",
             "sweep.overrides": " ".join(cfg.overrides)}
+    # a parent run left RUNNING by a killed driver is reopened here and ends with this driver
     with mlflow_run(exp.name(), params, tags, run_name=f"sweep-{study.study_name}",
                     resume_run_id=_study_attr(study, storage, PARENT_RUN_ATTR, wait=not created)) as parent, \
-            tempfile.TemporaryDirectory(prefix="sweep-") as scratch:
+            tempfile.TemporaryDirectory(prefix="sweep-") as scratch, _Signals() as signals:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         print(f"[mlflow] parent run {parent.run_id} at {tracking_uri()}", flush=True)
-        objective = _TrialLauncher(exp, cfg.overrides, url, pruner_args, parent.run_id, Path(scratch))
-        callbacks = []
+        if not created:
+            fail_lost_trials(study)
+        objective = _TrialLauncher(exp, cfg.overrides, url, pruner_args, parent.run_id, Path(scratch), signals,
+                                   cfg.grace_s)
+        callbacks = [signals.check]  # stop between trials once a signal came
         if cfg.total_trials is not None:
             callbacks.append(optuna.study.MaxTrialsCallback(
                 cfg.total_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
         study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout_s, catch=(TrialFailed,),
                        callbacks=callbacks)
+        signals.check()
         from harness.sweeps.report import log_study
 
         summary = log_study(study, parent)
+        signals.check()
     return {"study": study.study_name, "storage": shown_url, "mlflow_parent_run_id": parent.run_id, **summary}
 
 
@@ -190,33 +301,48 @@ class _TrialLauncher:
     """The objective Optuna calls: sample the fields, run the trial in a fresh process, return its value."""
 
     def __init__(self, exp: Experiment, fixed: list[str], storage_url: str, pruner_args: dict, parent_run_id: str,
-                 scratch: Path):
+                 scratch: Path, signals: _Signals, grace_s: float):
         self.exp = exp
         self.fixed = fixed
         self.storage_url = storage_url
         self.pruner_args = pruner_args
         self.parent_run_id = parent_run_id
         self.scratch = scratch
+        self.signals = signals
+        self.grace_s = grace_s
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.signals.check()  # a signal during sampling: this trial ends FAIL before it starts
         overrides = trial_overrides(self.exp, self.fixed, self.exp.search_space(trial))
         result_path = self.scratch / f"trial-{trial.number}.json"
         spec = {"experiment": self.exp.name(), "overrides": overrides, "storage": self.storage_url,
                 "study": trial.study.study_name, "trial_id": trial._trial_id, "trial_number": trial.number,
-                "pruner": self.pruner_args, "parent_run_id": self.parent_run_id, "result": str(result_path)}
+                "pruner": self.pruner_args, "parent_run_id": self.parent_run_id, "result": str(result_path),
+                "driver_pid": os.getpid()}
         spec_path = self.scratch / f"trial-{trial.number}.spec.json"
         spec_path.write_text(json.dumps(spec))
         tuned = " ".join(overrides[len(self.fixed):])
         print(f"\n[sweep] trial {trial.number}: {tuned}", flush=True)
-        code = subprocess.run([sys.executable, "-m", "harness", "trial", str(spec_path)], cwd=REPO_ROOT).returncode
+        trial.set_user_attr(DRIVER_ATTR, process_identity(os.getpid()))
+        proc = subprocess.Popen([sys.executable, "-m", "harness", "trial", str(spec_path)], cwd=REPO_ROOT)
+        try:
+            trial.set_user_attr(TRIAL_PID_ATTR, proc.pid)
+            code = self._wait(proc, trial.number)
+        finally:
+            if proc.poll() is None:  # the driver itself failed while the trial ran: stop the trial too
+                self._stop(proc, trial.number)
         result = json.loads(result_path.read_text()) if result_path.exists() else {}
-        run = existing_run(result["run_id"]) if "run_id" in result else None
+        run_ids = (result["run_id"],) if "run_id" in result else ()
+        if self.signals.received is not None and (code != 0 or "value" not in result):
+            fail_trial(trial.study, trial._trial_id, "KILLED", f"stopped by {self.signals.name()}", tell=False,
+                       run_ids=run_ids)
+            raise KeyboardInterrupt(f"{self.signals.name()}: sweep stopped")
         if code != 0 or "value" not in result:
-            if run is not None:
-                run.fail_if_running()
-                run.set_tags({"optuna.trial.state": "FAIL"})
-            print(f"[sweep] trial {trial.number}: FAIL (process exit code {code})", flush=True)
+            # killed by a signal (returncode -N), even SIGKILL, where the process could close nothing itself
+            fail_trial(trial.study, trial._trial_id, "KILLED" if code < 0 else "FAILED", f"process exit code {code}",
+                       tell=False, run_ids=run_ids)
             raise TrialFailed(f"trial {trial.number}: the trial process exited with code {code} and no result")
+        run = existing_run(result["run_id"])
         trial.set_user_attr("steps_trained", result["steps_trained"])
         state = "PRUNED" if result["pruned"] else "COMPLETE"
         run.set_tags({"optuna.trial.state": state})
@@ -226,3 +352,23 @@ class _TrialLauncher:
         if result["pruned"]:
             raise optuna.TrialPruned(f"pruned at step {result['step']}")
         return result["value"]
+
+    def _wait(self, proc: subprocess.Popen, number: int) -> int:
+        """The trial process's exit code; a signal to the driver meanwhile stops it (`_stop`)."""
+        while True:
+            try:
+                return proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                if self.signals.received is not None:
+                    print(f"[sweep] {self.signals.name()}: stopping trial {number}", flush=True)
+                    return self._stop(proc, number)
+
+    def _stop(self, proc: subprocess.Popen, number: int) -> int:
+        """SIGTERM (the trial ends its run KILLED), then SIGKILL after the grace period."""
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=self.grace_s)
+        except subprocess.TimeoutExpired:
+            print(f"[sweep] trial {number} still running {self.grace_s:.0f}s after SIGTERM: SIGKILL", flush=True)
+            proc.kill()
+            return proc.wait()

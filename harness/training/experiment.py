@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -19,6 +20,22 @@ PEFT_KINDS = ("none", "lora", "dora", "qlora")
 GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def help_field(default: Any, help: str) -> Any:
+    """A field with this default and its help text in the metadata (as TRL's configs), shown by `harness show`
+    and by the error for a bad override."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_factory(factory: Callable[[], Any], help: str) -> Any:
+    """`help_field` for a mutable default (a list, a dict) made fresh by `factory` for every instance."""
+    return field(default_factory=factory, metadata={"help": help})
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """A field's help text ("" when it has none)."""
+    return f.metadata.get("help", "")
+
+
 @dataclass
 class Experiment:
     """Fields every experiment accepts."""
@@ -27,35 +44,53 @@ class Experiment:
     # True for online RL: build_trainer then also gets `backend`, the run's vLLM engine, to generate rollouts
     needs_rollouts: ClassVar[bool] = False
 
-    model: str = "tiny-qwen2"  # "tiny-qwen2", a local model directory, or a Hugging Face hub name
-    train_data: str = "data/preference.jsonl"  # local .jsonl/.json/.parquet, or hub "name[:split]"
-    eval_data: str = "data/eval.jsonl"
-    data_format: str = "auto"  # train_data's record format, detected from its keys; or see harness/formats.py
-    max_steps: int = 60
-    eval_every: int = 20
-    eval_limit: int = 64  # first N eval records; 0 means all
-    seed: int = 0
-    learning_rate: float = 1e-4
-    batch_size: int = 8
-    max_length: int = 128  # prompt + completion tokens seen by the trainer
-    backend: str = "vllm"  # generation for in-loop evaluation: "vllm" (weights synced in memory) or "hf"
-    max_new_tokens: int = 48
-    generation_dtype: str = "auto"  # vLLM engine precision: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
-    evaluators: list[str] = field(default_factory=lambda: ["perplexity", "bleu", "rouge"])
-    select_metric: str = "eval/rouge/rougeL"  # the best checkpoint is kept by this metric
-    select_mode: str = "max"  # "max" or "min"
-    peft: str = "none"  # none (full weights), lora, dora, qlora (GPU + bitsandbytes only)
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # or module names: q_proj,v_proj
-    # How vLLM sees a LoRA adapter: "merge" folds it into the synced weights; "request" serves it as a LoRA request
-    lora_serving: str = "merge"
-    # none, zero2, zero3 (configs in harness/training/deepspeed_configs/) or a DeepSpeed JSON file; needs a launch
-    deepspeed: str = "none"
-    output_dir: str = "outputs"
-    # Set from the command line as <evaluator>_<option>=value for options no field declares (see make_evaluators).
-    evaluator_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: str = help_field(
+        "tiny-qwen2", "the embedded model (tiny-qwen2), a local model directory, or a Hugging Face hub name")
+    train_data: str = help_field(
+        "data/preference.jsonl", "training data: a local .jsonl/.json/.parquet/.txt file or a hub dataset name[:split]")
+    eval_data: str = help_field(
+        "data/eval.jsonl", "held-out records (prompt, reference) for in-loop evaluation; same sources as train_data")
+    data_format: str = help_field(
+        "auto", "train_data's record format: auto (detected from its keys), messages, sharegpt, alpaca, preference, "
+                "kto, prompt_completion or text")
+    max_steps: int = help_field(60, "training steps (optimizer updates)")
+    eval_every: int = help_field(20, "evaluate in the loop every N steps, and at step 0 and after the last step")
+    eval_limit: int = help_field(64, "first N eval records; 0 means all")
+    seed: int = help_field(0, "seed for initialisation, data order and sampled generation")
+    learning_rate: float = help_field(1e-4, "peak learning rate (constant after a short warm-up)")
+    batch_size: int = help_field(8, "training examples per step in each process (per-device batch size)")
+    max_length: int = help_field(128, "prompt + completion tokens seen by the trainer")
+    backend: str = help_field(
+        "vllm", "generation for in-loop evaluation: vllm (weights synced in memory) or hf (generate on the live model)")
+    max_new_tokens: int = help_field(48, "cap on generated tokens per eval prompt (greedy decoding)")
+    generation_dtype: str = help_field(
+        "auto", "vLLM engine precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
+    evaluators: list[str] = help_factory(
+        lambda: ["perplexity", "bleu", "rouge"],
+        "in-loop evaluators, comma-separated: perplexity, bleu, rouge, humaneval, judge, reward_accuracy; "
+        "each evaluator's options as <evaluator>_<option>=value")
+    select_metric: str = help_field(
+        "eval/rouge/rougeL", "the best checkpoint is kept by this eval/<evaluator>/<metric> (also a sweep's objective)")
+    select_mode: str = help_field("max", "max or min: whether a higher or a lower select_metric is better")
+    peft: str = help_field(
+        "none", "none (full weights), lora, dora (weight-decomposed LoRA), qlora (LoRA on a 4-bit base; GPU + "
+                "bitsandbytes only)")
+    lora_rank: int = help_field(16, "the adapter's rank r (with peft=lora/dora/qlora)")
+    lora_alpha: int = help_field(32, "LoRA scaling: the adapter's update is multiplied by lora_alpha / lora_rank")
+    lora_dropout: float = help_field(0.0, "dropout on the adapter's input during training")
+    lora_target_modules: list[str] = help_factory(
+        lambda: ["all-linear"], "modules that get an adapter: all-linear, or names as a comma list (q_proj,v_proj)")
+    lora_serving: str = help_field(
+        "merge", "how vLLM sees a LoRA adapter: merge folds it into the synced weights; request serves it as a LoRA "
+                 "request (needs peft=lora, backend=vllm)")
+    deepspeed: str = help_field(
+        "none", "none, zero2, zero3 (configs in harness/training/deepspeed_configs/) or a DeepSpeed JSON file; needs "
+                "a launch (--launch deepspeed)")
+    output_dir: str = help_field(
+        "outputs", "checkpoints go to OUTPUT_DIR/NAME/RUN_ID/best (a relative path is under the repository root)")
+    evaluator_options: dict[str, dict[str, Any]] = help_factory(
+        dict, "set from the command line as <evaluator>_<option>=value for options no field declares (see "
+              "make_evaluators); internal, not listed among the fields")
 
     def rules(self) -> list[tuple[bool, str, str]]:
         """The experiment's own rules beyond the common ones, as (holds, field or "", why not); checked with all

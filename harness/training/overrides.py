@@ -6,7 +6,7 @@ import dataclasses
 import typing
 
 from harness.core.errors import ConfigError
-from harness.training.experiment import Experiment
+from harness.training.experiment import Experiment, field_help
 from harness.training.settings import check_settings
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -26,20 +26,26 @@ def evaluator_option_types(name: str) -> dict[str, type]:
 
 
 def describe_fields(cls: type[Experiment]) -> str:
+    """Every field with its type, default and help, one a line, then the evaluator options."""
     from evaluators import EVALUATORS
 
-    lines = []
-    for f in dataclasses.fields(cls):
-        if f.name in field_types(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            lines.append(f"  {f.name}: {_type_name(field_types(cls)[f.name])} = {default!r}")
+    types = field_types(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.name in types]
+    decls = [f"{f.name}: {type_name(types[f.name])} = {field_default(f)!r}" for f in fields]
+    width = max(map(len, decls))
+    lines = [f"  {decl:<{width}}  # {field_help(f)}" for decl, f in zip(decls, fields, strict=True)]
     options = [f"{name}_<{'|'.join(evaluator_option_types(name))}>" for name in EVALUATORS
                if evaluator_option_types(name)]
     lines.append("  evaluator options (see README): " + "; ".join(options))
     return "\n".join(lines)
 
 
-def _type_name(tp) -> str:
+def field_default(f: dataclasses.Field):
+    """A field's default value (a fresh one for a default factory)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def type_name(tp) -> str:
     return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
 
 

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
-from transformers import TrainerCallback
 
+from harness.core.errors import ConfigError
 from harness.core.paths import REPO_ROOT
 
 TAG_VALUE_LIMIT = 8000  # MLflow cuts longer tag values
@@ -30,8 +33,129 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
-def _is_default_store(uri: str) -> bool:
-    return uri == f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+class TrackingStoreError(ConfigError):
+    """A tracking store that cannot be used as it is; the message names the database file and what to do."""
+
+
+STORE_LOCK_WAIT_S = 600  # creating or upgrading a store takes seconds; a holder past this is stuck
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:` URI (a relative one from the working directory, as SQLite opens it);
+    None for a server, another database or an in-memory one."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).resolve()
+
+
+@contextlib.contextmanager
+def _store_lock(db: Path) -> Iterator[None]:
+    """An fcntl lock on `<db>.lock`, which the OS drops if its holder dies. Every process of the harness takes it
+    before it first opens a SQLite store, so one creates or upgrades the schema at a time: MLflow runs its schema
+    migration on every fresh store, and two processes doing so at once both fail and can leave it broken."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock = db.with_name(db.name + ".lock")
+    with open(lock, "a") as f:
+        deadline = time.monotonic() + STORE_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingStoreError(
+                        f"{lock}: another process (`fuser {lock}` shows it) has been creating or upgrading the "
+                        f"MLflow store {db} for over {STORE_LOCK_WAIT_S} s; stop it, or wait for it") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _schema_revisions() -> tuple[str, set[str]]:
+    """This MLflow's head schema revision and every revision it knows."""
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    script = ScriptDirectory.from_config(_get_alembic_config(db_url=""))
+    return script.get_current_head(), {r.revision for r in script.walk_revisions()}
+
+
+def check_store_schema(db: Path, uri: str) -> None:
+    """Refuses, naming the file and the way out, a SQLite store whose schema MLflow would otherwise try to migrate
+    from a state it cannot: one an interrupted upgrade left half-done (`_alembic_tmp_*` tables, tables without a
+    schema version) or one at another schema revision than this MLflow's. A missing or empty file is fine."""
+    if not db.exists() or db.stat().st_size == 0:
+        return
+    try:
+        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            versions = ([v for (v,) in con.execute("SELECT version_num FROM alembic_version")]
+                        if "alembic_version" in tables else [])
+            runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise TrackingStoreError(f"MLflow store {db} is not a readable SQLite database ({e}); move it away or point "
+                                 "MLFLOW_TRACKING_URI at another store") from None
+    leftovers = sorted(t for t in tables if t.startswith("_alembic_tmp_"))
+    if not leftovers and not versions and all(t.startswith(("alembic_", "sqlite_")) for t in tables):
+        return  # empty: MLflow creates the tables
+    head, known = _schema_revisions()
+    if versions == [head] and not leftovers:
+        return
+    import mlflow
+
+    upgrade = f"`.venv/bin/mlflow db upgrade {uri}`"
+    fresh = f"It holds {runs} run(s); if none is needed, delete {db} and the next run creates a fresh store."
+    if leftovers:
+        fixes = [f"DROP TABLE {t};" if t.removeprefix("_alembic_tmp_") in tables
+                 else f"ALTER TABLE {t} RENAME TO {t.removeprefix('_alembic_tmp_')};" for t in leftovers]
+        raise TrackingStoreError(
+            f"MLflow store {db} was left half-migrated by an interrupted schema upgrade (leftover table(s) "
+            f"{', '.join(leftovers)}). Back it up (cp {db} {db}.bak), then run sqlite3 {db} \"{' '.join(fixes)}\" "
+            f"and {upgrade}. {fresh}")
+    if not versions:
+        raise TrackingStoreError(
+            f"MLflow store {db} has MLflow tables but no schema version: its creation was interrupted. "
+            f"Back it up (cp {db} {db}.bak) and run {upgrade}. {fresh}")
+    if versions[0] not in known:
+        raise TrackingStoreError(
+            f"MLflow store {db} has schema revision {versions[0]}, which MLflow {mlflow.__version__} does not know "
+            "(a newer MLflow wrote it): use that MLflow, or point MLFLOW_TRACKING_URI at another store.")
+    raise TrackingStoreError(
+        f"MLflow store {db} has schema revision {versions[0]}, behind MLflow {mlflow.__version__}'s {head} (an "
+        f"older MLflow wrote it, or an upgrade was interrupted). Back it up (cp {db} {db}.bak) and run {upgrade}. "
+        f"{fresh}")
+
+
+_opened: set[tuple[str, Path]] = set()  # (URI, file) of the SQLite stores this process has opened under the lock
+_opened_guard = threading.Lock()
+
+
+def _client(uri: str) -> MlflowClient:
+    """A client for `uri`. A SQLite store is checked, and created or upgraded, under its lock the first time this
+    process opens it; MLflow keeps that opened store for the process, so later clients do not touch the schema."""
+    db = sqlite_path(uri)
+    if db is None or (uri, db) in _opened:
+        return MlflowClient(uri)
+    with _opened_guard, _store_lock(db):
+        if (uri, db) not in _opened:
+            check_store_schema(db, uri)
+            try:
+                client = _retrying(MlflowClient, uri)  # a fresh store: creates the tables and runs the migrations
+            except Exception as e:
+                raise TrackingStoreError(f"MLflow store {db} could not be opened or upgraded: {e}") from e
+            _opened.add((uri, db))
+            return client
+    return MlflowClient(uri)
 
 
 def git_state() -> dict[str, str]:
@@ -39,7 +163,8 @@ def git_state() -> dict[str, str]:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    return {"git.commit": commit or "unknown", "git.dirty": str(bool(git("status", "--porcelain"))).lower()}
+    dirty = git("status", "--porcelain", "--", ".", ":(exclude)mlflow.db.lock")  # the store's lock is no change
+    return {"git.commit": commit or "unknown", "git.dirty": str(bool(dirty)).lower()}
 
 
 def package_versions() -> dict[str, str]:
@@ -140,12 +265,20 @@ class Tracker:
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
+    exp = _retrying(client.get_experiment_by_name, name)
     if exp is not None:
         return exp.experiment_id
-    # The embedded store keeps artifacts beside mlflow.db whatever the working directory, so `make ui` finds them.
-    location = (REPO_ROOT / "mlruns" / name).as_uri() if _is_default_store(uri) else None
-    return client.create_experiment(name, artifact_location=location)
+    # A SQLite store keeps artifacts in mlruns/ beside its file whatever the working directory (MLflow's default
+    # is ./mlruns of the process), so `make ui` and a later run from elsewhere find them.
+    db = sqlite_path(uri)
+    location = (db.parent / "mlruns" / name).as_uri() if db is not None else None
+    try:
+        return _retrying(client.create_experiment, name, artifact_location=location)
+    except Exception:
+        exp = _retrying(client.get_experiment_by_name, name)  # another process created it in between
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 @contextlib.contextmanager
@@ -167,7 +300,7 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
     immutable, are not logged again); it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
     Logged data stays."""
     uri = tracking_uri()
-    client = MlflowClient(uri)
+    client = _client(uri)
     exp_id = _experiment_id(client, experiment_name, uri)
     resumed = resume_run_id is not None and _run_exists(client, resume_run_id)
     if resumed:
@@ -204,8 +337,26 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
 
 def existing_run(run_id: str) -> Tracker:
     """A tracker for a run another process opened (a sweep trial), to tag it or close it after that process."""
-    client = MlflowClient(tracking_uri())
+    client = _client(tracking_uri())
     return Tracker(client, client.get_run(run_id).info.experiment_id, run_id)
+
+
+def end_runs(status: str, run_ids=(), experiment: str | None = None, tags: dict[str, str] | None = None
+             ) -> list[str]:
+    """Runs whose process died (a sweep trial's): `run_ids`, plus the runs of `experiment` carrying all `tags`
+    (found even when the process died before it could tell anyone the id). Those still RUNNING end with
+    `status` (KILLED, FAILED); returns the ids of all of them."""
+    client = _client(tracking_uri())
+    ids = list(dict.fromkeys(run_ids))
+    found = client.get_experiment_by_name(experiment) if experiment and tags else None
+    if found is not None:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        ids += [r.info.run_id for r in _retrying(client.search_runs, [found.experiment_id], query, max_results=100)
+                if r.info.run_id not in ids]
+    for run_id in ids:
+        if _retrying(client.get_run, run_id).info.status == "RUNNING":
+            _retrying(client.set_terminated, run_id, status)
+    return ids
 
 
 @dataclass(frozen=True)
@@ -221,7 +372,7 @@ def load_runs(run_ids: list[str], experiment: str | None, keep: Callable[[str], 
               ) -> list[RunRecord]:
     """The given runs, or the newest finished runs of an MLflow experiment that logged a metric `keep` accepts,
     with the full history of those metrics."""
-    client = MlflowClient(tracking_uri())
+    client = _client(tracking_uri())
     if experiment is not None:
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -248,15 +399,27 @@ def load_runs(run_ids: list[str], experiment: str | None, keep: Callable[[str], 
     return records
 
 
-class TrainMetricsLogger(TrainerCallback):
-    """Sends the trainer's own logs (loss, rewards, lr, ...) to MLflow as train/* and prints a progress line."""
+def __getattr__(name: str):
+    """`TrainMetricsLogger`, defined on first use: transformers takes seconds to import, and the processes that only
+    track (compare, a sweep's driver, a store check) never need it."""
+    if name != "TrainMetricsLogger":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from transformers import TrainerCallback
 
-    def __init__(self, tracker: Tracker, print_every: int = 5):
-        self.tracker = tracker
-        self.print_every = print_every
+    class TrainMetricsLogger(TrainerCallback):
+        """Sends the trainer's own logs (loss, rewards, lr, ...) to MLflow as train/* and prints a progress line."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        numeric = {f"train/{k}": v for k, v in (logs or {}).items() if isinstance(v, int | float)}
-        self.tracker.log_metrics(numeric, state.global_step)
-        if state.global_step % self.print_every == 0 and "train/loss" in numeric:
-            print(f"[train] step {state.global_step}/{state.max_steps} loss {numeric['train/loss']:.4f}", flush=True)
+        def __init__(self, tracker: Tracker, print_every: int = 5):
+            self.tracker = tracker
+            self.print_every = print_every
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numeric = {f"train/{k}": v for k, v in (logs or {}).items() if isinstance(v, int | float)}
+            self.tracker.log_metrics(numeric, state.global_step)
+            if state.global_step % self.print_every == 0 and "train/loss" in numeric:
+                print(f"[train] step {state.global_step}/{state.max_steps} loss {numeric['train/loss']:.4f}",
+                      flush=True)
+
+    TrainMetricsLogger.__module__ = __name__
+    globals()[name] = TrainMetricsLogger
+    return TrainMetricsLogger
