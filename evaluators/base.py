@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from harness.core.generation import GenerationBackend
@@ -37,6 +38,27 @@ class Evaluator:
     metrics: ClassVar[tuple[str, ...]]  # the metric names `evaluate` returns, so a config is checked before running
     needs_generation: ClassVar[bool] = True  # True: reads ctx.predictions; False: generates or scores by itself
     needs_model: ClassVar[bool] = False  # True: runs ctx.model itself (impossible under ZeRO-3 sharding)
+    # True: scores each eval reference after its prompt (prompt + reference must fit the model's context)
+    scores_references: ClassVar[bool] = False
+
+    @classmethod
+    def resolved_options(cls, options: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The constructor's keyword options: its defaults, overridden by `options`."""
+        params = inspect.signature(cls.__init__).parameters
+        defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+        return {**defaults, **(options or {})}
+
+    @classmethod
+    def metric_names(cls, options: dict[str, Any] | None = None) -> tuple[str, ...]:
+        """The metrics `evaluate` returns when built with `options` (constructor keywords; the rest default): what a
+        select_metric may name, checked before a run opens without building the evaluator. Default: `metrics`."""
+        return cls.metrics
+
+    @classmethod
+    def option_rules(cls, options: dict[str, Any] | None = None) -> list[tuple[bool, str, str]]:
+        """(holds, option, why not) for option values that make no sense alone or together (HumanEval: every k <=
+        n); harness.training.settings.check_settings checks them with every other rule before any work."""
+        return []
 
     @property
     def artifacts(self) -> dict[str, str]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from evaluators.sandbox import Execution, Limits, Sandbox
-from harness.core.errors import DataError
+from harness.core.errors import ConfigError, DataError
 from harness.core.generation import GenParams, truncate_at_stop
 from harness.core.prompts import render_prompt
 from harness.core.records import Record, read_records, require_text, resolve_local
@@ -128,6 +128,30 @@ class HumanEval(Evaluator):
     metrics = ("pass_at_1", "passed", "failed", "timed_out", "errored")
     needs_generation = False  # it generates from its own problems, n samples each
 
+    @classmethod
+    def metric_names(cls, options: dict | None = None) -> tuple[str, ...]:
+        """pass_at_<k> for every configured k (pass_at_10 with k=1,10), then the four counts."""
+        ks = cls.resolved_options(options)["k"] or [1]
+        return (*(f"pass_at_{k}" for k in ks), "passed", "failed", "timed_out", "errored")
+
+    @classmethod
+    def option_rules(cls, options: dict | None = None) -> list[tuple[bool, str, str]]:
+        o = cls.resolved_options(options)
+        n, ks = o["n"], o["k"] or [1]
+        return [
+            (n >= 1, "n", "must be >= 1 (samples per problem)"),
+            (all(k >= 1 for k in ks), "k", "every k must be >= 1"),
+            (n < 1 or all(k <= n for k in ks), "k",
+             f"pass@k needs at least k samples per problem, so every k must be <= humaneval_n ({n}): raise "
+             f"humaneval_n (e.g. humaneval_n={max(ks)}) or drop the larger k"),
+            (o["limit"] >= 0, "limit", "must be >= 0 (0 means every problem)"),
+            (o["max_new_tokens"] >= 1, "max_new_tokens", "must be >= 1"),
+            (o["temperature"] >= 0, "temperature", "must be >= 0"),
+            (0 < o["top_p"] <= 1, "top_p", "must be in (0, 1]"),
+            (o["timeout_s"] > 0, "timeout_s", "must be > 0 seconds"),
+            (o["prompt_style"] in ("completion", "chat"), "prompt_style", "must be 'completion' or 'chat'"),
+        ]
+
     def __init__(self, problems: str = "humaneval", limit: int = 0, n: int = 1, k: list[int] | None = None,
                  temperature: float = 0.8, top_p: float = 0.95, max_new_tokens: int = 256,
                  prompt_style: str = "completion", timeout_s: float = 3.0, allow_weak_isolation: bool = False,
@@ -136,7 +160,9 @@ class HumanEval(Evaluator):
             raise ValueError(f"humaneval prompt_style must be 'completion' or 'chat', got {prompt_style!r}")
         self.problems = load_problems(problems, limit, seed)
         self.n = n
-        self.ks = [k_ for k_ in (k or [1]) if k_ <= n]
+        self.ks = list(k or [1])
+        if any(k_ > n for k_ in self.ks):  # pass@k of fewer than k samples is undefined; never drop a k silently
+            raise ConfigError(f"humaneval k={self.ks}: every k must be <= n ({n}) samples per problem")
         self.temperature = 0.0 if n == 1 else temperature  # pass@1 from one sample is greedy
         self.top_p = top_p
         self.max_new_tokens = max_new_tokens

@@ -14,7 +14,7 @@ from pathlib import Path
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from evaluators.judge_client import JudgeClient, JudgeRequest
 from harness.core.errors import ConfigError
-from harness.core.paths import cache_dir as harness_cache
+from harness.paths import cache_dir as harness_cache
 
 TEMPLATES = Path(__file__).parent / "judge_templates"
 
@@ -72,6 +72,25 @@ def _template(path: str, default: str, fields: tuple[str, ...]) -> tuple[str, st
 class Judge(Evaluator):
     name = "judge"
     metrics = ("score", "win_rate", "parse_failures", "requests", "failed", "cache_hits")
+
+    @classmethod
+    def metric_names(cls, options: dict | None = None) -> tuple[str, ...]:
+        """win_rate only with pairwise judging (and from the second evaluation on: step 0 is the baseline)."""
+        pairwise = cls.resolved_options(options)["pairwise"]
+        return tuple(m for m in cls.metrics if pairwise or m != "win_rate")
+
+    @classmethod
+    def option_rules(cls, options: dict | None = None) -> list[tuple[bool, str, str]]:
+        o = cls.resolved_options(options)
+        return [
+            (o["max_concurrency"] >= 1, "max_concurrency", "must be >= 1"),
+            (o["retries"] >= 0, "retries", "must be >= 0"),
+            (o["budget"] >= 0, "budget", "must be >= 0 requests"),
+            (o["max_tokens"] >= 1, "max_tokens", "must be >= 1"),
+            (o["reasoning_chars"] >= 0, "reasoning_chars", "must be >= 0"),
+            (o["temperature"] >= 0, "temperature", "must be >= 0"),
+            (o["timeout_s"] > 0, "timeout_s", "must be > 0 seconds"),
+        ]
 
     def __init__(self, base_url: str = "local", model: str = "tiny-qwen2", api_key_env: str = "OPENAI_API_KEY",
                  pointwise_template: str = "", pairwise_template: str = "", pairwise: bool = True,

@@ -23,6 +23,7 @@ class Perplexity(Evaluator):
     name = "perplexity"
     metrics = ("perplexity",)
     needs_generation = False
+    scores_references = True
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         refs = reference_ids(ctx.tokenizer, [s.reference for s in ctx.samples])

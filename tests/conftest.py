@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from harness.core.paths import DATA_DIR
 from harness.core.records import EvalSample
+from harness.paths import DATA_DIR
 
 # A test that asks for one of these, directly or through another fixture, is slow.
 SLOW_FIXTURES = frozenset({"tiny_model_dir", "vllm_backend"})

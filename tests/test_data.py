@@ -9,9 +9,9 @@ import pytest
 from harness.core import records as data
 from harness.core.errors import DataError
 from harness.core.formats import convert
-from harness.core.paths import DATA_DIR
 from harness.embedded.code_data import generate_code_tasks
 from harness.embedded.fact_data import generate
+from harness.paths import DATA_DIR
 
 PAIR = {"prompt": "What is 2 plus 2?", "chosen": "2 plus 2 is 4.", "rejected": "2 plus 2 is 5."}
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from experiments import load_class
 from harness.commands.score import score_file
 from harness.core.errors import ConfigError
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 from harness.training.overrides import apply_overrides
 
 

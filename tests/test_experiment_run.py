@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 EVAL_KEYS = ["eval/perplexity/perplexity", "eval/bleu/bleu", "eval/bleu/bleu4", "eval/rouge/rouge1",
              "eval/rouge/rouge2", "eval/rouge/rougeL"]

@@ -11,7 +11,7 @@ import pytest
 from experiments import discover
 from harness.commands.cli import main
 from harness.core.files import atomic_writer, write_json_atomic
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 from harness.training.experiment import Experiment, field_help
 
 INTERNAL = {"evaluator_options"}  # set from the command line; has help but is not listed as a field

@@ -8,8 +8,8 @@ import pytest
 
 from harness.core.errors import DataError
 from harness.core.formats import check, convert
-from harness.core.paths import REPO_ROOT
 from harness.core.records import read_records
+from harness.paths import REPO_ROOT
 
 Q, A = "What is 2 plus 2?", "2 plus 2 is 4."
 CHAT = [{"role": "user", "content": Q}, {"role": "assistant", "content": A}]

@@ -127,7 +127,7 @@ def test_lora_request_serving_matches_merged_weights(vllm_backend, tiny_model_di
 
     from peft import LoraConfig, get_peft_model
 
-    from harness.core.paths import REPO_ROOT
+    from harness.paths import REPO_ROOT
 
     script = LORA_REQUEST_SCRIPT.format(model_dir=tiny_model_dir, prompt_ids=prompt_ids[:16])
     # its own process: an engine built with LoRA support beside the session's engine

@@ -12,7 +12,7 @@ import pytest
 from evaluators.humaneval import extract_completion, load_problems, pass_at_k, score_completions
 from evaluators.sandbox import Sandbox
 from harness.core.errors import DataError
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 
 @pytest.fixture(scope="module")

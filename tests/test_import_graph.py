@@ -7,14 +7,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 PACKAGES = ("harness", "evaluators", "experiments")
 # Lower number = lower layer. An import may only point to a lower layer or within its own package.
 LAYERS = {
-    # the base layer: where files live, then the embedded builders (which read the shipped data), then the rest of
-    # core (records, formats, prompts, model loading, which resolves embedded model names, the generation contract)
-    "harness.core.paths": 0, "harness.embedded": 1, "harness.core": 2,
+    # the base layer: where files live, then the embedded builders (which read the shipped data), then core
+    # (records, formats, prompts, model loading, which resolves embedded model names, the generation contract)
+    "harness.paths": 0, "harness.embedded": 1, "harness.core": 2,
     "evaluators": 3, "harness.engines": 3,
     "harness.training": 4, "harness.rl": 4,
     "experiments": 5,
@@ -22,7 +22,7 @@ LAYERS = {
     "harness.commands": 7,
     "harness": 8,  # harness/__main__.py
 }
-BASE = ("harness.core", "harness.embedded")
+BASE = ("harness.paths", "harness.core", "harness.embedded")
 
 
 def module_files() -> dict[str, Path]:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from evaluators.judge import Judge, parse_score, parse_verdict
 from evaluators.judge_client import JudgeClient, JudgeRequest, ResponseCache
 from harness.core.errors import ConfigError
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 PROMPTS = ["What is 2 plus 2?", "法国的首都是哪里？", "Reverse the word \"cat\".", "What is 3 times 3?"]
 REFS = ["2 plus 2 is 4.", "法国的首都是巴黎。", "The word \"cat\" reversed is \"tac\".", "3 times 3 is 9."]

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 
 def _fast_expression() -> str:

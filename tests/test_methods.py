@@ -66,7 +66,7 @@ def test_grpo_rolls_out_from_the_in_loop_engine_and_logs_rewards(tmp_path, tiny_
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from harness.core.paths import REPO_ROOT
+    from harness.paths import REPO_ROOT
 
     # a reward model as the third reward: the embedded trunk with a fresh scalar head (what rm_qwen starts from)
     reward_model = tmp_path / "rm"

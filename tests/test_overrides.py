@@ -7,7 +7,7 @@ import pytest
 
 from experiments.simpo_qwen import SimpoQwen
 from harness.core.errors import ConfigError
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 from harness.training.overrides import apply_overrides
 
 

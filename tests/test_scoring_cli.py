@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 
 def _score(*args) -> dict:

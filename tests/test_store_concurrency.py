@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # each test creates a real MLflow store (seconds); one runs two processes
 

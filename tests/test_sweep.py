@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from experiments import load_class
 from harness.core.errors import ConfigError
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 from harness.sweeps.study import (
     TRIAL_PID_ATTR,
     SweepConfig,

@@ -35,11 +35,11 @@ from evaluators.judge import Judge
 from evaluators.judge_server import LocalJudgeServer
 from harness.core.generation import GenParams
 from harness.core.models import load_tokenizer
-from harness.core.paths import DATA_DIR, REPO_ROOT
 from harness.core.prompts import render_prompt
 from harness.embedded.tiny_qwen2 import ensure_tiny_model
 from harness.engines.hf_engine import HFBackend
 from harness.engines.vllm_engine import VLLMBackend, resolve_dtype
+from harness.paths import DATA_DIR, REPO_ROOT
 
 
 def bench_model(tokenizer_dir: Path, out_dir: Path) -> Qwen2ForCausalLM:

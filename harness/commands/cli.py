@@ -16,10 +16,10 @@ from harness.core import ranks
 from harness.core.errors import ConfigError, DataError
 from harness.core.files import atomic_writer
 from harness.core.formats import check, convert
-from harness.core.paths import DATA_DIR
 from harness.core.records import read_records
 from harness.embedded.code_data import generate_code_tasks
 from harness.embedded.fact_data import generate
+from harness.paths import DATA_DIR
 
 
 def _run(args: argparse.Namespace) -> int:

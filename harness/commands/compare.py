@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from harness.core.errors import ConfigError
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 from harness.training.inloop import is_quality_metric
 from harness.training.tracking import RunRecord, existing_run, load_runs
 

