@@ -110,4 +110,4 @@ clean-cache:
 	rm -rf .cache
 
 clean:
-	rm -rf $(VENV) .cache outputs mlruns mlflow.db optuna.db
+	rm -rf $(VENV) .cache outputs mlruns mlflow.db mlflow.db.lock optuna.db

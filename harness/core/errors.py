@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """A data file or record that cannot be used: the message names the file, line and field."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A training loss, grad norm or eval score turned NaN or infinite (stop_on_nonfinite): names the step."""

@@ -5,28 +5,65 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
-import tempfile
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from harness.core.errors import ConfigError
+
+
+def check_output_file(path: Path, inputs: Iterable[Path | str | None] = ()) -> None:
+    """Refuse, naming the paths, an output `path` that is a directory or the same file as one of `inputs`
+    (also through a symlink or another relative spelling): writing it would fail, or destroy the input."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory: give the path of a file to write")
+    for source in inputs:
+        if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise ConfigError(f"{path} is the same file as the input {source}: refusing to overwrite an input; "
+                              "write to another path")
+
+
+def _new_temp(directory: Path) -> tuple[int, Path]:
+    """A new empty file in `directory`, created with mode 0666 less the umask, as open() would create it
+    (tempfile.mkstemp's 0600 would survive the rename)."""
+    while True:
+        tmp = directory / f".tmp-{secrets.token_hex(6)}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
 
 @contextmanager
-def atomic_writer(path: Path) -> Iterator[TextIO]:
+def atomic_writer(path: Path, inputs: Iterable[Path | str | None] = ()) -> Iterator[TextIO]:
     """A text file to write `path` through: it goes to a temporary name in the same directory and is renamed to
     `path` when the block ends, so a reader sees the old file or the new one. If the block raises, the temporary
-    file is removed and `path` is left as it was (all or nothing)."""
+    file is removed and `path` is left as it was (all or nothing).
+
+    `path` must not be a directory nor one of `inputs` (see check_output_file). The file gets the mode a plain
+    open() would give it (0666 less the umask), or the mode of the file it replaces."""
     path = Path(path)
+    inputs = list(inputs)
+    check_output_file(path, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    fd, tmp = _new_temp(path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if path.exists():
+                os.fchmod(f.fileno(), stat.S_IMODE(path.stat().st_mode))
             yield f
-        os.replace(tmp, path)
+        check_output_file(path, inputs)  # again: the block may have run long
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError:
+            raise ConfigError(f"{path} is a directory: give the path of a file to write") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

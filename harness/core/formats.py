@@ -15,6 +15,7 @@ Every error names the record's file and line (or record index) and the field.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from harness.core.errors import DataError
@@ -133,9 +134,62 @@ def assistant_turn_rows(messages: list[dict]) -> list[dict]:
             if m["role"] == "assistant" and i > 0]
 
 
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def _hh_turns(value) -> list[dict] | None:
+    """An Anthropic HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as messages; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    text = value.lstrip()
+    if not text.startswith("Human:") or "\n\nAssistant:" not in text:
+        return None
+    parts = _HH_TURN.split(text)  # "", who, said, who, said, ...
+    return [{"role": _HH_ROLES[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2],
+                                                                                  strict=True)]
+
+
+def _whole_conversations(record: Record) -> dict | None:
+    """A pair whose `chosen` and `rejected` are whole conversations (UltraFeedback-binarized, HH-RLHF: the user
+    turns repeated inside each answer, with or without a separate `prompt`) split into the shared prompt, every
+    turn up to the last user turn, and each side's assistant continuation; None for an ordinary pair."""
+    chosen, rejected = record.fields.get("chosen"), record.fields.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        chosen, rejected = _messages(record, "chosen", chosen), _messages(record, "rejected", rejected)
+        if chosen[0]["role"] == "assistant" and rejected[0]["role"] == "assistant":
+            return None  # answers only: the prompt is the `prompt` field
+    else:
+        chosen, rejected = _hh_turns(chosen), _hh_turns(rejected)
+        if chosen is None or rejected is None:
+            return None
+    cut = [max((i + 1 for i, m in enumerate(turns) if m["role"] == "user"), default=0) for turns in (chosen, rejected)]
+    if cut[0] == 0 or cut[0] != cut[1] or chosen[:cut[0]] != rejected[:cut[1]]:
+        raise DataError(f"{record.source}: fields 'chosen' and 'rejected' are whole conversations that differ before "
+                        "the answer: both must hold the same turns up to and including the last user turn")
+    shared, n = chosen[:cut[0]], cut[0]
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if len(turns) == n or any(m["role"] != "assistant" for m in turns[n:]):
+            raise DataError(f"{record.source}: field '{key}' must continue its last user turn with assistant turns "
+                            "only (the answer)")
+    if record.fields.get("prompt") is not None:
+        given = _hh_turns(record.fields["prompt"]) or _text_or_messages(record, "prompt", "user")
+        given = given[:-1] if given[-1] == {"role": "assistant", "content": ""} else given  # HH's "Assistant:" cue
+        unsystem = [m for m in shared if m["role"] != "system"]
+        if given not in (shared[:len(given)], unsystem[:len(given)]):
+            raise DataError(f"{record.source}: field 'prompt' is not how 'chosen' and 'rejected' begin (they are "
+                            "whole conversations, so each must start with the prompt)")
+    return {"prompt": shared, "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
 def preference(record: Record, fmt: str) -> dict:
-    """{"prompt": messages, "chosen": [assistant], "rejected": [assistant]}, TRL's conversational format."""
+    """{"prompt": messages, "chosen": [assistant], "rejected": [assistant]}, TRL's conversational format; when
+    `chosen` and `rejected` are whole conversations, the prompt is the turns they share (see _whole_conversations),
+    so that it appears once."""
     if fmt == "preference":
+        pair = _whole_conversations(record)
+        if pair is not None:
+            return pair
         return {"prompt": _text_or_messages(record, "prompt", "user"),
                 "chosen": _text_or_messages(record, "chosen", "assistant"),
                 "rejected": _text_or_messages(record, "rejected", "assistant")}

@@ -6,6 +6,8 @@ before any training starts.
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import hashlib
 import json
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Any
 from harness.core.errors import DataError
 from harness.paths import REPO_ROOT
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
 
 
 @dataclass(frozen=True)
@@ -56,14 +58,21 @@ def resolve_local(spec: str) -> Path | None:
 
 
 def read_records(spec: str) -> list[Record]:
-    """Records of a local JSONL/JSON/Parquet file, a .txt file (one {"text"} record per line), or a hub
-    dataset given as `name` or `name:split`."""
+    """Records of a local JSONL (also .jsonl.gz)/JSON/Parquet file, a .txt file (one {"text"} record per line),
+    or a hub dataset given as `name` or `name:split`; none at all is an error naming `spec`."""
+    records = _read_records(spec)
+    if not records:
+        raise DataError(f"{spec}: no records")
+    return records
+
+
+def _read_records(spec: str) -> list[Record]:
     path = resolve_local(spec)
     if path is None:
         if spec.endswith(LOCAL_SUFFIXES):
             raise DataError(f"{spec}: no such file (looked in {Path.cwd()} and {REPO_ROOT})")
         return _read_hub(spec)
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
         return _read_jsonl(path)
     if path.suffix == ".json":
         return _read_json(path)
@@ -76,9 +85,29 @@ def read_records(spec: str) -> list[Record]:
     raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
 
 
+def read_text_file(path: Path) -> str:
+    """The text of a UTF-8 data file (gzip-compressed when it ends in .gz), with a leading UTF-8 byte order mark
+    (files saved on Windows) dropped. Bytes that are not UTF-8 (another encoding, or a file cut through a
+    multi-byte character) are a DataError naming the file, line and byte offset."""
+    raw = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a cut file ends early (EOFError)
+            raise DataError(f"{path}: not a readable gzip file ({e})") from None
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text ({e.reason}: byte 0x{raw[offset]:02x} at byte offset "
+                        f"{offset}); save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -93,13 +122,13 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_text(path: Path) -> list[Record]:
     """One document per non-empty line (multi-line documents belong in JSONL as {"text": ...})."""
-    lines = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+    lines = enumerate(read_text_file(path).splitlines(), start=1)
     return [Record(f"{path} line {n}", {"text": line}) for n, line in lines if line.strip()]
 
 
 def _read_json(path: Path) -> list[Record]:
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = json.loads(read_text_file(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):

@@ -22,46 +22,69 @@ from transformers import TrainerCallback
 from experiments import load_class
 from harness.core.files import write_json_atomic
 from harness.sweeps.study import fail_trial, make_pruner, make_storage
-from harness.training.inloop import EvalReport
+from harness.training.inloop import EvalReport, selection_value
 from harness.training.overrides import apply_overrides
 from harness.training.runner import RunHooks, run_experiment
 from harness.training.tracking import Tracker
 
 
-class TrialMonitor(TrainerCallback):
-    """Reports the objective of every eval report to the trial and stops training once the trial is pruned."""
+class StopSignal:
+    """SIGTERM and SIGINT in a trial process: the first raises KeyboardInterrupt (the run ends KILLED), later ones
+    are only recorded, so a second signal (Ctrl-C reaches both the driver and this process, then the driver
+    forwards SIGTERM) cannot cut the process short before it has ended its run. A KeyboardInterrupt raised where
+    Python drops it (the signal landed in a finalizer or a weakref callback) is raised again by `check`, which
+    the trial calls when its run opens and at every training step and eval report."""
 
-    def __init__(self, trial: optuna.Trial, metric: str):
+    def __init__(self):
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        """Also inside the MLflow run, over its own SIGTERM handler (which raises but does not record)."""
+        for s in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(s) is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C
+                signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise KeyboardInterrupt(f"signal {signum}")
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+
+class TrialMonitor(TrainerCallback):
+    """Reports the objective of every eval report to the trial and stops training once the trial is pruned, or
+    at once when the process got a stop signal."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, stop: StopSignal):
         self.trial = trial
         self.metric = metric
+        self.stop = stop
         self.pruned_at: int | None = None
 
     def __call__(self, report: EvalReport, _model) -> None:
-        self.trial.report(report.metrics[self.metric], report.step)
+        self.stop.check()
+        value = selection_value(report, self.metric)
+        if value is None:  # the evaluation did not produce it (BestCheckpoint warns): nothing to report or prune on
+            return
+        self.trial.report(value, report.step)
         if self.pruned_at is None and self.trial.should_prune():
             self.pruned_at = report.step
             print(f"[sweep] trial {self.trial.number} pruned at step {report.step}: "
-                  f"{self.metric}={report.metrics[self.metric]:.4f}", flush=True)
+                  f"{self.metric}={value:.4f}", flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stop.check()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.stop.check()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.stop.check()
         if self.pruned_at is not None:
             control.should_training_stop = True
-
-
-def _stop_on_first_signal() -> None:
-    """SIGTERM and SIGINT raise KeyboardInterrupt once (inside the MLflow run its own SIGTERM handler does the same)
-    and are ignored after that: a second signal (Ctrl-C reaches both the driver and this process, then the driver
-    forwards SIGTERM) must not cut the process short before it has ended its run KILLED."""
-    fired = []
-
-    def handler(signum, frame):
-        if not fired:
-            fired.append(signum)
-            raise KeyboardInterrupt(f"signal {signum}")
-
-    for s in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(s) is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C
-            signal.signal(s, handler)
 
 
 def _driver_alive(driver_pid: int) -> bool:
@@ -72,7 +95,8 @@ def _driver_alive(driver_pid: int) -> bool:
 
 
 def run_trial(spec_path: str) -> int:
-    _stop_on_first_signal()
+    stop = StopSignal()
+    stop.install()
     spec = json.loads(Path(spec_path).read_text())
     if not _driver_alive(spec["driver_pid"]):
         print(f"[sweep] trial {spec['trial_number']}: its driver died before the trial started", flush=True)
@@ -82,12 +106,14 @@ def run_trial(spec_path: str) -> int:
     pruner = make_pruner(**spec["pruner"])
     study = optuna.load_study(study_name=spec["study"], storage=make_storage(spec["storage"]), pruner=pruner)
     trial = optuna.trial.Trial(study, spec["trial_id"])
-    monitor = TrialMonitor(trial, exp.select_metric)
+    monitor = TrialMonitor(trial, exp.select_metric, stop)
 
     def on_open(tracker: Tracker) -> None:
+        stop.install()
         # Recorded at once, so that whoever finds this trial dead can close its run.
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
         write_json_atomic(result_path, {"run_id": tracker.run_id})
+        stop.check()  # a signal whose KeyboardInterrupt was lost before the run opened
 
     hooks = RunHooks(run_name=f"trial-{spec['trial_number']}", monitors=[monitor], on_open=on_open,
                      tags={"mlflow.parentRunId": spec["parent_run_id"], "optuna.study": spec["study"],
@@ -98,8 +124,13 @@ def run_trial(spec_path: str) -> int:
         if os.getppid() != spec["driver_pid"]:  # the kernel's SIGTERM: the driver is gone and cannot fail the trial
             fail_trial(study, spec["trial_id"], "KILLED", "its driver died")
         raise
-    last = summary.reports[-1]
-    write_json_atomic(result_path, {"run_id": summary.run_id, "value": last.metrics[exp.select_metric],
-                                    "step": last.step, "steps_trained": summary.steps_trained,
-                                    "pruned": monitor.pruned_at is not None})
+    # the objective: the last evaluation that produced it; with none, no value and the driver fails the trial
+    measured = [(r, v) for r in summary.reports if (v := selection_value(r, exp.select_metric)) is not None]
+    result = {"run_id": summary.run_id, "steps_trained": summary.steps_trained,
+              "pruned": monitor.pruned_at is not None}
+    if measured:
+        result.update(value=measured[-1][1], step=measured[-1][0].step)
+    else:
+        print(f"[sweep] trial {spec['trial_number']}: no evaluation produced {exp.select_metric}", flush=True)
+    write_json_atomic(result_path, result)
     return 0

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from harness.training.inloop import EvalReport
+from harness.training.inloop import EvalReport, selection_value
 
 
 class BestCheckpoint:
@@ -18,6 +18,16 @@ class BestCheckpoint:
         self.tracker = tracker
         self.step: int | None = None
         self.value: float | None = None
+        self.skipped: list[int] = []  # steps whose evaluation did not produce the metric
+
+    def _skip(self, report: EvalReport) -> None:
+        """An evaluation without the metric (a dependency such as the judge failed) takes no part in selection: warn,
+        count it (best/skipped_evals, cumulative) and let training go on."""
+        self.skipped.append(report.step)
+        print(f"[warn] step {report.step}: {self.metric} was not produced by this evaluation (an evaluator's "
+              f"dependency failed?); skipped for best-checkpoint selection ({len(self.skipped)} so far)", flush=True)
+        if self.tracker is not None:
+            self.tracker.log_metrics({"best/skipped_evals": len(self.skipped)}, report.step)
 
     def _better(self, value: float) -> bool:
         if self.value is None:
@@ -25,7 +35,10 @@ class BestCheckpoint:
         return value > self.value if self.mode == "max" else value < self.value
 
     def __call__(self, report: EvalReport, model) -> None:
-        value = report.metrics[self.metric]
+        value = selection_value(report, self.metric)
+        if value is None:
+            self._skip(report)
+            return
         if not self._better(value):
             return
         staging = self.directory.with_name(self.directory.name + ".partial")

@@ -30,6 +30,14 @@ def is_quality_metric(key: str) -> bool:
     return key.startswith("eval/") and not key.startswith(("eval/time/", "eval/generation/"))
 
 
+def selection_value(report: EvalReport, metric: str) -> float | None:
+    """`metric` in `report` for choosing a checkpoint or reporting to a sweep; None when that evaluation did not
+    produce it (a judge that was down, win_rate at the step-0 baseline) or it is NaN. Every consumer of
+    select_metric reads it through here, and skips the evaluation on None instead of failing the run."""
+    value = report.metrics.get(metric)
+    return None if value is None or math.isnan(value) else value
+
+
 class Evaluation:
     """Runs the evaluators on one fixed eval set with one generation backend."""
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+from collections.abc import Callable
 
 from evaluators import EVALUATORS
 from harness.core.errors import ConfigError
 from harness.training.distributed import LAUNCHERS, deepspeed_config, zero_stage
-from harness.training.experiment import BACKENDS, GENERATION_DTYPES, PEFT_KINDS, Experiment
+from harness.training.experiment import BACKENDS, EVAL_TRUNCATIONS, GENERATION_DTYPES, PEFT_KINDS, Experiment
 
 
 def check_settings(exp: Experiment, launch: str | None = None, sweep: bool = False) -> Experiment:
@@ -24,9 +26,9 @@ def check_settings(exp: Experiment, launch: str | None = None, sweep: bool = Fal
     if launch == "deepspeed" and exp.deepspeed == "none":
         exp = dataclasses.replace(exp, deepspeed="zero2")
     name = exp.name()
-    for ok, field, why in _field_rules(exp) + exp.rules():
+    for ok, field, why in _finite_rules(exp) + _range_rules(exp) + _field_rules(exp) + exp.rules():
         if not ok:
-            where = f"field '{field}' = {getattr(exp, field)!r} " if field else ""
+            where = f"field '{field}' = {_value(exp, field)!r} " if field else ""
             raise ConfigError(f"{name}: {where}{why}")
     try:
         deepspeed = deepspeed_config(exp.deepspeed)
@@ -39,9 +41,67 @@ def check_settings(exp: Experiment, launch: str | None = None, sweep: bool = Fal
     return exp
 
 
+def _value(exp: Experiment, field: str):
+    """A field's value, or an evaluator option's (`humaneval_k`) as the evaluator would be built with it."""
+    if hasattr(exp, field):
+        return getattr(exp, field)
+    for name in dict.fromkeys([*exp.evaluators, *exp.evaluator_options]):
+        option = field.removeprefix(f"{name}_")
+        if name in EVALUATORS and option != field:
+            return EVALUATORS[name].resolved_options(exp.evaluator_kwargs(name)).get(option)
+    return None
+
+
+def _finite_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
+    """No float anywhere in the config (a field, an item of a list field, an evaluator option) may be NaN or
+    infinite: `learning_rate=1e999` parses (as inf) but trains every weight into NaN."""
+    values = [(f.name, getattr(exp, f.name)) for f in dataclasses.fields(exp) if f.name != "evaluator_options"]
+    values += [(f"{e}_{k}", v) for e, opts in exp.evaluator_options.items() for k, v in opts.items()]
+    floats = [(name, v) for name, value in values for v in (value if isinstance(value, list) else [value])
+              if isinstance(v, float)]
+    bad = list(dict.fromkeys(name for name, v in floats if not math.isfinite(v)))
+    return [(False, name, "must be a finite number (not NaN or infinite)") for name in bad]
+
+
+# Ranges of method fields, checked in every experiment that declares the field.
+_METHOD_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "beta": (lambda v: v >= 0, "must be >= 0"),
+    "cpo_alpha": (lambda v: v >= 0, "must be >= 0"),
+    "desirable_weight": (lambda v: v > 0, "must be > 0"),
+    "undesirable_weight": (lambda v: v > 0, "must be > 0"),
+    "kd_alpha": (lambda v: 0 <= v <= 1, "must be in [0, 1] (the KL's share of the loss)"),
+    "kd_temperature": (lambda v: v > 0, "must be > 0"),
+    "temperature": (lambda v: v > 0, "must be > 0 (rollouts are sampled)"),
+    "reward_weights": (lambda v: all(w >= 0 for w in v), "every weight must be >= 0"),
+}
+
+
+def _range_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
+    """Values that parse but make no sense: the base fields' ranges, the method fields' (_METHOD_RANGES), and the
+    chosen evaluators' option rules (HumanEval: every k <= n), each named by its `<evaluator>_<option>` key."""
+    rules = [
+        (0 <= exp.seed < 2**32, "seed", "must be in [0, 2**32) (numpy and torch take seeds in that range)"),
+        (exp.max_length >= 1, "max_length", "must be >= 1"),
+        (exp.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+        (exp.eval_truncation in EVAL_TRUNCATIONS, "eval_truncation", f"must be one of {', '.join(EVAL_TRUNCATIONS)}"),
+        (exp.lora_rank >= 1, "lora_rank", "must be >= 1"),
+        (exp.lora_alpha > 0, "lora_alpha", "must be > 0"),
+        (0 <= exp.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
+        (bool(exp.lora_target_modules), "lora_target_modules", "must name at least one module (or all-linear)"),
+    ]
+    rules += [(check(getattr(exp, field)), field, why) for field, (check, why) in _METHOD_RANGES.items()
+              if hasattr(exp, field)]
+    for name in exp.evaluators:
+        if name in EVALUATORS:
+            rules += [(ok, f"{name}_{option}", why)
+                      for ok, option, why in EVALUATORS[name].option_rules(exp.evaluator_kwargs(name))]
+    return rules
+
+
 def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
     unknown = [e for e in exp.evaluators if e not in EVALUATORS]
-    selectable = [f"eval/{e}/{m}" for e in exp.evaluators if e in EVALUATORS for m in EVALUATORS[e].metrics]
+    selectable = [f"eval/{e}/{m}" for e in exp.evaluators if e in EVALUATORS
+                  for m in EVALUATORS[e].metric_names(exp.evaluator_kwargs(e))]
     rules = [
         (exp.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
         (exp.select_mode in ("max", "min"), "select_mode", "must be 'max' or 'min'"),

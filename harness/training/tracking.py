@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import signal
 import sqlite3
@@ -163,7 +162,7 @@ def git_state() -> dict[str, str]:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--", ".", ":(exclude)mlflow.db.lock")  # the store's lock is no change
+    dirty = git("status", "--porcelain")
     return {"git.commit": commit or "unknown", "git.dirty": str(bool(dirty)).lower()}
 
 
@@ -223,7 +222,8 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if not math.isnan(float(v))]
+        # NaN and inf are logged as they are (MLflow stores both): a diverged loss must show, not vanish
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(batch), 500):  # MLflow's batch limit
             _retrying(self.client.log_batch, self.run_id, metrics=batch[i : i + 500])
 
