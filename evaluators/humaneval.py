@@ -26,9 +26,9 @@ import numpy as np
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from evaluators.sandbox import Execution, Limits, Sandbox
 from harness.core.errors import ConfigError, DataError
+from harness.core.files import atomic_writer
 from harness.core.generation import GenParams, truncate_at_stop
 from harness.core.prompts import render_prompt
-from harness.core.files import atomic_writer
 from harness.core.records import read_records, require_text, resolve_local
 
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")

@@ -1,13 +1,15 @@
 """Loading records from local files, and errors that name the file, line and field."""
 
 import json
+import os
+import stat
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from harness.core import records as data
-from harness.core.errors import DataError
+from harness.core.errors import ConfigError, DataError
 from harness.core.formats import convert
 from harness.embedded.code_data import generate_code_tasks
 from harness.embedded.fact_data import generate
@@ -82,3 +84,85 @@ def test_eval_prompts_never_appear_in_training_data():
     assert not eval_prompts & pref and not eval_prompts & sft and not eval_prompts & rl
     zh = [line for line in (DATA_DIR / "eval.jsonl").read_text().splitlines() if '"lang": "zh"' in line]
     assert len(zh) > 64  # Chinese ROUGE/BLEU measure real Chinese text
+
+
+EVAL_ROW = '{"prompt": "Was ist 2+2?", "reference": "Vier, schön."}\n'
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".txt"])
+def test_case4_bad_bytes_name_file_line_and_offset_and_a_bom_is_accepted(tmp_path, suffix):
+    good = {".jsonl": EVAL_ROW * 2, ".json": "[\n" + EVAL_ROW + ",\n" + EVAL_ROW + "]", ".txt": "Größe\n" * 2}[suffix]
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + good.encode())  # saved on Windows: a UTF-8 byte order mark first
+    assert len(data.read_records(str(path))) == 2
+    first, second = good.encode().split(b"\n", 1)
+    for raw, offset, what in [
+        (first + b"\n" + second.replace("ö".encode(), b"\xf6"), len(first) + 1 + second.index("ö".encode()),
+         "invalid start byte: byte 0xf6"),  # Latin-1, not UTF-8
+        (first + b"\n" + second[:second.index("ö".encode()) + 1], len(first) + 1 + second.index("ö".encode()),
+         "unexpected end of data: byte 0xc3"),  # `head -c` through a multi-byte character
+    ]:
+        path.write_bytes(raw)
+        with pytest.raises(DataError) as err:
+            data.read_records(str(path))
+        assert str(err.value) == (f"{path} line 2: not UTF-8 text ({what} at byte offset {offset}); "
+                                  "save the file as UTF-8")
+
+
+def test_case10_empty_eval_file_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"^data/x\.jsonl: no records$"):
+        data.eval_samples(data.read_records("data/x.jsonl"))
+
+
+def test_case3_atomic_writes_get_ordinary_file_modes(tmp_path):
+    from harness.core.files import atomic_writer, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "cache.json", {"a": 1})
+        assert stat.S_IMODE((tmp_path / "cache.json").stat().st_mode) == 0o644  # as open() would create it
+        (tmp_path / "cache.json").chmod(0o640)
+        with atomic_writer(tmp_path / "cache.json") as f:
+            f.write("{}")
+        assert stat.S_IMODE((tmp_path / "cache.json").stat().st_mode) == 0o640  # the replaced file's mode
+        os.umask(0o077)
+        write_json_atomic(tmp_path / "private.json", {})
+        assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(ConfigError, match="is the same file as the input"):
+        with atomic_writer(tmp_path / "cache.json", inputs=[tmp_path / "sub" / ".." / "cache.json"]):
+            pass
+
+
+def test_case10_output_directory_is_refused_and_no_temp_file_is_left(tmp_path, capsys):
+    from harness.commands.cli import main
+    from harness.core.files import atomic_writer, write_json_atomic
+
+    (tmp_path / "out.jsonl").mkdir()
+    with pytest.raises(ConfigError, match=f"^{tmp_path / 'out.jsonl'} is a directory"):
+        write_json_atomic(tmp_path / "out.jsonl", {})
+    with pytest.raises(ConfigError, match="is a directory"):  # a directory appears while the file is written
+        with atomic_writer(tmp_path / "late.jsonl") as f:
+            f.write("x")
+            (tmp_path / "late.jsonl").mkdir()
+            (tmp_path / "late.jsonl" / "keep").write_text("")
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(json.dumps(PAIR) + "\n")
+    assert main(["data", "convert", str(src), f"{tmp_path / 'out.jsonl'}/", "--to", "kto"]) == 2
+    assert f"{tmp_path / 'out.jsonl'} is a directory" in capsys.readouterr().err
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_jsonl_strings_may_hold_line_separators_written_raw(tmp_path):
+    """json.dumps(ensure_ascii=False), as `data convert` writes, keeps U+2028 and form feeds raw inside strings."""
+    path = tmp_path / "raw.jsonl"
+    rows = [{"prompt": "a\u2028b", "reference": "c\x0cd"}, {"prompt": "e", "reference": "f"}]
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    records = data.read_records(str(path))
+    assert [r.fields for r in records] == rows
+    assert records[1].source == f"{path} line 2"

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,72 @@ def test_data_check_and_convert_commands(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and f"{bad} line 2: field 'output' is missing" in out.stderr
     assert not (tmp_path / "never.jsonl").exists()  # nothing half-written
+
+
+def test_case3_convert_refuses_to_overwrite_its_input(tmp_path, monkeypatch, capsys):
+    from harness.commands.cli import main
+
+    src = _file(tmp_path, [RECORDS["alpaca"]], "alpaca.jsonl")
+    before = (tmp_path / "alpaca.jsonl").read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "alpaca.jsonl")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    for out in (src, str(tmp_path / "link.jsonl"), "../alpaca.jsonl"):  # itself, a symlink, another relative path
+        assert main(["data", "convert", src, out, "--to", "messages"]) == 2
+        err = capsys.readouterr().err
+        assert f"{Path(out)} is the same file as the input {src}" in err and "refusing to overwrite" in err
+        assert (tmp_path / "alpaca.jsonl").read_bytes() == before
+    assert main(["data", "convert", "../alpaca.jsonl", str(tmp_path / "chat.jsonl"), "--to", "messages"]) == 0
+
+
+# UltraFeedback-binarized's layout: the prompt, and each answer as the whole conversation that repeats it
+ULTRAFEEDBACK = {"prompt": Q, "prompt_id": "abc", "score_chosen": 8.0, "score_rejected": 3.0,
+                 "chosen": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}],
+                 "rejected": [{"role": "user", "content": Q}, {"role": "assistant", "content": "5."}],
+                 "messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": A}]}
+EXTRACTED = {"prompt": [{"role": "user", "content": Q}], "chosen": [{"role": "assistant", "content": A}],
+             "rejected": [{"role": "assistant", "content": "5."}]}
+
+
+def test_case8_conversation_pairs_keep_the_prompt_once(tmp_path, capsys):
+    from experiments import load_class
+    from harness.commands.cli import main
+
+    no_prompt = {k: ULTRAFEEDBACK[k] for k in ("chosen", "rejected")}
+    src = _file(tmp_path, [ULTRAFEEDBACK, no_prompt])
+    assert convert(read_records(src), "auto", "preference") == [EXTRACTED, EXTRACTED]
+    assert load_class("dpo_qwen")().train_rows(read_records(src)) == [EXTRACTED, EXTRACTED]  # what DPO trains on
+    out = tmp_path / "pairs.jsonl"
+    assert main(["data", "convert", src, str(out), "--to", "preference"]) == 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [EXTRACTED, EXTRACTED]
+    assert out.read_text().count(Q) == 2  # once per row
+    capsys.readouterr()
+    # multi-turn: the prompt is every turn up to the last user turn; an HH-RLHF transcript is read the same way
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": "Hello."}, {"role": "user", "content": Q}]
+    multi = {"chosen": [*history, {"role": "assistant", "content": A}],
+             "rejected": [*history, {"role": "assistant", "content": "5."}]}
+    hh = {"chosen": f"\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: {Q}\n\nAssistant: {A}",
+          "rejected": f"\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: {Q}\n\nAssistant: 5."}
+    rows = convert(read_records(_file(tmp_path, [multi, hh])), "auto", "preference")
+    assert rows[0] == {**EXTRACTED, "prompt": history}
+    assert rows[1] == {**EXTRACTED, "prompt": history[1:]}
+    kto = convert(read_records(_file(tmp_path, [ULTRAFEEDBACK])), "auto", "kto")
+    assert [r["prompt"] for r in kto] == [EXTRACTED["prompt"]] * 2 and kto[0]["completion"] == EXTRACTED["chosen"]
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"chosen": ULTRAFEEDBACK["chosen"], "rejected": [{"role": "user", "content": "Other?"}, CHAT[1]]},
+     "fields 'chosen' and 'rejected' are whole conversations that differ before the answer"),
+    ({"chosen": ULTRAFEEDBACK["chosen"], "rejected": [CHAT[1]]},
+     "fields 'chosen' and 'rejected' are whole conversations that differ before the answer"),
+    ({**ULTRAFEEDBACK, "prompt": "Another question?"}, "field 'prompt' is not how 'chosen' and 'rejected' begin"),
+    ({"chosen": ULTRAFEEDBACK["chosen"], "rejected": [CHAT[0]]}, "field 'rejected' must continue its last user turn"),
+    ({"chosen": f"\n\nHuman: {Q}\n\nAssistant: 4", "rejected": "\n\nHuman: Other?\n\nAssistant: 5"},
+     "fields 'chosen' and 'rejected' are whole conversations that differ before the answer"),
+])
+def test_case8_conversation_pairs_with_different_prompts_are_named(tmp_path, record, message):
+    path = _file(tmp_path, [ULTRAFEEDBACK, record])
+    with pytest.raises(DataError) as err:
+        convert(read_records(path), "auto", "preference")
+    assert str(err.value).startswith(f"{path} line 2: {message}")

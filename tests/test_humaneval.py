@@ -93,3 +93,29 @@ def test_problem_files_are_validated(tmp_path):
     subset = [p["task_id"] for p in load_problems(limit=5, seed=1)]
     assert subset == [p["task_id"] for p in load_problems(limit=5, seed=1)] and len(set(subset)) == 5
     assert subset != [p["task_id"] for p in load_problems(limit=5, seed=2)]
+
+
+def test_case4_problem_files_go_through_the_one_reader(tmp_path):
+    row = json.dumps({"task_id": "T/0", "prompt": "def f():\n    # größe\n", "test": "def check(f):\n    pass\n",
+                      "entry_point": "f"}, ensure_ascii=False).encode()
+    path = tmp_path / "problems.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + row + b"\n" + row.replace("ö".encode(), b"\xf6") + b"\n")
+    with pytest.raises(DataError, match=r"problems.jsonl line 2: not UTF-8 text \(invalid start byte: byte 0xf6 at"):
+        load_problems(str(path))
+    gz = tmp_path / "problems.jsonl.gz"
+    gz.write_bytes(gzip.compress(row + b"\n"))
+    assert [p["task_id"] for p in load_problems(str(gz))] == ["T/0"]
+    gz.write_bytes(gzip.compress(row + b"\n" + row.replace("ö".encode(), b"\xf6")))
+    with pytest.raises(DataError, match=r"problems.jsonl.gz line 2: not UTF-8 text"):
+        load_problems(str(gz))
+
+
+def test_case10_results_path_that_is_a_directory_is_named(tmp_path):
+    from evaluators.humaneval import write_results
+    from harness.core.errors import ConfigError
+
+    (tmp_path / "s.jsonl_results.jsonl").mkdir()
+    row = {"task_id": "T/0", "completion": "", "result": "passed", "passed": True}
+    with pytest.raises(ConfigError, match="s.jsonl_results.jsonl is a directory"):
+        write_results(tmp_path / "s.jsonl", [row])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl_results.jsonl"]  # no temporary file left

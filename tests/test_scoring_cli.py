@@ -53,3 +53,16 @@ def test_perplexity_prefers_the_right_reference(tmp_path, tiny_model_dir):
     ppl_text = _score("perplexity", "--samples", text, "--model", "tiny-qwen2")["perplexity"]
     assert 1 < ppl_right < ppl_wrong / 2, (ppl_right, ppl_wrong)
     assert math.isfinite(ppl_text) and ppl_text > 1
+
+
+def test_case4_samples_file_with_bad_bytes_names_file_and_line(tmp_path, capsys):
+    from harness.commands.cli import main
+
+    samples = tmp_path / "s.jsonl"
+    row = json.dumps({"prompt": "q", "reference": "café", "prediction": "café"}, ensure_ascii=False).encode()
+    samples.write_bytes(b"\xef\xbb\xbf" + row + b"\n" + row[:row.index(b"\xc3") + 1])  # BOM; cut in "é"
+    assert main(["score", "bleu", "--samples", str(samples)]) == 2
+    err = capsys.readouterr().err
+    assert f"{samples} line 2: not UTF-8 text (unexpected end of data: byte 0xc3 at byte offset" in err
+    samples.write_bytes(b"\xef\xbb\xbf" + row + b"\n")
+    assert main(["score", "bleu", "--samples", str(samples)]) == 0

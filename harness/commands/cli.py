@@ -13,7 +13,7 @@ from pathlib import Path
 from evaluators import EVALUATORS
 from evaluators.sandbox import IsolationUnavailable
 from harness.core import ranks
-from harness.core.errors import ConfigError, DataError
+from harness.core.errors import ConfigError, DataError, TrainingDiverged
 from harness.core.files import atomic_writer, check_output_file
 from harness.core.formats import check, convert
 from harness.core.records import read_records, resolve_local
@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, IsolationUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # the run is FAILED in MLflow already; the message names the step
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,14 +10,23 @@ import math
 from pathlib import Path
 
 from harness.core.errors import ConfigError
+from harness.core.files import check_writable_dir, check_writable_file
 from harness.paths import REPO_ROOT
 from harness.training.inloop import is_quality_metric
 from harness.training.tracking import RunRecord, existing_run, load_runs
 
+DEFAULT_DIR = REPO_ROOT / "outputs" / "compare"
+
 
 def compare(run_ids: list[str], experiment: str | None = None, out: str | None = None,
             max_runs: int = 10) -> tuple[str, Path]:
-    """The printed table and the PNG of eval curves for these runs (or an experiment's newest finished runs)."""
+    """The printed table and the PNG of eval curves for these runs (or an experiment's newest finished runs). A run
+    given twice is compared once (first place kept); an `out` that cannot be written stops before any work."""
+    run_ids = list(dict.fromkeys(run_ids))
+    if out:
+        check_writable_file(Path(out), "--out")
+    else:
+        check_writable_dir(DEFAULT_DIR, "the default --out directory")
     try:
         runs = load_runs(run_ids, experiment, is_quality_metric, max_runs)
     except ValueError as e:
@@ -26,7 +35,7 @@ def compare(run_ids: list[str], experiment: str | None = None, out: str | None =
     if not runs:
         raise ConfigError("no run to compare has eval metrics (eval/<evaluator>/<metric>)")
     digest = hashlib.sha1(" ".join(sorted(r.run_id for r in runs)).encode()).hexdigest()[:10]
-    png = Path(out) if out else REPO_ROOT / "outputs" / "compare" / f"eval_curves_{digest}.png"
+    png = Path(out) if out else DEFAULT_DIR / f"eval_curves_{digest}.png"
     plot_curves(runs, png)
     for run in runs:
         existing_run(run.run_id).log_artifact(str(png), "compare")

@@ -1,4 +1,4 @@
-"""Errors that stop a run before any work, each naming what the user has to fix."""
+"""Errors that stop a run, each naming what the user has to fix: all but TrainingDiverged before any work."""
 
 
 class ConfigError(ValueError):

@@ -73,6 +73,40 @@ def write_json_atomic(path: Path, data) -> None:
         json.dump(data, f)
 
 
+def _unwritable_dir(path: Path) -> str | None:
+    """Why directory `path` neither takes new entries nor can be created, or None. Tried for real (root ignores
+    permission bits, a read-only mount does not), leaving nothing behind."""
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} exists and is not a directory"
+    probe = existing / f".write-check-{secrets.token_hex(6)}"
+    try:
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        return f"cannot {'write in' if existing == path else 'create it under'} {existing} ({e.strerror})"
+    return None
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Raise ConfigError naming `what` and `path` unless directory `path` takes new entries or can be created."""
+    path = Path(path).absolute()
+    if why := _unwritable_dir(path):
+        raise ConfigError(f"{what} {path}: {why}; choose a writable location")
+
+
+def check_writable_file(path: Path, what: str) -> None:
+    """`check_writable_dir` for the directory of file `path`; an existing `path` must be a file we may overwrite."""
+    path = Path(path).absolute()
+    if why := _unwritable_dir(path.parent):
+        raise ConfigError(f"{what} {path}: {why}; choose a writable location")
+    check_output_file(path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{what} {path}: the file is not writable")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
     with socket.socket() as s:

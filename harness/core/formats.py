@@ -31,22 +31,18 @@ KTO_SOURCES = ("kto", "preference", "sharegpt")  # a pair gives one desirable an
 TEXT_SOURCES = ("text",)
 
 
-def detect(record: Record) -> str:
+_DETECT = (("sharegpt", {"conversations"}), ("messages", {"messages"}), ("preference", {"chosen", "rejected"}),
+           ("kto", {"completion", "label"}), ("alpaca", {"instruction"}),
+           ("prompt_completion", {"prompt", "completion"}), ("text", {"text"}))
+
+
+def detect(record: Record, accepted: tuple[str, ...] = FORMATS) -> str:
+    """The format of `record` from its keys: the first match in _DETECT's order, preferring one in `accepted`
+    (UltraFeedback-binarized rows have `messages` and `chosen`/`rejected`: preference for DPO, messages for SFT)."""
     keys = set(record.fields)
-    if "conversations" in keys:
-        return "sharegpt"
-    if "messages" in keys:
-        return "messages"
-    if {"chosen", "rejected"} <= keys:
-        return "preference"
-    if {"completion", "label"} <= keys:
-        return "kto"
-    if "instruction" in keys:
-        return "alpaca"
-    if {"prompt", "completion"} <= keys:
-        return "prompt_completion"
-    if "text" in keys:
-        return "text"
+    matches = [fmt for fmt, needs in _DETECT if needs <= keys]
+    if matches:
+        return next((fmt for fmt in matches if fmt in accepted), matches[0])
     raise DataError(f"{record.source}: cannot tell the format from the fields {sorted(keys)}; expected one of "
                     f"{', '.join(FORMATS)} (see harness/formats.py), or name it with data_format=")
 
@@ -57,7 +53,7 @@ def record_format(records: list[Record], fmt: str, accepted: tuple[str, ...]) ->
         raise DataError("the data has no records")
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"data_format={fmt!r} is not a format; choose auto or one of {', '.join(FORMATS)}")
-    found = detect(records[0]) if fmt == "auto" else fmt
+    found = detect(records[0], accepted) if fmt == "auto" else fmt
     if found not in accepted:
         raise DataError(f"{records[0].source}: {found} records cannot be used here; this method reads "
                         f"{', '.join(accepted)}")

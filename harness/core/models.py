@@ -1,4 +1,5 @@
-"""Resolving `model=` (embedded, local directory or hub name), loading it, and wrapping it with a PEFT adapter."""
+"""Resolving `model=` (embedded, GGUF file, local directory or hub name), loading it, and wrapping it with a PEFT
+adapter."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from harness.core.errors import ConfigError
+from harness.embedded.gguf_models import ModelBuildError, ensure_gguf_model
+from harness.embedded.smollm2 import SMOLLM2, ensure_smollm2
 from harness.embedded.tiny_qwen2 import TINY_QWEN2, TinyModelSpec, ensure_tiny_model
 
 # Models the project builds itself, on first use. The large one (about 3x the parameters, same tokenizer and
@@ -18,9 +22,18 @@ EMBEDDED = {
 
 
 def resolve_model(name: str) -> str:
-    """A directory path for local and embedded models; hub names are passed through for HF/vLLM to fetch."""
+    """A directory path for local and embedded models (`smollm2` and `.gguf` files are converted into the cache on
+    first use); hub names are passed through for HF/vLLM to fetch. A model that cannot be fetched or converted
+    raises ConfigError saying what failed and what to pass instead."""
     if name in EMBEDDED:
         return str(ensure_tiny_model(EMBEDDED[name]))
+    try:
+        if name == SMOLLM2:
+            return str(ensure_smollm2())
+        if name.lower().endswith(".gguf") and not Path(name).is_dir():
+            return str(ensure_gguf_model(name))
+    except ModelBuildError as e:
+        raise ConfigError(str(e)) from e
     if Path(name).is_dir():
         return str(Path(name).resolve())
     return name

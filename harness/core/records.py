@@ -105,9 +105,15 @@ def read_text_file(path: Path) -> str:
                         f"{offset}); save the file as UTF-8") from None
 
 
+def _lines(text: str) -> list[str]:
+    """Lines split on newlines only (CRLF accepted), as JSON Lines defines them: str.splitlines would also split
+    inside a string holding U+2028, a form feed or a lone CR, which `json.dumps(ensure_ascii=False)` writes raw."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
+    for lineno, line in enumerate(_lines(read_text_file(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -122,7 +128,7 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_text(path: Path) -> list[Record]:
     """One document per non-empty line (multi-line documents belong in JSONL as {"text": ...})."""
-    lines = enumerate(read_text_file(path).splitlines(), start=1)
+    lines = enumerate(_lines(read_text_file(path)), start=1)
     return [Record(f"{path} line {n}", {"text": line}) for n, line in lines if line.strip()]
 
 

@@ -42,13 +42,17 @@ class Evaluation:
     """Runs the evaluators on one fixed eval set with one generation backend."""
 
     def __init__(self, evaluators: list[Evaluator], samples: list[EvalSample], backend: GenerationBackend,
-                 tokenizer, params: GenParams):
+                 tokenizer, params: GenParams, prompt_ids: list[list[int]] | None = None):
+        """`prompt_ids`: the samples' prompts as checked against the model's context (and truncated when asked) by
+        harness.training.runner.fit_eval_prompts; by default rendered here as they are."""
         self.evaluators = evaluators
         self.samples = samples
         self.backend = backend
         self.tokenizer = tokenizer
         self.params = params
-        self.prompt_ids = [render_prompt(tokenizer, s.prompt) for s in samples]
+        if prompt_ids is None:
+            prompt_ids = [render_prompt(tokenizer, s.prompt) for s in samples]
+        self.prompt_ids = prompt_ids
 
     def run(self, model, step: int) -> EvalReport:
         t0 = time.perf_counter()

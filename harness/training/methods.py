@@ -19,6 +19,8 @@ def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_siz
         save_strategy="no", report_to="none", disable_tqdm=True, bf16=on_gpu, use_cpu=not on_gpu,
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, max_steps // 10),
         dataloader_num_workers=0, deepspeed=deepspeed,
+        # a NaN/inf loss is logged as such (transformers would log the running average in its place, 0.0 at first)
+        logging_nan_inf_filter=False,
     )
 
 

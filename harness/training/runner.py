@@ -15,16 +15,21 @@ from pathlib import Path
 from transformers import PrinterCallback, set_seed
 from transformers.utils import logging as hf_logging
 
+from evaluators import EVALUATORS
 from harness.core import ranks
 from harness.core import records as data
+from harness.core.errors import DataError
+from harness.core.files import check_writable_dir
 from harness.core.generation import GenParams
 from harness.core.models import load_model, load_tokenizer, resolve_model
+from harness.core.prompts import render_prompt
 from harness.engines.hf_engine import HFBackend
 from harness.engines.vllm_engine import VLLMBackend
 from harness.paths import REPO_ROOT
 from harness.training import distributed
 from harness.training.checkpoints import BestCheckpoint
 from harness.training.experiment import Experiment
+from harness.training.guards import NonFiniteGuard
 from harness.training.inloop import EvalReport, Evaluation, InLoopEvaluation, format_report, is_quality_metric
 from harness.training.tracking import Tracker, TrainMetricsLogger, mlflow_run, tracking_uri
 
@@ -40,6 +45,8 @@ class RunSummary:
     best_value: float | None
     wall_s: float
     steps_trained: int
+    select_metric: str = ""
+    skipped_selection: tuple[int, ...] = ()  # steps whose evaluation did not produce select_metric
 
 
 @dataclass
@@ -56,9 +63,60 @@ class RunHooks:
 def make_backend(exp: Experiment, model_path: str, tokenizer):
     if exp.backend == "vllm":
         lora_rank = exp.lora_rank if exp.lora_serving == "request" else None
-        return VLLMBackend(model_path, seed=exp.seed, max_model_len=max(256, exp.max_length + exp.max_new_tokens),
+        return VLLMBackend(model_path, seed=exp.seed, max_model_len=engine_max_model_len(exp),
                            dtype=exp.generation_dtype, lora_rank=lora_rank)
     return HFBackend(tokenizer)
+
+
+def engine_max_model_len(exp: Experiment) -> int:
+    """The in-loop vLLM engine's context: prompt + generated tokens it accepts."""
+    return max(256, exp.max_length + exp.max_new_tokens)
+
+
+def model_context(exp: Experiment, model_path: str) -> int | None:
+    """Tokens in-loop generation can hold: the model's positions (max_position_embeddings) and, with vLLM, the
+    engine's max_model_len; None when the model's config names no limit (HF generate then has none)."""
+    from transformers import AutoConfig
+
+    positions = getattr(AutoConfig.from_pretrained(model_path).get_text_config(), "max_position_embeddings", None)
+    limits = [n for n in (positions, engine_max_model_len(exp) if exp.backend == "vllm" else None) if n]
+    return min(limits) if limits else None
+
+
+def fit_eval_prompts(exp: Experiment, tokenizer, context: int | None, samples: list[data.EvalSample],
+                     sources: list[str]) -> list[list[int]]:
+    """The eval prompts as the backends get them (chat template, token ids), each checked to leave room in the
+    model's `context` for max_new_tokens (when an evaluator generates from them) and for its reference (when one
+    scores the reference after the prompt, as perplexity does). A prompt that does not fit is a DataError naming
+    its file, line and id, or with eval_truncation=left keeps its last tokens that fit."""
+    ids = [render_prompt(tokenizer, s.prompt) for s in samples]
+    generates = any(EVALUATORS[e].needs_generation for e in exp.evaluators)
+    scores_references = any(EVALUATORS[e].scores_references for e in exp.evaluators)
+    if context is None or not (generates or scores_references):
+        return ids
+    fitted, truncated = [], 0
+    for sample, source, prompt in zip(samples, sources, ids, strict=True):
+        needs = [(exp.max_new_tokens, f"max_new_tokens={exp.max_new_tokens}")] if generates else []
+        if scores_references:
+            n = len(tokenizer(sample.reference, add_special_tokens=False)["input_ids"]) + 1
+            needs.append((n, f"its reference ({n - 1} tokens, scored after the prompt) and one more"))
+        room, what = max(needs)
+        keep = context - room
+        if len(prompt) <= keep:
+            fitted.append(prompt)
+        elif exp.eval_truncation == "left" and keep > 0:
+            fitted.append(prompt[-keep:])
+            truncated += 1
+        else:
+            fix = (f"shorten it, lower max_new_tokens, or set eval_truncation=left to keep its last {keep} tokens"
+                   if keep > 0 else "no prompt fits: lower max_new_tokens or use a model with a longer context")
+            raise DataError(f"{source} (id {sample.id}): the prompt is {len(prompt)} tokens with the chat template; "
+                            f"with {what} that is {len(prompt) + room} tokens, over the model's context of "
+                            f"{context} ({exp.backend} backend): {fix}")
+    if truncated:
+        print(f"[data] eval_truncation=left: {truncated} eval prompt(s) cut to their last tokens to fit the "
+              f"model's context of {context}", flush=True)
+    return fitted
 
 
 def run_experiment(exp: Experiment, hooks: RunHooks | None = None) -> RunSummary | None:
@@ -67,29 +125,42 @@ def run_experiment(exp: Experiment, hooks: RunHooks | None = None) -> RunSummary
     started = time.time()
     hf_logging.disable_progress_bar()
     main = ranks.is_main()
-    rows, samples, model_path = prepare(exp, verbose=main)
+    rows, samples, model_path, prompt_ids = prepare(exp, verbose=main)
     if not main:
         _train_shard(exp, rows, model_path)
         return None
     evaluators = exp.make_evaluators()  # loads and checks their own inputs (HumanEval problems, the sandbox, a judge)
     try:
-        return _train_and_evaluate(exp, rows, samples, model_path, evaluators, started, hooks or RunHooks())
+        return _train_and_evaluate(exp, rows, samples, prompt_ids, model_path, evaluators, started,
+                                   hooks or RunHooks())
     finally:
         for evaluator in evaluators:
             evaluator.close()
 
 
-def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list, str]:
-    """Inputs first: a bad file stops here, before a model is loaded or an MLflow run exists. Returns the training
-    rows, the eval samples and the model's path (the embedded model is built here on first use)."""
+def output_root(exp: Experiment) -> Path:
+    """OUTPUT_DIR/NAME: the run's checkpoints go under it, in a directory named by the run id."""
+    out_dir = Path(exp.output_dir)
+    return (out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir) / exp.name()
+
+
+def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list, str, list[list[int]]]:
+    """Inputs first: a bad file, an eval prompt too long for the model or an output_dir that cannot be written stops
+    here, before a model is loaded or an MLflow run exists. Returns the training rows, the eval samples, the model's
+    path (the embedded model is built here on first use) and the eval prompts' token ids (see fit_eval_prompts)."""
     if verbose:
         print(f"[run] {exp.name()}: " + " ".join(f"{k}={v}" for k, v in exp.params().items()), flush=True)
+    check_writable_dir(output_root(exp), "output_dir")
     rows = exp.train_rows(data.read_records(exp.train_data))
-    samples = data.eval_samples(data.read_records(exp.eval_data), exp.eval_limit)
+    records = data.read_records(exp.eval_data)
+    samples = data.eval_samples(records, exp.eval_limit)
     if verbose:
         print(f"[data] {len(rows)} training rows from {exp.train_data}, {len(samples)} eval samples from "
               f"{exp.eval_data}")
-    return rows, samples, resolve_model(exp.model)
+    model_path = resolve_model(exp.model)
+    sources = [r.source for r in (records[: exp.eval_limit] if exp.eval_limit else records)]
+    prompt_ids = fit_eval_prompts(exp, load_tokenizer(model_path), model_context(exp, model_path), samples, sources)
+    return rows, samples, model_path, prompt_ids
 
 
 def _load(exp: Experiment, model_path: str):
@@ -112,8 +183,8 @@ def _train_shard(exp: Experiment, rows: list[dict], model_path: str) -> None:
         _train(exp, model, tokenizer, rows, [InLoopEvaluation(None, exp.eval_every, [])], output_dir)
 
 
-def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: str, evaluators: list,
-                        started: float, hooks: RunHooks) -> RunSummary:
+def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: list[list[int]], model_path: str,
+                        evaluators: list, started: float, hooks: RunHooks) -> RunSummary:
     name = exp.name()
     tags = {"model": exp.model, "model.path": model_path, "experiment.class": type(exp).__qualname__,
             "data.train.fingerprint": data.fingerprint(exp.train_data),
@@ -129,15 +200,14 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: 
         for evaluator in evaluators:
             for artifact_file, text in evaluator.artifacts.items():
                 tracker.log_text(text, artifact_file)
-        out_dir = Path(exp.output_dir)
-        out_dir = (out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir) / name / tracker.run_id
+        out_dir = output_root(exp) / tracker.run_id
         tokenizer, model = _load(exp, model_path)
         t = time.time()
         backend = make_backend(exp, model_path, tokenizer)
         print(f"[eval] {backend.name} backend ready in {time.time() - t:.1f}s", flush=True)
         set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
         evaluation = Evaluation(evaluators, samples, backend, tokenizer,
-                                GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed))
+                                GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed), prompt_ids=prompt_ids)
         best = BestCheckpoint(out_dir / "best", exp.select_metric, exp.select_mode, tokenizer, tracker)
 
         def log_report(report: EvalReport, _model) -> None:
@@ -147,14 +217,15 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, model_path: 
                 tracker.log_table(table, f"eval_samples/{evaluator}/step_{report.step:06d}.json")
             print(format_report(report), flush=True)
 
-        in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, best, *hooks.monitors])
+        guard = NonFiniteGuard(exp.stop_on_nonfinite)  # after the logging of a value: it is in MLflow either way
+        in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, guard, best, *hooks.monitors])
         # monitors come after in_loop: a decision made on a step's report takes effect at that same step's end
-        callbacks = [in_loop, *hooks.monitors, TrainMetricsLogger(tracker)]
+        callbacks = [in_loop, *hooks.monitors, TrainMetricsLogger(tracker), guard]
         extra = {"backend": backend} if exp.needs_rollouts else {}
         trainer = _train(exp, model, tokenizer, rows, callbacks, str(out_dir / "trainer"), **extra)
         summary = RunSummary(tracker.run_id, tracker.url(), name, in_loop.reports,
                              best.directory if best.step is not None else None, best.step, best.value,
-                             time.time() - started, trainer.state.global_step)
+                             time.time() - started, trainer.state.global_step, exp.select_metric, tuple(best.skipped))
         eval_s = sum(r.metrics["eval/time/total_s"] for r in in_loop.reports)
         tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
                             trainer.state.global_step)
@@ -178,4 +249,10 @@ def print_summary(summary: RunSummary) -> None:
     if summary.best_checkpoint:
         print(f"  best checkpoint: {summary.best_checkpoint} "
               f"(step {summary.best_step}, {summary.best_value:.3f})")
+    else:
+        print(f"  best checkpoint: none (no evaluation produced {summary.select_metric})")
+    if summary.skipped_selection:
+        print(f"  selection skipped {len(summary.skipped_selection)} of {len(summary.reports)} evaluations without "
+              f"{summary.select_metric} (steps {', '.join(map(str, summary.skipped_selection))}): an evaluator's "
+              f"dependency failed; see the [warn] lines")
     print(f"  wall time: {summary.wall_s:.1f}s")

