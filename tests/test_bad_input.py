@@ -123,8 +123,8 @@ def test_case6_judge_down_with_select_metric_on_its_score_trains_to_finished(tmp
     assert run.info.status == "FINISHED"
     skipped = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "best/skipped_evals")}
     assert skipped == {0: 1.0, 1: 2.0, 2: 3.0}
-    assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/judge/failed")} == {
-        0: 4.0, 1: 4.0, 2: 4.0}
+    failed = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/judge/failed")}
+    assert failed == {0: 4.0, 1: 12.0, 2: 12.0}  # 4 pointwise calls; then 8 pairwise ones too, against step 0
     assert not client.get_metric_history(run.info.run_id, "eval/judge/score")
 
 

@@ -106,3 +106,75 @@ def test_unreachable_index_gives_a_clear_error_and_leaves_nothing_half_built(tmp
     assert "model=/path/to/SmolLM2-135M-Instruct" in message and ".gguf" in message
     left = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "cache").rglob("*") if not p.name.endswith(".lock"))
     assert left == ["cache/gguf", "cache/models"], left  # no model directory, partial or download left behind
+
+
+PARITY_SCRIPT = """
+import json
+from peft import PeftModel
+from harness.core.generation import GenParams
+from harness.core.models import load_model
+from harness.engines.vllm_engine import VLLMBackend
+if __name__ == "__main__":
+    base_dir, adapter_dir, prompt_ids = {base_dir!r}, {adapter_dir!r}, {prompt_ids!r}
+    model = PeftModel.from_pretrained(load_model(base_dir), adapter_dir)
+    engine = VLLMBackend(base_dir, max_model_len=256, dtype="float32")  # the in-loop engine, synced as in a run
+    engine.sync_weights(model)
+    print(json.dumps([c.texts for c in engine.generate(prompt_ids, GenParams(max_new_tokens=12))]))
+"""
+
+
+def test_sft_smollm2_trains_with_in_loop_vllm_evaluation_that_matches_hf(smollm2_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+    from peft import PeftModel
+
+    from harness.commands.score import score_file
+    from harness.core.generation import GenParams
+    from harness.engines.hf_engine import HFBackend
+    from harness.paths import DATA_DIR, REPO_ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    # best checkpoint by perplexity, which two SFT steps lower: the checkpoint then holds trained weights
+    out = subprocess.run([sys.executable, "-m", "harness", "run", "sft_smollm2", "max_steps=2", "eval_every=1",
+                          "eval_limit=4", "max_new_tokens=8", "max_length=64", "select_metric=eval/perplexity/perplexity",
+                          "select_mode=min", f"output_dir={tmp_path / 'outputs'}"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sft_smollm2").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["model"] == "smollm2"
+    eval_keys = [k for k in run.data.metrics if k.startswith("eval/")]
+    assert {"eval/perplexity/perplexity", "eval/bleu/bleu", "eval/rouge/rougeL", "eval/time/sync_s"} <= set(eval_keys)
+    for key in eval_keys:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2], key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+
+    best = tmp_path / "outputs" / "sft_smollm2" / run.info.run_id / "best"
+    selection = json.loads((best / "selection.json").read_text())
+    assert selection["step"] >= 1 and (best / "adapter_config.json").exists()  # a trained LoRA adapter
+
+    # after training: the in-loop engine, synced with the trained weights, generates what HF generates
+    tok = load_tokenizer(smollm2_dir)
+    rows = [json.loads(line) for line in (DATA_DIR / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    prompts = [r["prompt"] for r in rows[:4]] + PROMPTS
+    prompt_ids = [render_prompt(tok, p) for p in prompts]
+    script = PARITY_SCRIPT.format(base_dir=smollm2_dir, adapter_dir=str(best), prompt_ids=prompt_ids)
+    served = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)  # its own process: the test session may hold another engine
+    assert served.returncode == 0, served.stderr[-3000:]
+    vllm_texts = json.loads(served.stdout.strip().splitlines()[-1])
+    model = PeftModel.from_pretrained(load_model(smollm2_dir), str(best)).eval()
+    hf = HFBackend(tok)
+    hf.sync_weights(model)
+    assert vllm_texts == [c.texts for c in hf.generate(prompt_ids, GenParams(max_new_tokens=12))]
+
+    # in-loop perplexity (vLLM prompt logprobs) at the selected step = HF's through the chat template, offline
+    eval_file = tmp_path / "eval4.jsonl"
+    eval_file.write_text("".join(json.dumps({"prompt": r["prompt"], "reference": r["reference"]}) + "\n"
+                                 for r in rows[:4]))
+    offline = score_file("perplexity", str(eval_file), str(best)).metrics["perplexity"]
+    assert offline == pytest.approx(selection["value"], rel=0.01)

@@ -228,6 +228,13 @@ def _data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_self_pairs(args: argparse.Namespace) -> int:
+    from harness.commands.self_pairs import make_self_pairs  # loads the model and a vLLM engine
+
+    print(json.dumps(make_self_pairs(args.model, args.prompts, args.out, args.limit, args.max_new_tokens, args.seed)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -312,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", required=True, choices=("messages", "preference", "kto", "text"))
     conv.add_argument("--format", choices=formats, default="auto", help="IN's format (default: detected)")
     conv.set_defaults(func=_data_convert)
+    pairs = data_sub.add_parser("self-pairs", help="preference pairs against a model's own greedy answers (SPIN): "
+                                                   "chosen = the data's answer, rejected = the model's")
+    pairs.add_argument("--model", required=True, help="smollm2, tiny-qwen2, a model directory or a .gguf file")
+    pairs.add_argument("--prompts", required=True, help="records with prompt and chosen (or reference) strings")
+    pairs.add_argument("--out", required=True, help="JSONL to write: prompt, chosen, rejected")
+    pairs.add_argument("--limit", type=int, default=512, help="first N records (0 = all)")
+    pairs.add_argument("--max-new-tokens", type=_positive, default=48)
+    pairs.add_argument("--seed", type=int, default=0)
+    pairs.set_defaults(func=_data_self_pairs)
     return parser
 
 
