@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from evaluators import EVALUATORS
 from harness.core.errors import ConfigError
 from harness.training.distributed import deepspeed_config
 
@@ -127,14 +128,10 @@ class Experiment:
         """The evaluators by name, each configured from this experiment's `<evaluator>_<option>` fields
         (e.g. `humaneval_n` sets HumanEval's `n`) and then from `evaluator_options` (the same names given on the
         command line where no field declares them); other options keep the evaluator's default."""
-        from evaluators import EVALUATORS
-
         return [EVALUATORS[name](**self.evaluator_kwargs(name)) for name in self.evaluators]
 
     def evaluator_kwargs(self, name: str) -> dict[str, Any]:
         """The options evaluator `name` is built with (see make_evaluators); the rest keep their defaults."""
-        from evaluators import EVALUATORS
-
         options = inspect.signature(EVALUATORS[name].__init__).parameters
         kwargs = {p: getattr(self, f"{name}_{p}") for p in options if hasattr(self, f"{name}_{p}")}
         return {**kwargs, **self.evaluator_options.get(name, {})}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from evaluators import EVALUATORS
 from harness.core.errors import ConfigError
 from harness.training.experiment import Experiment, field_help
 from harness.training.settings import check_settings
@@ -19,16 +20,12 @@ def field_types(cls: type[Experiment]) -> dict[str, type]:
 
 def evaluator_option_types(name: str) -> dict[str, type]:
     """The keyword options of an evaluator's constructor, with their types."""
-    from evaluators import EVALUATORS
-
     hints = typing.get_type_hints(EVALUATORS[name].__init__)
     return {k: v for k, v in hints.items() if k != "return"}
 
 
 def describe_fields(cls: type[Experiment]) -> str:
     """Every field with its type, default and help, one a line, then the evaluator options."""
-    from evaluators import EVALUATORS
-
     types = field_types(cls)
     fields = [f for f in dataclasses.fields(cls) if f.name in types]
     decls = [f"{f.name}: {type_name(types[f.name])} = {field_default(f)!r}" for f in fields]
@@ -117,8 +114,6 @@ def parse_overrides(cls: type[Experiment], args: list[str]) -> tuple[dict, dict[
 
 def _evaluator_option(key: str) -> tuple[str, str, type] | None:
     """`humaneval_n` -> ("humaneval", "n", int) when `n` is an option of the humaneval evaluator."""
-    from evaluators import EVALUATORS
-
     for name in EVALUATORS:
         option = key.removeprefix(f"{name}_")
         if option != key and option in evaluator_option_types(name):
