@@ -22,7 +22,7 @@ class DistillQwen(Experiment):
     kd_alpha: float = help_field(
         0.5, "weight of the KL to the teacher; the rest (1 - kd_alpha) is cross-entropy on the data")
     kd_temperature: float = help_field(2.0, "softmax temperature of teacher and student in the KL (scaled by T^2)")
-    learning_rate: float = help_field(1e-4, "peak learning rate (constant after a short warm-up)")
+    learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True),
@@ -33,6 +33,7 @@ class DistillQwen(Experiment):
         return convert(records, self.data_format, "sft")
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
-        teacher = load_model(resolve_model(self.teacher))  # the teacher must share the student's tokenizer
+        # the teacher must share the student's tokenizer
+        teacher = load_model(resolve_model(self.teacher), trust_remote_code=self.trust_remote_code)
         return distill_trainer(model, tokenizer, rows, callbacks, teacher=teacher, alpha=self.kd_alpha,
                                temperature=self.kd_temperature, **self.trainer_args(output_dir))

@@ -15,7 +15,7 @@ class DpoQwen(Experiment):
 
     beta: float = help_field(0.1, "strength of the KL anchor to the reference")
     loss_type: str = help_field("sigmoid", "any of TRL's DPO losses: sigmoid, ipo, hinge, robust, ...")
-    learning_rate: float = help_field(1e-5, "peak learning rate (constant after a short warm-up)")
+    learning_rate: float = help_field(1e-5, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),

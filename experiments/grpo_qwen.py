@@ -18,7 +18,7 @@ class GrpoQwen(Experiment):
     needs_rollouts = True
     train_data: str = help_field(
         "data/rl.jsonl", "prompts, plus the columns the rewards read (answer, reference, test/entry_point)")
-    learning_rate: float = help_field(1e-5, "peak learning rate (constant after a short warm-up)")
+    learning_rate: float = help_field(1e-5, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
     batch_size: int = help_field(
         8, "completions per step: batch_size / num_generations prompts (a multiple of num_generations)")
     num_generations: int = help_field(4, "samples per prompt, the group the advantages are relative to (>= 2)")

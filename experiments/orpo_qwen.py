@@ -14,7 +14,7 @@ class OrpoQwen(Experiment):
     """ORPO (NLL on chosen plus an odds-ratio term, no reference) on the embedded tiny Qwen2."""
 
     beta: float = help_field(0.1, "weight of the odds-ratio preference term: the ORPO paper's lambda")
-    learning_rate: float = help_field(1e-5, "peak learning rate (constant after a short warm-up)")
+    learning_rate: float = help_field(1e-5, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),

@@ -14,7 +14,7 @@ class PretrainQwen(Experiment):
     """Continued pretraining of the embedded tiny Qwen2 on raw text (.txt one document per line, or {"text"} rows)."""
 
     train_data: str = help_field("data/pretrain.txt", "raw text: a .txt file, one document per line, or text records")
-    learning_rate: float = help_field(1e-4, "peak learning rate (constant after a short warm-up)")
+    learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
     max_length: int = help_field(64, "tokens per document seen by the trainer (longer ones are truncated)")
     select_metric: str = help_field("eval/perplexity/perplexity", "the best checkpoint is kept by eval perplexity")
     select_mode: str = help_field("min", "min: a lower perplexity is better")

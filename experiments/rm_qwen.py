@@ -14,7 +14,7 @@ class RmQwen(Experiment):
     """Reward model on the embedded tiny Qwen2 (scalar head); in-loop pairwise accuracy on held-out pairs."""
 
     model_head = "reward"
-    learning_rate: float = help_field(1e-4, "peak learning rate (constant after a short warm-up)")
+    learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
     backend: str = help_field("hf", "hf: the evaluator scores with the live model; a reward head does not generate")
     evaluators: list[str] = help_factory(
         lambda: ["reward_accuracy"], "reward_accuracy, the one evaluator a reward model supports")

@@ -14,9 +14,9 @@ class SftCodeQwen(Experiment):
     """SFT of the embedded tiny Qwen2 on easy code tasks; pass@1 on held-out tasks run in the sandbox."""
 
     train_data: str = help_field("data/code_sft.jsonl", "code tasks as prompt/completion records")
-    max_steps: int = help_field(120, "training steps (optimizer updates)")
+    max_steps: int = help_field(120, "training steps (optimizer updates); 0 = train for num_train_epochs instead")
     eval_every: int = help_field(30, "evaluate in the loop every N steps, and at step 0 and after the last step")
-    learning_rate: float = help_field(1e-3, "peak learning rate (constant after a short warm-up)")
+    learning_rate: float = help_field(1e-3, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
     batch_size: int = help_field(16, "training examples per step in each process (per-device batch size)")
     evaluators: list[str] = help_factory(
         lambda: ["humaneval"], "humaneval: pass@k of the completions run in the sandbox")

@@ -14,7 +14,7 @@ class SftQwen(Experiment):
     """SFT of the embedded tiny Qwen2 on chat data (messages, ShareGPT or Alpaca), multi-turn, assistant-only loss."""
 
     train_data: str = help_field("data/sft.jsonl", "chat data: messages, sharegpt or alpaca records, multi-turn")
-    learning_rate: float = help_field(1e-4, "peak learning rate (constant after a short warm-up)")
+    learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True)}

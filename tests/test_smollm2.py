@@ -139,9 +139,9 @@ def test_sft_smollm2_trains_with_in_loop_vllm_evaluation_that_matches_hf(smollm2
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     # best checkpoint by perplexity, which two SFT steps lower: the checkpoint then holds trained weights
-    out = subprocess.run([sys.executable, "-m", "harness", "run", "sft_smollm2", "max_steps=2", "eval_every=1",
-                          "eval_limit=4", "max_new_tokens=8", "max_length=64", "select_metric=eval/perplexity/perplexity",
-                          "select_mode=min", f"output_dir={tmp_path / 'outputs'}"],
+    args = ["max_steps=2", "eval_every=1", "eval_limit=4", "max_new_tokens=8", "max_length=64",
+            "select_metric=eval/perplexity/perplexity", "select_mode=min", f"output_dir={tmp_path / 'outputs'}"]
+    out = subprocess.run([sys.executable, "-m", "harness", "run", "sft_smollm2", *args],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     client = MlflowClient(uri)

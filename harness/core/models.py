@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from harness.core.errors import ConfigError
+from harness.core.prompts import read_chat_template
 from harness.embedded.gguf_models import ModelBuildError, ensure_gguf_model
 from harness.embedded.smollm2 import SMOLLM2, ensure_smollm2
 from harness.embedded.tiny_qwen2 import TINY_QWEN2, TinyModelSpec, ensure_tiny_model
@@ -39,21 +40,33 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def remote_code_warning(model: str) -> str:
+    """The line a run prints when trust_remote_code is on."""
+    return (f"[warn] trust_remote_code=true: loading {model} may run Python code that the model's repository ships "
+            f"(its own model or tokenizer classes), here and in the vLLM engine; use it only for models you trust")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = ""):
+    """The model's tokenizer (its eos token doubles as the pad token when it has none); `chat_template`, a named
+    template or a Jinja file (see harness.core.prompts.read_chat_template), replaces the model's own chat template
+    or gives it one, so that training, eval prompts and the saved checkpoint all use it."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
     return tokenizer
 
 
 def load_model(path: str, peft: str = "none", rank: int = 16, alpha: int = 32, dropout: float = 0.0,
-               target_modules: list[str] | None = None, head: str = "causal_lm"):
+               target_modules: list[str] | None = None, head: str = "causal_lm", trust_remote_code: bool = False):
     """fp32 on CPU (bf16 training there is slow and lossy), bf16 on a GPU; with `peft`, a LoRA-family adapter on
     `target_modules` (default every linear layer): lora, dora (weight-decomposed), or qlora (LoRA on the base
-    model loaded in 4-bit NF4 by bitsandbytes; GPU only, checked by Experiment.validate before anything loads)."""
+    model loaded in 4-bit NF4 by bitsandbytes; GPU only, checked by check_settings before anything loads).
+    `trust_remote_code`: run the modelling code a hub model ships (off unless the experiment sets it)."""
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    kwargs = {}
+    kwargs = {"trust_remote_code": trust_remote_code}
     if peft == "qlora":
         from transformers import BitsAndBytesConfig
 

@@ -93,8 +93,9 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, model_dir: str, seed: int = 0, max_model_len: int = 512, gpu_memory_utilization: float = 0.3,
-                 dtype: str = "auto", lora_rank: int | None = None):
-        """`lora_rank`: serve a LoRA adapter as a LoRA request (see `sync_weights`) instead of folding it in."""
+                 dtype: str = "auto", lora_rank: int | None = None, trust_remote_code: bool = False):
+        """`lora_rank`: serve a LoRA adapter as a LoRA request (see `sync_weights`) instead of folding it in;
+        `trust_remote_code`: let vLLM run the code a hub model ships (the run's trust_remote_code field)."""
         _configure_vllm_env()
         from vllm import LLM
 
@@ -104,7 +105,7 @@ class VLLMBackend:
         lora = dict(enable_lora=True, max_lora_rank=lora_rank, max_loras=1) if lora_rank else {}
         self.llm = LLM(
             model=model_dir, seed=seed, max_model_len=max_model_len,
-            dtype=resolve_dtype(dtype),
+            dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
             # CPU graph compilation costs ~25 s per engine start for ~10% more tokens/s: not worth it in a run.
             enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization, **lora,
         )

@@ -105,7 +105,9 @@ def make_pruner(kind: str, warmup_steps: int, startup_trials: int, eval_every: i
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_steps)
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(eval_every, warmup_steps), max_resource=max_steps)
+        # max_steps=0 trains for num_train_epochs: Optuna then takes the steps the first trials reach
+        return optuna.pruners.HyperbandPruner(min_resource=max(eval_every, warmup_steps),
+                                              max_resource=max_steps if max_steps > 0 else "auto")
     if kind == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"--pruner {kind!r}: choose one of {', '.join(PRUNERS)}")
@@ -318,7 +320,7 @@ class _TrialLauncher:
         spec = {"experiment": self.exp.name(), "overrides": overrides, "storage": self.storage_url,
                 "study": trial.study.study_name, "trial_id": trial._trial_id, "trial_number": trial.number,
                 "pruner": self.pruner_args, "parent_run_id": self.parent_run_id, "result": str(result_path),
-                "driver_pid": os.getpid()}
+                "driver_pid": os.getpid(), "stop": str(self._stop_file(trial.number))}
         spec_path = self.scratch / f"trial-{trial.number}.spec.json"
         spec_path.write_text(json.dumps(spec))
         tuned = " ".join(overrides[len(self.fixed):])
@@ -363,8 +365,13 @@ class _TrialLauncher:
                     print(f"[sweep] {self.signals.name()}: stopping trial {number}", flush=True)
                     return self._stop(proc, number)
 
+    def _stop_file(self, number: int) -> Path:
+        return self.scratch / f"trial-{number}.stop"
+
     def _stop(self, proc: subprocess.Popen, number: int) -> int:
-        """SIGTERM (the trial ends its run KILLED), then SIGKILL after the grace period."""
+        """SIGTERM (the trial ends its run KILLED), then SIGKILL after the grace period. The stop file tells the
+        trial that its driver is alive and fails the trial (see trial._orphaned)."""
+        self._stop_file(number).touch()
         proc.send_signal(signal.SIGTERM)
         try:
             return proc.wait(timeout=self.grace_s)

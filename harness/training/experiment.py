@@ -55,13 +55,32 @@ class Experiment:
     data_format: str = help_field(
         "auto", "train_data's record format: auto (detected from its keys), messages, sharegpt, alpaca, preference, "
                 "kto, prompt_completion or text")
-    max_steps: int = help_field(60, "training steps (optimizer updates)")
+    max_steps: int = help_field(
+        60, "training steps (optimizer updates); 0 = train for num_train_epochs instead (exactly one of them is set)")
+    num_train_epochs: float = help_field(
+        0.0, "passes over train_data (a fraction allowed) when max_steps=0; 0 = the length is max_steps")
     eval_every: int = help_field(20, "evaluate in the loop every N steps, and at step 0 and after the last step")
     eval_limit: int = help_field(64, "first N eval records; 0 means all")
     seed: int = help_field(0, "seed for initialisation, data order and sampled generation")
-    learning_rate: float = help_field(1e-4, "peak learning rate (constant after a short warm-up)")
+    learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
     batch_size: int = help_field(8, "training examples per step in each process (per-device batch size)")
     max_length: int = help_field(128, "prompt + completion tokens seen by the trainer")
+    gradient_accumulation_steps: int = help_field(
+        1, "batches whose gradients are summed into one optimizer update (a step then sees batch_size x this x "
+           "processes examples)")
+    gradient_checkpointing: bool = help_field(
+        True, "recompute activations in the backward pass instead of keeping them: less memory, slower steps "
+              "(on by default, as TRL's trainers set it)")
+    lr_scheduler_type: str = help_field(
+        "constant_with_warmup", "learning-rate schedule (transformers' names): constant_with_warmup, linear, cosine, "
+                                "cosine_with_restarts, polynomial, inverse_sqrt, constant (no warm-up)")
+    warmup_steps: int = help_field(
+        -1, "steps of linear warm-up to learning_rate; -1 = min(5, a tenth of the training steps), unless "
+            "warmup_ratio is set")
+    warmup_ratio: float = help_field(
+        0.0, "warm-up as a fraction of the training steps, in [0, 1), instead of warmup_steps; 0 = not used")
+    weight_decay: float = help_field(0.0, "AdamW weight decay (not applied to biases and norm weights)")
+    max_grad_norm: float = help_field(1.0, "clip the gradients' global norm to this before each update; 0 = no clip")
     backend: str = help_field(
         "vllm", "generation for in-loop evaluation: vllm (weights synced in memory) or hf (generate on the live model)")
     max_new_tokens: int = help_field(48, "cap on generated tokens per eval prompt (greedy decoding)")
@@ -72,11 +91,14 @@ class Experiment:
         "auto", "vLLM engine precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
     evaluators: list[str] = help_factory(
         lambda: ["perplexity", "bleu", "rouge"],
-        "in-loop evaluators, comma-separated: perplexity, bleu, rouge, humaneval, judge, reward_accuracy; "
+        "in-loop evaluators, comma-separated: perplexity, bleu, rouge, answer, humaneval, judge, reward_accuracy; "
         "each evaluator's options as <evaluator>_<option>=value")
     select_metric: str = help_field(
         "eval/rouge/rougeL", "the best checkpoint is kept by this eval/<evaluator>/<metric> (also a sweep's objective)")
     select_mode: str = help_field("max", "max or min: whether a higher or a lower select_metric is better")
+    early_stop_patience: int = help_field(
+        0, "stop training once select_metric has not improved for N evaluations in a row (the run says so and "
+           "tags early_stopped_at); 0 = never. Not in sweeps, whose pruner stops trials")
     peft: str = help_field(
         "none", "none (full weights), lora, dora (weight-decomposed LoRA), qlora (LoRA on a 4-bit base; GPU + "
                 "bitsandbytes only)")
@@ -93,6 +115,15 @@ class Experiment:
                 "a launch (--launch deepspeed)")
     output_dir: str = help_field(
         "outputs", "checkpoints go to OUTPUT_DIR/NAME/RUN_ID/best (a relative path is under the repository root)")
+    trust_remote_code: bool = help_field(
+        False, "let a hub model run the Python code its repository ships (its own model or tokenizer classes), in "
+               "training and in the vLLM engine; the run warns when on. Only for models you trust")
+    chat_template: str = help_field(
+        "", "a chat template for a model that has none (or to replace its own): a named template (chatml) or a "
+            "Jinja file; used in training, for eval prompts and saved with the checkpoint. Empty = the model's own")
+    system_prompt: str = help_field(
+        "", "a system message before every eval prompt, rendered by the chat template (a model without one gets "
+            "it and a blank line before the prompt). Empty = none")
     stop_on_nonfinite: bool = help_field(
         True, "a training loss or grad norm, or an eval score, that turns NaN or infinite stops the run FAILED, "
               "naming the step; false warns, logs it as NaN/inf and trains on")
@@ -152,7 +183,11 @@ class Experiment:
         """The arguments every method in harness.training.methods takes from the base fields."""
         return dict(output_dir=output_dir, max_steps=self.max_steps, learning_rate=self.learning_rate,
                     batch_size=self.batch_size, seed=self.seed, max_length=self.max_length,
-                    deepspeed=self.deepspeed_config())
+                    deepspeed=self.deepspeed_config(), num_train_epochs=self.num_train_epochs,
+                    gradient_accumulation_steps=self.gradient_accumulation_steps,
+                    gradient_checkpointing=self.gradient_checkpointing, lr_scheduler_type=self.lr_scheduler_type,
+                    warmup_steps=self.warmup_steps, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
+                    max_grad_norm=self.max_grad_norm)
 
     def build_trainer(self, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str):
         """Return a transformers/TRL Trainer that trains `model`; the harness calls `.train()` on it."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 from evaluators import EvalContext, Evaluator
+from evaluators.uncertainty import STATS_SUFFIX, error_bars, is_error_bar
 from harness.core import ranks
 from harness.core.generation import GenerationBackend, GenParams
 from harness.core.prompts import render_prompt
@@ -26,8 +27,10 @@ class EvalReport:
 
 
 def is_quality_metric(key: str) -> bool:
-    """An evaluator's score ("eval/<evaluator>/<metric>"), as opposed to the timings and token counts."""
-    return key.startswith("eval/") and not key.startswith(("eval/time/", "eval/generation/"))
+    """An evaluator's score ("eval/<evaluator>/<metric>"), as opposed to the timings and token counts, and to the
+    error bars logged beside a score (`_se`, `_ci_low`, `_ci_high`: evaluators/uncertainty.py)."""
+    return (key.startswith("eval/") and not key.startswith(("eval/time/", "eval/generation/"))
+            and not is_error_bar(key))
 
 
 def selection_value(report: EvalReport, metric: str) -> float | None:
@@ -42,16 +45,18 @@ class Evaluation:
     """Runs the evaluators on one fixed eval set with one generation backend."""
 
     def __init__(self, evaluators: list[Evaluator], samples: list[EvalSample], backend: GenerationBackend,
-                 tokenizer, params: GenParams, prompt_ids: list[list[int]] | None = None):
+                 tokenizer, params: GenParams, prompt_ids: list[list[int]] | None = None, system_prompt: str = ""):
         """`prompt_ids`: the samples' prompts as checked against the model's context (and truncated when asked) by
-        harness.training.runner.fit_eval_prompts; by default rendered here as they are."""
+        harness.training.runner.fit_eval_prompts; by default rendered here as they are, after the `system_prompt`
+        message when one is given (see harness.core.prompts.render_prompt)."""
         self.evaluators = evaluators
         self.samples = samples
         self.backend = backend
         self.tokenizer = tokenizer
         self.params = params
+        self.system_prompt = system_prompt
         if prompt_ids is None:
-            prompt_ids = [render_prompt(tokenizer, s.prompt) for s in samples]
+            prompt_ids = [render_prompt(tokenizer, s.prompt, system_prompt) for s in samples]
         self.prompt_ids = prompt_ids
 
     def run(self, model, step: int) -> EvalReport:
@@ -66,6 +71,8 @@ class Evaluation:
             "prompt": [s.prompt for s in self.samples],
             "reference": [s.reference for s in self.samples],
         }
+        if any(s.answer is not None for s in self.samples):
+            table["answer"] = [s.answer for s in self.samples]
         if any(e.needs_generation for e in self.evaluators):
             completions = self.backend.generate(self.prompt_ids, self.params)
             ctx.predictions = [c.texts[0] for c in completions]
@@ -74,13 +81,21 @@ class Evaluation:
             metrics["eval/generation/tokens"] = tokens
         t2 = time.perf_counter()
         evaluator_tables = {}
+        bars_s = 0.0
         for evaluator in self.evaluators:
             result = evaluator.evaluate(ctx)
             metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in result.metrics.items()})
             table.update({f"{evaluator.name}/{k}": v for k, v in result.per_sample.items()})
+            table.update({f"{evaluator.name}/{k}{STATS_SUFFIX}": v for k, v in result.corpus_stats.items()})
             if result.table is not None:
                 evaluator_tables[evaluator.name] = result.table
+            # error bars of every metric with per-sample values (README: What the error bars mean)
+            start = time.perf_counter()
+            bars = error_bars(evaluator, table)
+            metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in bars.items()})
+            bars_s += time.perf_counter() - start
         t3 = time.perf_counter()
+        metrics["eval/time/error_bars_s"] = bars_s  # part of score_s
         metrics["eval/time/sync_s"] = t1 - t0
         metrics["eval/time/generate_s"] = t2 - t1
         metrics["eval/time/score_s"] = t3 - t2
@@ -131,9 +146,15 @@ class InLoopEvaluation(TrainerCallback):
 
 
 def format_report(report: EvalReport) -> str:
-    scores = [f"{k.removeprefix('eval/')}={v:.2f}" for k, v in report.metrics.items()
-              if is_quality_metric(k) and not math.isnan(v)]
+    """One line: every score, `±` its standard error where it has one (`bleu/bleu4=54.41±3.10`), and the timings."""
     m = report.metrics
+
+    def score(key: str, value: float) -> str:
+        se = m.get(f"{key}_se")
+        return f"{key.removeprefix('eval/')}={value:.2f}" + (f"±{se:.2f}" if se is not None and math.isfinite(se)
+                                                             else "")
+
+    scores = [score(k, v) for k, v in m.items() if is_quality_metric(k) and not math.isnan(v)]
     speed = f", {m['eval/generation/tokens_per_s']:.0f} tok/s" if "eval/generation/tokens_per_s" in m else ""
     return (f"[eval] step {report.step}: {' '.join(scores)} | {m['eval/time/total_s']:.2f}s "
             f"(sync {m['eval/time/sync_s']:.2f}, generate {m['eval/time/generate_s']:.2f}, "

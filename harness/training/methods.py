@@ -7,26 +7,57 @@ import torch
 from datasets import Dataset
 
 
+def auto_warmup_steps(training_steps: int) -> int:
+    """The warm-up of `warmup_steps=-1`: min(5, a tenth of the training steps)."""
+    return min(5, training_steps // 10)
+
+
 def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_size: int, seed: int,
-                deepspeed: str | None = None) -> dict:
+                deepspeed: str | None = None, num_train_epochs: float = 0.0, gradient_accumulation_steps: int = 1,
+                gradient_checkpointing: bool = True, lr_scheduler_type: str = "constant_with_warmup",
+                warmup_steps: int = -1, warmup_ratio: float = 0.0, weight_decay: float = 0.0,
+                max_grad_norm: float = 1.0) -> dict:
     """Trainer arguments every method shares: no saving by the trainer (the harness keeps the best checkpoint),
     no built-in reporting (the harness logs to MLflow), fp32 on CPU; `deepspeed` is a DeepSpeed JSON config
-    (the ranks are started by harness.training.distributed). `batch_size` is per process."""
+    (the ranks are started by harness.training.distributed). `batch_size` is per process.
+
+    The length is `max_steps`, or with max_steps=0 `num_train_epochs` passes over the data (check_settings makes
+    sure exactly one is set). Warm-up: `warmup_ratio` (> 0) as a fraction of the training steps, else
+    `warmup_steps`, or with -1 auto_warmup_steps (worked out here for max_steps; for epochs, where the step count
+    is known only once the trainer has the data, by make_config)."""
     on_gpu = torch.cuda.is_available()
+    if warmup_ratio > 0:
+        warmup = warmup_ratio  # transformers reads a warmup_steps in (0, 1) as a fraction of the training steps
+    elif warmup_steps >= 0:
+        warmup = warmup_steps
+    else:
+        warmup = auto_warmup_steps(max_steps) if max_steps > 0 else 0
+    length = dict(max_steps=max_steps) if max_steps > 0 else dict(max_steps=-1, num_train_epochs=num_train_epochs)
     return dict(
-        output_dir=output_dir, max_steps=max_steps, learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size, seed=seed, data_seed=seed, logging_steps=1,
+        output_dir=output_dir, **length, learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+        gradient_checkpointing=gradient_checkpointing, seed=seed, data_seed=seed, logging_steps=1,
         save_strategy="no", report_to="none", disable_tqdm=True, bf16=on_gpu, use_cpu=not on_gpu,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, max_steps // 10),
-        dataloader_num_workers=0, deepspeed=deepspeed,
+        lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, dataloader_num_workers=0, deepspeed=deepspeed,
         # a NaN/inf loss is logged as such (transformers would log the running average in its place, 0.0 at first)
         logging_nan_inf_filter=False,
     )
 
 
+def make_config(config_cls, method_args: dict, args: dict):
+    """The method's TRL config: its own arguments (`method_args`) and the common ones (`args`, see common_args)."""
+    config = config_cls(**method_args, **common_args(**args))
+    if args.get("max_steps", 1) <= 0 and args.get("warmup_steps", -1) < 0 and args.get("warmup_ratio", 0.0) <= 0:
+        # epochs with the automatic warm-up: the trainer asks its arguments for the warm-up once it knows the step
+        # count (its scheduler, or DeepSpeed's); this instance answers with the same rule as for max_steps
+        config.get_warmup_steps = auto_warmup_steps
+    return config
+
+
 def _build(config_cls, trainer_cls, model, tokenizer, rows: list[dict], callbacks: list, method_args: dict,
            args: dict, **trainer_kwargs):
-    config = config_cls(**method_args, **common_args(**args))
+    config = make_config(config_cls, method_args, args)
     return trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                        callbacks=callbacks, **trainer_kwargs)
 

@@ -16,18 +16,20 @@ from transformers import PrinterCallback, set_seed
 from transformers.utils import logging as hf_logging
 
 from evaluators import EVALUATORS
+from evaluators.uncertainty import ALPHA, N_RESAMPLES, SEED, paired_tests
 from harness.core import ranks
 from harness.core import records as data
 from harness.core.errors import DataError
 from harness.core.files import check_writable_dir
 from harness.core.generation import GenParams
-from harness.core.models import load_model, load_tokenizer, resolve_model
+from harness.core.models import load_model, load_tokenizer, remote_code_warning, resolve_model
 from harness.core.prompts import render_prompt
 from harness.engines.hf_engine import HFBackend
 from harness.engines.vllm_engine import VLLMBackend
 from harness.paths import REPO_ROOT
 from harness.training import distributed
 from harness.training.checkpoints import BestCheckpoint
+from harness.training.early_stop import EarlyStop
 from harness.training.experiment import Experiment
 from harness.training.guards import NonFiniteGuard
 from harness.training.inloop import EvalReport, Evaluation, InLoopEvaluation, format_report, is_quality_metric
@@ -47,6 +49,7 @@ class RunSummary:
     steps_trained: int
     select_metric: str = ""
     skipped_selection: tuple[int, ...] = ()  # steps whose evaluation did not produce select_metric
+    early_stopped_at: int | None = None  # the step early_stop_patience stopped training at
 
 
 @dataclass
@@ -64,7 +67,7 @@ def make_backend(exp: Experiment, model_path: str, tokenizer):
     if exp.backend == "vllm":
         lora_rank = exp.lora_rank if exp.lora_serving == "request" else None
         return VLLMBackend(model_path, seed=exp.seed, max_model_len=engine_max_model_len(exp),
-                           dtype=exp.generation_dtype, lora_rank=lora_rank)
+                           dtype=exp.generation_dtype, lora_rank=lora_rank, trust_remote_code=exp.trust_remote_code)
     return HFBackend(tokenizer)
 
 
@@ -78,7 +81,8 @@ def model_context(exp: Experiment, model_path: str) -> int | None:
     engine's max_model_len; None when the model's config names no limit (HF generate then has none)."""
     from transformers import AutoConfig
 
-    positions = getattr(AutoConfig.from_pretrained(model_path).get_text_config(), "max_position_embeddings", None)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=exp.trust_remote_code)
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     limits = [n for n in (positions, engine_max_model_len(exp) if exp.backend == "vllm" else None) if n]
     return min(limits) if limits else None
 
@@ -89,7 +93,7 @@ def fit_eval_prompts(exp: Experiment, tokenizer, context: int | None, samples: l
     model's `context` for max_new_tokens (when an evaluator generates from them) and for its reference (when one
     scores the reference after the prompt, as perplexity does). A prompt that does not fit is a DataError naming
     its file, line and id, or with eval_truncation=left keeps its last tokens that fit."""
-    ids = [render_prompt(tokenizer, s.prompt) for s in samples]
+    ids = [render_prompt(tokenizer, s.prompt, exp.system_prompt) for s in samples]
     generates = any(EVALUATORS[e].needs_generation for e in exp.evaluators)
     scores_references = any(EVALUATORS[e].scores_references for e in exp.evaluators)
     if context is None or not (generates or scores_references):
@@ -150,22 +154,37 @@ def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list, st
     path (the embedded model is built here on first use) and the eval prompts' token ids (see fit_eval_prompts)."""
     if verbose:
         print(f"[run] {exp.name()}: " + " ".join(f"{k}={v}" for k, v in exp.params().items()), flush=True)
+    if verbose and exp.trust_remote_code:
+        print(remote_code_warning(exp.model), flush=True)
     check_writable_dir(output_root(exp), "output_dir")
     rows = exp.train_rows(data.read_records(exp.train_data))
     records = data.read_records(exp.eval_data)
-    samples = data.eval_samples(records, exp.eval_limit)
+    samples = data.eval_samples(records, exp.eval_limit, required_eval_fields(exp))
     if verbose:
         print(f"[data] {len(rows)} training rows from {exp.train_data}, {len(samples)} eval samples from "
               f"{exp.eval_data}")
     model_path = resolve_model(exp.model)
     sources = [r.source for r in (records[: exp.eval_limit] if exp.eval_limit else records)]
-    prompt_ids = fit_eval_prompts(exp, load_tokenizer(model_path), model_context(exp, model_path), samples, sources)
+    prompt_ids = fit_eval_prompts(exp, _tokenizer(exp, model_path), model_context(exp, model_path), samples, sources)
     return rows, samples, model_path, prompt_ids
 
 
+def required_eval_fields(exp: Experiment) -> dict[str, str]:
+    """Eval record fields the chosen evaluators read besides prompt and reference (their `needs_fields`) -> why,
+    so that a record without one stops the run in prepare, naming the file, line and field."""
+    return {f: f"the {name} evaluator reads it" for name in exp.evaluators if name in EVALUATORS
+            for f in EVALUATORS[name].needs_fields}
+
+
+def _tokenizer(exp: Experiment, model_path: str):
+    """The model's tokenizer with the run's chat_template, if it sets one."""
+    return load_tokenizer(model_path, trust_remote_code=exp.trust_remote_code, chat_template=exp.chat_template)
+
+
 def _load(exp: Experiment, model_path: str):
-    return load_tokenizer(model_path), load_model(model_path, exp.peft, exp.lora_rank, exp.lora_alpha,
-                                                  exp.lora_dropout, exp.lora_target_modules, head=exp.model_head)
+    return _tokenizer(exp, model_path), load_model(model_path, exp.peft, exp.lora_rank, exp.lora_alpha,
+                                                   exp.lora_dropout, exp.lora_target_modules, head=exp.model_head,
+                                                   trust_remote_code=exp.trust_remote_code)
 
 
 def _train(exp: Experiment, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str, **extra):
@@ -207,7 +226,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
         print(f"[eval] {backend.name} backend ready in {time.time() - t:.1f}s", flush=True)
         set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
         evaluation = Evaluation(evaluators, samples, backend, tokenizer,
-                                GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed), prompt_ids=prompt_ids)
+                                GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed), prompt_ids=prompt_ids,
+                                system_prompt=exp.system_prompt)
         best = BestCheckpoint(out_dir / "best", exp.select_metric, exp.select_mode, tokenizer, tracker)
 
         def log_report(report: EvalReport, _model) -> None:
@@ -218,14 +238,17 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
             print(format_report(report), flush=True)
 
         guard = NonFiniteGuard(exp.stop_on_nonfinite)  # after the logging of a value: it is in MLflow either way
-        in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, guard, best, *hooks.monitors])
+        stoppers = [EarlyStop(exp.select_metric, exp.select_mode, exp.early_stop_patience, tracker)
+                    ] if exp.early_stop_patience else []
+        in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, guard, best, *stoppers, *hooks.monitors])
         # monitors come after in_loop: a decision made on a step's report takes effect at that same step's end
-        callbacks = [in_loop, *hooks.monitors, TrainMetricsLogger(tracker), guard]
+        callbacks = [in_loop, *stoppers, *hooks.monitors, TrainMetricsLogger(tracker), guard]
         extra = {"backend": backend} if exp.needs_rollouts else {}
         trainer = _train(exp, model, tokenizer, rows, callbacks, str(out_dir / "trainer"), **extra)
         summary = RunSummary(tracker.run_id, tracker.url(), name, in_loop.reports,
                              best.directory if best.step is not None else None, best.step, best.value,
-                             time.time() - started, trainer.state.global_step, exp.select_metric, tuple(best.skipped))
+                             time.time() - started, trainer.state.global_step, exp.select_metric, tuple(best.skipped),
+                             stoppers[0].stopped_at if stoppers else None)
         eval_s = sum(r.metrics["eval/time/total_s"] for r in in_loop.reports)
         tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
                             trainer.state.global_step)
@@ -238,12 +261,22 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
 def print_summary(summary: RunSummary) -> None:
     first, last = summary.reports[0], summary.reports[-1]
     print(f"\n== {summary.experiment_name}: baseline (step {first.step}) vs final (step {last.step})")
+    # each change tested by a paired bootstrap over the same eval samples (README: What the error bars mean)
+    tests = paired_tests(EVALUATORS, first.table, last.table) if last is not first else {}
+    samples = len(first.table.get("id", ()))
+    if tests:
+        print(f"  (delta, its 95% interval and p-value: paired bootstrap over the {samples} eval samples, "
+              f"{N_RESAMPLES} resamples, seed {SEED}; significant: p < {ALPHA})")
     for key, base in first.metrics.items():
         if not is_quality_metric(key) or key not in last.metrics:
             continue
         final = last.metrics[key]
         delta = final - base if not (math.isnan(base) or math.isnan(final)) else float("nan")
-        print(f"  {key:<28} {base:10.3f} -> {final:10.3f}  ({delta:+.3f})")
+        change = f"{delta:+.3f}"
+        if key in tests:
+            test = tests[key]
+            change = test.describe() + (f", over the {test.n} samples with a value" if test.n != samples else "")
+        print(f"  {key:<28} {base:10.3f} -> {final:10.3f}  ({change})")
     print(f"  MLflow run: {summary.run_id} in {tracking_uri()}")
     print(f"  MLflow UI:  {summary.run_url}" + ("" if summary.run_url.startswith(tracking_uri()) else "  (`make ui`)"))
     if summary.best_checkpoint:
@@ -255,4 +288,7 @@ def print_summary(summary: RunSummary) -> None:
         print(f"  selection skipped {len(summary.skipped_selection)} of {len(summary.reports)} evaluations without "
               f"{summary.select_metric} (steps {', '.join(map(str, summary.skipped_selection))}): an evaluator's "
               f"dependency failed; see the [warn] lines")
+    if summary.early_stopped_at is not None:
+        print(f"  stopped early at step {summary.early_stopped_at}: {summary.select_metric} stopped improving "
+              f"(early_stop_patience)")
     print(f"  wall time: {summary.wall_s:.1f}s")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from evaluators import EVALUATORS
 from harness.core.errors import ConfigError
+from harness.core.prompts import read_chat_template
 from harness.training.distributed import LAUNCHERS, deepspeed_config, zero_stage
 from harness.training.experiment import BACKENDS, EVAL_TRUNCATIONS, GENERATION_DTYPES, PEFT_KINDS, Experiment
 
@@ -33,6 +34,8 @@ def check_settings(exp: Experiment, launch: str | None = None, sweep: bool = Fal
     try:
         deepspeed = deepspeed_config(exp.deepspeed)
         stage = zero_stage(deepspeed) if deepspeed else None
+        if exp.chat_template:
+            read_chat_template(exp.chat_template)  # a named template, or a Jinja file that parses
     except ConfigError as e:
         raise ConfigError(f"{name}: {e}") from None
     for ok, why in _start_rules(exp, launch, sweep, stage):
@@ -88,6 +91,13 @@ def _range_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
         (exp.lora_alpha > 0, "lora_alpha", "must be > 0"),
         (0 <= exp.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
         (bool(exp.lora_target_modules), "lora_target_modules", "must name at least one module (or all-linear)"),
+        (exp.num_train_epochs >= 0, "num_train_epochs", "must be >= 0 (0 = the length is max_steps)"),
+        (exp.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1"),
+        (exp.warmup_steps >= -1, "warmup_steps", "must be >= 0, or -1 for min(5, a tenth of the training steps)"),
+        (0 <= exp.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1) (a fraction of the training steps)"),
+        (exp.weight_decay >= 0, "weight_decay", "must be >= 0"),
+        (exp.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = no clipping)"),
+        (exp.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 = no early stopping)"),
     ]
     rules += [(check(getattr(exp, field)), field, why) for field, (check, why) in _METHOD_RANGES.items()
               if hasattr(exp, field)]
@@ -107,7 +117,8 @@ def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
         (exp.select_mode in ("max", "min"), "select_mode", "must be 'max' or 'min'"),
         (exp.generation_dtype in GENERATION_DTYPES, "generation_dtype",
          f"must be one of {', '.join(GENERATION_DTYPES)}"),
-        (exp.max_steps >= 1, "max_steps", "must be >= 1"),
+        *_length_rules(exp),
+        *_schedule_rules(exp),
         (exp.eval_every >= 1, "eval_every", "must be >= 1"),
         (exp.eval_limit >= 0, "eval_limit", "must be >= 0 (0 means the whole eval set)"),
         (exp.batch_size >= 1, "batch_size", "must be >= 1"),
@@ -135,9 +146,59 @@ def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
     return rules
 
 
+def _length_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
+    """Exactly one of max_steps and num_train_epochs decides how long a run trains: max_steps=0 hands it to
+    num_train_epochs (transformers would let a positive max_steps silently override the epochs)."""
+    return [
+        (exp.max_steps >= 0, "max_steps", "must be >= 1, or 0 to train for num_train_epochs"),
+        (exp.max_steps != 0 or exp.num_train_epochs > 0, "max_steps",
+         "trains for num_train_epochs, which is 0: set max_steps >= 1, or num_train_epochs > 0"),
+        (exp.max_steps <= 0 or exp.num_train_epochs == 0, "num_train_epochs",
+         f"and max_steps = {exp.max_steps} both set the length of the run: set max_steps=0 to train for "
+         f"epochs, or num_train_epochs=0 to train for max_steps"),
+    ]
+
+
+# transformers' schedulers that a harness run cannot drive, and why
+_UNUSABLE_SCHEDULERS = {
+    "reduce_lr_on_plateau": "follows the trainer's own evaluation loss, which a harness run does not compute",
+    "greedy": "follows the trainer's own evaluation loss, which a harness run does not compute",
+    "cosine_with_min_lr": "needs lr_scheduler_kwargs (min_lr), which the harness does not pass; use cosine",
+    "cosine_warmup_with_min_lr": "needs lr_scheduler_kwargs (min_lr), which the harness does not pass; use cosine",
+    "warmup_stable_decay": "needs lr_scheduler_kwargs (num_decay_steps), which the harness does not pass",
+}
+
+
+def lr_schedulers() -> list[str]:
+    """The `lr_scheduler_type` values a run accepts: transformers' SchedulerType names it can drive."""
+    from transformers import SchedulerType
+
+    return [s.value for s in SchedulerType if s.value not in _UNUSABLE_SCHEDULERS]
+
+
+def _schedule_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
+    schedulers = lr_schedulers()
+    return [
+        (exp.lr_scheduler_type in schedulers, "lr_scheduler_type",
+         _UNUSABLE_SCHEDULERS.get(exp.lr_scheduler_type, f"must be one of {', '.join(schedulers)}")),
+        (exp.warmup_ratio == 0 or exp.warmup_steps == -1, "warmup_ratio",
+         f"and warmup_steps = {exp.warmup_steps} both set the warm-up: set one of them (warmup_steps=-1 with "
+         f"warmup_ratio, or warmup_ratio=0 with warmup_steps)"),
+        (exp.lr_scheduler_type != "constant" or (exp.warmup_steps <= 0 and exp.warmup_ratio == 0),
+         "lr_scheduler_type", "'constant' has no warm-up, so the warm-up set would be ignored: use "
+                              "constant_with_warmup, or warmup_steps=0"),
+    ]
+
+
 def _start_rules(exp: Experiment, launch: str | None, sweep: bool, stage: int | None) -> list[tuple[bool, str]]:
     readers = [e for e in exp.evaluators if EVALUATORS[e].needs_model]
     return [
+        (not sweep or exp.early_stop_patience == 0,
+         f"early_stop_patience={exp.early_stop_patience}: a sweep stops unpromising trials with its pruner "
+         f"(--pruner); run the sweep with early_stop_patience=0"),
+        (launch is None or exp.early_stop_patience == 0,
+         f"early_stop_patience={exp.early_stop_patience}: the decision is made on rank 0's evaluations, which the "
+         f"other ranks cannot see yet; run without --launch, or with early_stop_patience=0"),
         (not sweep or stage is None,
          f"deepspeed={exp.deepspeed}: a sweep runs each trial as one process; for several workers run `make "
          f"sweep-worker` on each machine or GPU instead"),
