@@ -1,5 +1,6 @@
 """Evaluators by name. Adding one is a small subclass of `Evaluator` with `name`, `metrics` and `evaluate`."""
 
+from evaluators.answer import Answer
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from evaluators.bleu import Bleu
 from evaluators.humaneval import HumanEval
@@ -9,6 +10,6 @@ from evaluators.reward_accuracy import RewardAccuracy
 from evaluators.rouge import RougeChinese
 
 EVALUATORS: dict[str, type[Evaluator]] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge,
-                                                              RewardAccuracy)}
+                                                              RewardAccuracy, Answer)}
 
 __all__ = ["EVALUATORS", "EvalContext", "EvalResult", "Evaluator"]

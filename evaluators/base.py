@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from harness.core.generation import GenerationBackend
     from harness.core.records import EvalSample
 
@@ -28,6 +30,9 @@ class EvalResult:
     metrics: dict[str, float]  # short names; the harness logs them as eval/<evaluator>/<metric>
     per_sample: dict[str, list[float]] = field(default_factory=dict)  # column -> one value per sample
     table: dict[str, list] | None = None  # the evaluator's own rows when they are not the eval samples
+    # corpus metric -> one row of sufficient statistics per sample (Evaluator.corpus_metrics): what a bootstrap
+    # resamples; the eval table keeps them as column <evaluator>/<metric>_stats
+    corpus_stats: dict[str, list[list[float]]] = field(default_factory=dict)
 
 
 class Evaluator:
@@ -40,6 +45,14 @@ class Evaluator:
     needs_model: ClassVar[bool] = False  # True: runs ctx.model itself (impossible under ZeRO-3 sharding)
     # True: scores each eval reference after its prompt (prompt + reference must fit the model's context)
     scores_references: ClassVar[bool] = False
+    # eval record fields read besides prompt and reference (answer: `answer`): every record must have them, checked
+    # with the data before the run opens
+    needs_fields: ClassVar[tuple[str, ...]] = ()
+    # Error bars and paired tests (evaluators/uncertainty.py). mean_metrics: metrics that are the mean of the
+    # per_sample column of the same name (over its finite values). corpus_metrics: metrics computed from the
+    # per-sample sufficient statistics in EvalResult.corpus_stats, summed over samples, by `corpus_score`.
+    mean_metrics: ClassVar[tuple[str, ...]] = ()
+    corpus_metrics: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def resolved_options(cls, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -59,6 +72,12 @@ class Evaluator:
         """(holds, option, why not) for option values that make no sense alone or together (HumanEval: every k <=
         n); harness.training.settings.check_settings checks them with every other rule before any work."""
         return []
+
+    @classmethod
+    def corpus_score(cls, metric: str, totals: np.ndarray) -> np.ndarray:
+        """The corpus metric `metric` from its sufficient statistics summed over samples, for each row of `totals`
+        (one row per bootstrap resample): what a bootstrap recomputes. Needed for every name in corpus_metrics."""
+        raise NotImplementedError(f"{cls.__name__} declares no corpus metric {metric!r}")
 
     @property
     def artifacts(self) -> dict[str, str]:

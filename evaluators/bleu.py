@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import sacrebleu
 
 from evaluators.base import EvalContext, EvalResult, Evaluator
@@ -21,6 +22,23 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> tuple[float, s
     return sacrebleu.corpus_bleu(predictions, [references], tokenize=tokenize).score, tokenize
 
 
+def bleu_statistics(predictions: list[str], references: list[str]) -> tuple[list[list[int]], str]:
+    """Per-sample sufficient statistics of corpus BLEU, as sacreBLEU extracts them for its own bootstrap: for each
+    sample [hypothesis length, closest reference length, matches of 1..4-grams, 1..4-grams in the hypothesis].
+    Their column sums give corpus_bleu's score (bleu_from_totals); the tokenizer is chosen as corpus_bleu does."""
+    tokenize = "zh" if has_chinese(references) else "13a"
+    metric = sacrebleu.metrics.BLEU(tokenize=tokenize)  # corpus_bleu's defaults: exp smoothing, no effective order
+    return [[int(x) for x in row] for row in metric._extract_corpus_statistics(predictions, [references])], tokenize
+
+
+_SCORER = sacrebleu.metrics.BLEU()  # its defaults are corpus_bleu's; the tokenizer plays no part in scoring stats
+
+
+def bleu_from_totals(totals: np.ndarray) -> np.ndarray:
+    """Corpus BLEU from summed sufficient statistics (bleu_statistics), one score per row of `totals`."""
+    return np.array([_SCORER._compute_score_from_stats(row).score for row in np.atleast_2d(totals)])
+
+
 def char_bleu4(prediction: str, reference: str) -> float:
     """Character-level BLEU-4 with NLTK smoothing method3, x100, exactly as LLaMA-Factory's compute_metrics."""
     # nltk takes ~2 s to import: loaded on first use, not by every command that lists the evaluators
@@ -32,10 +50,19 @@ def char_bleu4(prediction: str, reference: str) -> float:
 class Bleu(Evaluator):
     name = "bleu"
     metrics = ("bleu", "bleu4")
+    mean_metrics = ("bleu4",)
+    corpus_metrics = ("bleu",)
+
+    @classmethod
+    def corpus_score(cls, metric: str, totals: np.ndarray) -> np.ndarray:
+        if metric != "bleu":
+            return super().corpus_score(metric, totals)
+        return bleu_from_totals(totals)
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         refs = [s.reference for s in ctx.samples]
         preds = ctx.predictions
-        corpus, _ = corpus_bleu(preds, refs)
+        stats, _ = bleu_statistics(preds, refs)
+        corpus = float(bleu_from_totals(np.sum(stats, axis=0))[0])  # = corpus_bleu(preds, refs)
         per = [char_bleu4(p, r) for p, r in zip(preds, refs, strict=True)]
-        return EvalResult({"bleu": corpus, "bleu4": sum(per) / len(per)}, {"bleu4": per})
+        return EvalResult({"bleu": corpus, "bleu4": sum(per) / len(per)}, {"bleu4": per}, corpus_stats={"bleu": stats})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from evaluators.base import EvalContext, EvalResult, Evaluator
 
 
@@ -24,8 +26,18 @@ class Perplexity(Evaluator):
     metrics = ("perplexity",)
     needs_generation = False
     scores_references = True
+    corpus_metrics = ("perplexity",)  # per sample: [NLL summed over its reference tokens, its token count]
+
+    @classmethod
+    def corpus_score(cls, metric: str, totals: np.ndarray) -> np.ndarray:
+        if metric != "perplexity":
+            return super().corpus_score(metric, totals)
+        totals = np.atleast_2d(totals)
+        return np.exp(totals[:, 0] / totals[:, 1])
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         refs = reference_ids(ctx.tokenizer, [s.reference for s in ctx.samples])
-        corpus, per = perplexity_from_logprobs(ctx.backend.logprobs(ctx.prompt_ids, refs))
-        return EvalResult({"perplexity": corpus}, {"perplexity": per})
+        logprobs = ctx.backend.logprobs(ctx.prompt_ids, refs)
+        corpus, per = perplexity_from_logprobs(logprobs)
+        stats = [[-float(sum(lp)), len(lp)] for lp in logprobs]
+        return EvalResult({"perplexity": corpus}, {"perplexity": per}, corpus_stats={"perplexity": stats})

@@ -22,6 +22,7 @@ def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
 class RougeChinese(Evaluator):
     name = "rouge"
     metrics = ("rouge1", "rouge2", "rougeL")
+    mean_metrics = metrics
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         rows = [rouge_scores(p, s.reference) for p, s in zip(ctx.predictions, ctx.samples, strict=True)]

@@ -1,4 +1,6 @@
-"""`python -m harness compare`: runs side by side, every eval metric at baseline and final, and their curves.
+"""`python -m harness compare`: runs side by side, every eval metric at baseline and final, and their curves; then
+each run's final evaluation against the first run's, paired over the same eval samples (difference, 95% interval,
+p-value) from the per-sample tables the runs logged.
 
 The plot is also logged to each compared run (under `compare/`) so that the MLflow UI shows it next to the run.
 """
@@ -9,11 +11,13 @@ import hashlib
 import math
 from pathlib import Path
 
+from evaluators import EVALUATORS
+from evaluators.uncertainty import ALPHA, N_RESAMPLES, SEED, aligned_rows, paired_tests
 from harness.core.errors import ConfigError
 from harness.core.files import check_writable_dir, check_writable_file
 from harness.paths import REPO_ROOT
 from harness.training.inloop import is_quality_metric
-from harness.training.tracking import RunRecord, existing_run, load_runs
+from harness.training.tracking import RunRecord, existing_run, load_runs, load_table
 
 DEFAULT_DIR = REPO_ROOT / "outputs" / "compare"
 
@@ -39,7 +43,50 @@ def compare(run_ids: list[str], experiment: str | None = None, out: str | None =
     plot_curves(runs, png)
     for run in runs:
         existing_run(run.run_id).log_artifact(str(png), "compare")
-    return format_table(runs), png
+    paired = format_paired(runs, {r.run_id: final_table(r) for r in runs}) if len(runs) > 1 else []
+    return "\n".join([format_table(runs), *paired]), png
+
+
+def final_step(run: RunRecord) -> int | None:
+    steps = [s for points in run.history.values() for s, _ in points]
+    return max(steps) if steps else None
+
+
+def final_table(run: RunRecord) -> dict[str, list] | None:
+    """The per-sample eval table the run logged at its last evaluation (eval_samples/step_NNNNNN.json), if any."""
+    step = final_step(run)
+    return None if step is None else load_table(run.run_id, f"eval_samples/step_{step:06d}.json")
+
+
+def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, list] | None]) -> list[str]:
+    """Each run after the first against the first, at their final evaluations: the paired difference of every
+    metric with per-sample values, its 95% interval and p-value (evaluators/uncertainty.py), when both runs were
+    evaluated on the same samples (same ids and prompts)."""
+    base = runs[0]
+    lines = [f"paired difference vs {_label(base)} at each run's final evaluation",
+             f"  (paired bootstrap over the same eval samples, {N_RESAMPLES} resamples, seed {SEED}; significant: "
+             f"p < {ALPHA})"]
+    base_table = tables.get(base.run_id)
+    if base_table is None:
+        return [*lines, f"  {_label(base)} logged no per-sample table at step {final_step(base)}: nothing to pair"]
+    for run in runs[1:]:
+        table = tables.get(run.run_id)
+        if table is None:
+            lines.append(f"  {_label(run)}: no per-sample table at step {final_step(run)}")
+            continue
+        if aligned_rows(base_table, table) is None:
+            lines.append(f"  {_label(run)}: not evaluated on the same samples (ids or prompts differ): not paired")
+            continue
+        tests = paired_tests(EVALUATORS, base_table, table)
+        if not tests:
+            lines.append(f"  {_label(run)}: no metric with per-sample values in both tables")
+            continue
+        lines.append(f"  {_label(run)} (step {final_step(run)}) - {_label(base)} (step {final_step(base)}), "
+                     f"{len(table.get('id', ()))} samples:")
+        width = max(28, *(len(k) for k in tests)) + 2
+        for key, test in sorted(tests.items()):
+            lines.append(f"    {key.ljust(width)}{test.base:10.3f} -> {test.new:10.3f}  ({test.describe()})")
+    return lines
 
 
 def _label(run: RunRecord) -> str:

@@ -10,7 +10,7 @@ from evaluators.judge import Judge
 from evaluators.sandbox import Sandbox
 from harness.core.errors import DataError
 from harness.core.prompts import render_prompt
-from harness.core.records import EvalSample, Record, read_records, require_text
+from harness.core.records import EvalSample, Record, eval_answer, read_records, require_text
 from harness.engines.hf_engine import HFBackend
 
 # Inputs follow require_text's rule; model outputs (`prediction`, `completion`) may be empty, but must be strings.
@@ -24,8 +24,10 @@ def score_file(evaluator_name: str, samples_file: str, model: str | None = None)
         raise DataError(f"{samples_file}: no records")
     if not evaluator.needs_generation:
         return _score_with_model(evaluator, records, model)
-    samples = [EvalSample(str(i), r.fields.get("prompt", ""), require_text(r, "reference")) for i, r in
-               enumerate(records)]
+    needs_answer = "answer" in evaluator.needs_fields
+    samples = [EvalSample(str(i), r.fields.get("prompt", ""), require_text(r, "reference"),
+                          eval_answer(r, needs_answer, f"the {evaluator_name} evaluator reads it"))
+               for i, r in enumerate(records)]
     predictions = [require_text(r, "prediction", blank_ok=True) for r in records]
     return evaluator.evaluate(EvalContext(samples, predictions=predictions))
 

@@ -172,11 +172,31 @@ class EvalSample:
     id: str
     prompt: str
     reference: str
+    answer: str | None = None  # the short checkable answer (the `answer` evaluator, GRPO's answer_match), if given
 
 
-def eval_samples(records: list[Record], limit: int = 0) -> list[EvalSample]:
-    """Eval records with a string `prompt` and `reference`; `limit` keeps the first N (0 keeps all)."""
-    samples = [EvalSample(str(r.fields.get("id", i)), require_text(r, "prompt"), require_text(r, "reference"))
+def eval_answer(record: Record, required: bool = False, why: str = "") -> str | None:
+    """A record's `answer`: a non-empty string, or a JSON number as text (72 -> "72", 3.5 -> "3.5"). Without
+    `required`, anything else (absent, empty, another type) is None, so runs that do not read it never fail on it;
+    with `required` it is an error naming the file, line and field, like every required field."""
+    value = record.fields.get("answer")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if not required:
+        return value if isinstance(value, str) and value.strip() else None
+    return require_text(record, "answer", why=why)
+
+
+def eval_samples(records: list[Record], limit: int = 0, required: dict[str, str] | None = None) -> list[EvalSample]:
+    """Eval records with a string `prompt` and `reference`, and `answer` when present; `limit` keeps the first N
+    (0 keeps all). `required`: fields every record must have besides those (only `answer` is known) -> why, for
+    the error message (e.g. {"answer": "the answer evaluator compares outputs with it"})."""
+    required = required or {}
+    unknown = sorted(set(required) - {"answer"})
+    if unknown:
+        raise ValueError(f"eval records carry no field(s) {unknown}")
+    samples = [EvalSample(str(r.fields.get("id", i)), require_text(r, "prompt"), require_text(r, "reference"),
+                          eval_answer(r, "answer" in required, required.get("answer", "")))
                for i, r in enumerate(records[:limit] if limit else records)]
     if not samples:
         raise DataError("the eval data has no records")

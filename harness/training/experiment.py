@@ -115,6 +115,13 @@ class Experiment:
                 "a launch (--launch deepspeed)")
     output_dir: str = help_field(
         "outputs", "checkpoints go to OUTPUT_DIR/NAME/RUN_ID/best (a relative path is under the repository root)")
+    save_every: int = help_field(
+        0, "write a resumable checkpoint (weights, optimizer, scheduler, RNG, data position) every N steps to "
+           "OUTPUT_DIR/NAME/RUN_ID/checkpoints, for resume=RUN_ID; 0 = none (a resume then starts from step 0)")
+    save_total_limit: int = help_field(2, "keep the last N complete periodic checkpoints (with save_every)")
+    resume: str = help_field(
+        "", "continue this run (an MLflow run id, or latest: the experiment's newest run) from its last complete "
+            "checkpoint, in the same MLflow run and with its configuration; empty = a new run")
     trust_remote_code: bool = help_field(
         False, "let a hub model run the Python code its repository ships (its own model or tokenizer classes), in "
                "training and in the vLLM engine; the run warns when on. Only for models you trust")
@@ -187,7 +194,7 @@ class Experiment:
                     gradient_accumulation_steps=self.gradient_accumulation_steps,
                     gradient_checkpointing=self.gradient_checkpointing, lr_scheduler_type=self.lr_scheduler_type,
                     warmup_steps=self.warmup_steps, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
-                    max_grad_norm=self.max_grad_norm)
+                    max_grad_norm=self.max_grad_norm, save_every=self.save_every)
 
     def build_trainer(self, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str):
         """Return a transformers/TRL Trainer that trains `model`; the harness calls `.train()` on it."""

@@ -118,8 +118,12 @@ class InLoopEvaluation(TrainerCallback):
         self.listeners = listeners
         self.reports: list[EvalReport] = []
         self.last_step: int | None = None
+        self.done: set[int] = set()  # steps a resumed run evaluated before: not evaluated (or logged) again
 
     def _evaluate(self, model, step: int) -> None:
+        if step in self.done:
+            self.last_step = step
+            return
         start = time.perf_counter()
         with distributed.full_parameters(model):
             if self.evaluation is not None:

@@ -33,6 +33,7 @@ from harness.training.early_stop import EarlyStop
 from harness.training.experiment import Experiment
 from harness.training.guards import NonFiniteGuard
 from harness.training.inloop import EvalReport, Evaluation, InLoopEvaluation, format_report, is_quality_metric
+from harness.training.resume import CheckpointKeeper, claim_run_dir, load_resume, restore_best
 from harness.training.tracking import Tracker, TrainMetricsLogger, mlflow_run, tracking_uri
 
 
@@ -187,10 +188,12 @@ def _load(exp: Experiment, model_path: str):
                                                    trust_remote_code=exp.trust_remote_code)
 
 
-def _train(exp: Experiment, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str, **extra):
+def _train(exp: Experiment, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str,
+           resume_from: Path | None = None, **extra):
     trainer = exp.build_trainer(model, tokenizer, rows, callbacks, output_dir, **extra)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; TrainMetricsLogger prints progress
-    trainer.train()
+    # from a checkpoint: weights, optimizer, scheduler, RNG, step and data position (harness.training.resume)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer
 
 
@@ -211,7 +214,7 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
     if ranks.launched():
         tags.update({"distributed.world_size": str(ranks.world_size()),
                      "distributed.launcher": os.environ.get(distributed.LAUNCHER_ENV, "unknown")})
-    with mlflow_run(name, exp.params(), tags, run_name=hooks.run_name) as tracker:
+    with mlflow_run(name, exp.params(), tags, run_name=hooks.run_name, resume_run_id=exp.resume or None) as tracker:
         print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {tracking_uri()}", flush=True)
         if hooks.on_open is not None:
             hooks.on_open(tracker)
@@ -220,6 +223,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
             for artifact_file, text in evaluator.artifacts.items():
                 tracker.log_text(text, artifact_file)
         out_dir = output_root(exp) / tracker.run_id
+        lock = claim_run_dir(out_dir)  # held until the process ends: a resume of a live run is refused
+        resumed = load_resume(tracker, out_dir) if exp.resume else None
         tokenizer, model = _load(exp, model_path)
         t = time.time()
         backend = make_backend(exp, model_path, tokenizer)
@@ -229,6 +234,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
                                 GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed), prompt_ids=prompt_ids,
                                 system_prompt=exp.system_prompt)
         best = BestCheckpoint(out_dir / "best", exp.select_metric, exp.select_mode, tokenizer, tracker)
+        if resumed:
+            restore_best(best, best.directory)
 
         def log_report(report: EvalReport, _model) -> None:
             tracker.log_metrics(report.metrics, report.step)
@@ -241,10 +248,16 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
         stoppers = [EarlyStop(exp.select_metric, exp.select_mode, exp.early_stop_patience, tracker)
                     ] if exp.early_stop_patience else []
         in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, guard, best, *stoppers, *hooks.monitors])
+        if resumed:
+            in_loop.done, in_loop.reports = set(resumed.eval_steps), list(resumed.reports)
         # monitors come after in_loop: a decision made on a step's report takes effect at that same step's end
-        callbacks = [in_loop, *stoppers, *hooks.monitors, TrainMetricsLogger(tracker), guard]
+        callbacks = [in_loop, *stoppers, *hooks.monitors,
+                     TrainMetricsLogger(tracker, logged_through=resumed.train_logged_through if resumed else -1), guard]
+        if exp.save_every:
+            callbacks.append(CheckpointKeeper(exp.save_total_limit))
         extra = {"backend": backend} if exp.needs_rollouts else {}
-        trainer = _train(exp, model, tokenizer, rows, callbacks, str(out_dir / "trainer"), **extra)
+        trainer = _train(exp, model, tokenizer, rows, callbacks, str(out_dir / "checkpoints"),
+                         resumed.checkpoint if resumed else None, **extra)
         summary = RunSummary(tracker.run_id, tracker.url(), name, in_loop.reports,
                              best.directory if best.step is not None else None, best.step, best.value,
                              time.time() - started, trainer.state.global_step, exp.select_metric, tuple(best.skipped),
@@ -252,6 +265,7 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
         eval_s = sum(r.metrics["eval/time/total_s"] for r in in_loop.reports)
         tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
                             trainer.state.global_step)
+    lock.close()
     del backend, trainer
     gc.collect()
     print_summary(summary)

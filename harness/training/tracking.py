@@ -256,6 +256,11 @@ class Tracker:
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in _retrying(self.client.get_metric_history, self.run_id, key)]
 
+    def histories(self, prefix: str) -> dict[str, list[tuple[int, float]]]:
+        """The full history of every metric of the run whose key starts with `prefix`, in step order."""
+        keys = _retrying(self.client.get_run, self.run_id).data.metrics
+        return {k: sorted(self.metric_history(k)) for k in sorted(keys) if k.startswith(prefix)}
+
     def fail_if_running(self) -> bool:
         """Mark the run FAILED if its process died before ending it; True if it did."""
         if _retrying(self.client.get_run, self.run_id).info.status != "RUNNING":
@@ -335,6 +340,38 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class RunState:
+    run_id: str
+    experiment: str
+    status: str  # RUNNING, FINISHED, FAILED, KILLED
+    params: dict[str, str]
+
+
+def run_state(run_id: str) -> RunState | None:
+    """A run's experiment, status and params; None when the store has no such (active) run."""
+    client = _client(tracking_uri())
+    try:
+        run = _retrying(client.get_run, run_id)
+    except Exception:  # MlflowException(RESOURCE_DOES_NOT_EXIST)
+        return None
+    if run.info.lifecycle_stage != "active":
+        return None
+    experiment = _retrying(client.get_experiment, run.info.experiment_id).name
+    return RunState(run_id, experiment, run.info.status, dict(run.data.params))
+
+
+def latest_run_id(experiment: str) -> str | None:
+    """The newest run (by start time) of an MLflow experiment; None when it has none."""
+    client = _client(tracking_uri())
+    found = _retrying(client.get_experiment_by_name, experiment)
+    if found is None:
+        return None
+    runs = _retrying(client.search_runs, [found.experiment_id], "", order_by=["attributes.start_time DESC"],
+                     max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def existing_run(run_id: str) -> Tracker:
     """A tracker for a run another process opened (a sweep trial), to tag it or close it after that process."""
     client = _client(tracking_uri())
@@ -399,6 +436,25 @@ def load_runs(run_ids: list[str], experiment: str | None, keep: Callable[[str], 
     return records
 
 
+def load_table(run_id: str, artifact_file: str) -> dict[str, list] | None:
+    """A table a run logged with Tracker.log_table (split-orient JSON), as columns; None when the run has no such
+    artifact or it is not such a table."""
+    import tempfile
+
+    client = _client(tracking_uri())
+    with tempfile.TemporaryDirectory(prefix="table-") as tmp:
+        try:
+            path = _retrying(client.download_artifacts, run_id, artifact_file, tmp)
+            data = json.loads(Path(path).read_text())
+        except Exception:  # MLflow raises its own error types for a missing artifact; either way there is no table
+            return None
+    if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"),
+                                                                                                 list):
+        return None
+    columns = [str(c) for c in data["columns"]]
+    return {c: [row[i] for row in data["data"]] for i, c in enumerate(columns)}
+
+
 def __getattr__(name: str):
     """`TrainMetricsLogger`, defined on first use: transformers takes seconds to import, and the processes that only
     track (compare, a sweep's driver, a store check) never need it."""
@@ -409,11 +465,16 @@ def __getattr__(name: str):
     class TrainMetricsLogger(TrainerCallback):
         """Sends the trainer's own logs (loss, rewards, lr, ...) to MLflow as train/* and prints a progress line."""
 
-        def __init__(self, tracker: Tracker, print_every: int = 5):
+        def __init__(self, tracker: Tracker, print_every: int = 5, logged_through: int = -1):
+            """`logged_through`: a resumed run's last step already logged; the steps up to it, trained again
+            from the checkpoint, are not logged twice."""
             self.tracker = tracker
             self.print_every = print_every
+            self.logged_through = logged_through
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step <= self.logged_through:
+                return
             numeric = {f"train/{k}": v for k, v in (logs or {}).items() if isinstance(v, int | float)}
             self.tracker.log_metrics(numeric, state.global_step)
             if state.global_step % self.print_every == 0 and "train/loss" in numeric:

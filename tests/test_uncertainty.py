@@ -1,0 +1,338 @@
+"""Error bars and paired tests (evaluators/uncertainty.py) against sacreBLEU's own bootstrap and direct computation;
+the `answer` evaluator's normalisation; where the error bars show up (MLflow keys, the eval line, the end-of-run
+summary, `harness compare`)."""
+
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sacrebleu.metrics import BLEU
+from sacrebleu.significance import PairedTest, _bootstrap_resample
+
+from evaluators import EVALUATORS, EvalContext
+from evaluators.answer import answer_scores, contains_answer, extract_answer, last_number, normalize, parse_number
+from evaluators.bleu import Bleu, bleu_statistics, corpus_bleu
+from evaluators.uncertainty import (
+    N_RESAMPLES,
+    Statistic,
+    bootstrap_interval,
+    mean_statistic,
+    paired_bootstrap,
+    paired_tests,
+    percentile_interval,
+    resample_indices,
+    standard_error,
+)
+from harness.core.errors import ConfigError, DataError
+from harness.core.generation import Completion
+from harness.core.records import EvalSample, Record, eval_samples
+from harness.paths import DATA_DIR, REPO_ROOT
+
+
+def _eval_rows(n: int = 64) -> list[dict]:
+    return [json.loads(line) for line in (DATA_DIR / "eval.jsonl").read_text(encoding="utf-8").splitlines()][:n]
+
+
+def _systems(seed: int = 1) -> tuple[list[str], list[str], list[str]]:
+    """References and two systems' outputs: a noisier baseline and a better system, on 64 eval references."""
+    refs = [r["reference"] for r in _eval_rows()]
+    rng = random.Random(seed)
+
+    def noisy(text: str, edits: int) -> str:
+        chars = list(text)
+        for _ in range(rng.randint(0, edits)):
+            chars[rng.randrange(len(chars))] = "x"
+        return "".join(chars)
+
+    return refs, [noisy(r, 5) for r in refs], [noisy(r, 2) for r in refs]
+
+
+def _bleu(stats) -> Statistic:
+    return Statistic(np.asarray(stats, dtype=float), lambda totals: Bleu.corpus_score("bleu", totals))
+
+
+# ---- against sacreBLEU ----
+
+def test_bleu_statistics_sum_to_sacrebleu_corpus_bleu():
+    refs, _, hyps = _systems()
+    stats, tokenize = bleu_statistics(hyps, refs)
+    assert tokenize == "zh" and len(stats) == 64 and len(stats[0]) == 10
+    assert _bleu(stats).value() == pytest.approx(corpus_bleu(hyps, refs)[0], abs=1e-9)
+
+
+def test_bleu_interval_matches_sacrebleu_bootstrap():
+    refs, _, hyps = _systems()
+    stats, tokenize = bleu_statistics(hyps, refs)
+    ours = bootstrap_interval(_bleu(stats))  # 1000 resamples, seed 12345: sacreBLEU's defaults
+    metric = BLEU(tokenize=tokenize)
+    score = metric.corpus_score(hyps, [refs], n_bootstrap=N_RESAMPLES)  # mean and half-width of its 95% interval
+    assert (ours.high - ours.low) / 2 == pytest.approx(score._ci, abs=0.01)
+    # the two ends themselves: the same order statistics of sacreBLEU's own resampled scores
+    _, resampled = _bootstrap_resample(metric._extract_corpus_statistics(hyps, [refs]), metric, N_RESAMPLES)
+    low, high = percentile_interval(np.array([s.score for s in resampled]))
+    assert ours.low == pytest.approx(low, abs=0.01) and ours.high == pytest.approx(high, abs=0.01)
+    assert ours.low < ours.value < ours.high
+    assert ours.se == pytest.approx(np.std([s.score for s in resampled], ddof=1), abs=0.01)
+
+
+def test_paired_bootstrap_matches_sacrebleu_paired_bs():
+    refs, base, new = _systems()
+    (stats_a, tokenize), (stats_b, _) = bleu_statistics(base, refs), bleu_statistics(new, refs)
+    ours = paired_bootstrap(_bleu(stats_a), _bleu(stats_b))
+    _, scores = PairedTest([("base", base), ("new", new)], {"BLEU": BLEU(tokenize=tokenize)}, [refs],
+                           test_type="bs", n_samples=N_RESAMPLES)()
+    baseline, system = scores["BLEU"]
+    assert ours.base == pytest.approx(baseline.score, abs=0.01) and ours.new == pytest.approx(system.score, abs=0.01)
+    assert ours.delta == pytest.approx(system.score - baseline.score, abs=0.01)
+    assert ours.p_value == pytest.approx(system.p_value, abs=0.01)
+    assert ours.p_value < 0.05 and ours.significant and 0 < ours.low < ours.delta < ours.high
+    # a difference sacreBLEU does not call significant is not called significant here either
+    half = [*new[:32], *base[32:]]
+    ours = paired_bootstrap(_bleu(stats_a), _bleu(bleu_statistics(half, refs)[0]))
+    _, scores = PairedTest([("base", base), ("half", half)], {"BLEU": BLEU(tokenize=tokenize)}, [refs],
+                           test_type="bs", n_samples=N_RESAMPLES)()
+    assert ours.p_value == pytest.approx(scores["BLEU"][1].p_value, abs=0.01)
+    assert ours.significant == (scores["BLEU"][1].p_value < 0.05)
+
+
+# ---- means ----
+
+def test_standard_error_and_interval_of_a_mean_by_direct_computation():
+    values = [random.Random(3).uniform(0, 100) for _ in range(50)]
+    assert standard_error(values) == pytest.approx(statistics.stdev(values) / math.sqrt(50))
+    interval = bootstrap_interval(mean_statistic(values), is_mean=True)
+    assert interval.value == pytest.approx(statistics.mean(values))
+    assert interval.se == pytest.approx(statistics.stdev(values) / math.sqrt(50))
+    means = np.sort(np.asarray(values)[resample_indices(50)].mean(axis=1))  # the resamples, directly
+    assert (interval.low, interval.high) == pytest.approx((means[25], means[974]))
+    assert math.isnan(standard_error([1.0]))
+
+
+def test_paired_mean_difference_and_identical_systems():
+    base = [0.0] * 20 + [100.0] * 4
+    new = [100.0] * 12 + [0.0] * 8 + [100.0] * 4
+    result = paired_bootstrap(mean_statistic(base), mean_statistic(new))
+    assert result.delta == pytest.approx(50.0) and result.significant and result.low > 0
+    same = paired_bootstrap(mean_statistic(base), mean_statistic(base))  # sacreBLEU's formula would give p=1/1001
+    assert same.delta == 0 and same.p_value == 1.0 and not same.significant and same.low == same.high == 0
+
+
+def test_paired_tests_pair_tables_by_id_and_refuse_other_samples():
+    ids = [str(i) for i in range(10)]
+    base = {"id": ids, "prompt": ids, "answer/exact": [0.0] * 10}
+    new = {"id": ids[::-1], "prompt": ids[::-1], "answer/exact": [100.0] * 9 + [0.0]}  # same samples, reordered
+    (key, test), = paired_tests({"answer": EVALUATORS["answer"]}, base, new).items()
+    assert key == "eval/answer/exact" and test.delta == pytest.approx(90.0) and test.n == 10
+    other = {**new, "prompt": ["changed"] * 10}
+    assert paired_tests({"answer": EVALUATORS["answer"]}, base, other) == {}
+
+
+# ---- the answer evaluator ----
+
+@pytest.mark.parametrize(("output", "answer", "reference", "exact", "numeric"), [
+    ("Rome", "Rome", "", 100, None),
+    ("  rome. ", "Rome", "", 100, None),  # case, white space, trailing punctuation
+    ("The capital of Italy is Rome.", "Rome", "The capital of Italy is Rome.", 100, None),  # the reference's frame
+    ("the capital of italy is  ROME", "Rome", "The capital of Italy is Rome.", 100, None),
+    ("The capital of Italy is Paris.", "Rome", "The capital of Italy is Rome.", 0, None),
+    ("“轻”的反义词是“重”。", "重", "“轻”的反义词是“重”。", 100, None),
+    ("答案是：北京。", "北京", "", 100, None),
+    ("The total is 1,000.", "1000", "", 0, 100),  # numeric: commas
+    ("x = 3.50", "3.5", "", 0, 100),  # decimals
+    ("It is -7.", "-7", "", 0, 100),  # a sign
+    ("It is 7.", "-7", "", 0, 0),
+    ("63-58", "58", "", 0, 100),  # a minus after a digit is not a sign
+    ("The answer is 3/4.", "0.75", "", 0, 100),  # a simple fraction
+    ("#### 72", "72", "", 100, 100),  # GSM8K's marker
+    ("11 plus 92 is 103.", "103", "11 plus 92 is 103.", 100, 100),
+    ("11 plus 92 is 104.", "103", "11 plus 92 is 103.", 0, 0),
+    ("The word \"glove\" has 5 letters.", "5", "The word \"glove\" has 5 letters.", 100, 100),
+])
+def test_answer_normalisation(output, answer, reference, exact, numeric):
+    scores = answer_scores(output, answer, reference)
+    assert scores["exact"] == exact
+    assert math.isnan(scores["numeric"]) if numeric is None else scores["numeric"] == numeric
+    assert scores["contains"] == 100 * (answer in output)
+
+
+def test_answer_numbers_and_normal_form():
+    assert parse_number("1,000") == parse_number("1000") == 1000
+    assert parse_number("3.50") == parse_number("3.5") == 3.5
+    assert parse_number("-7") == parse_number("\u22127") == -7
+    assert parse_number("Rome") is None and parse_number("5 letters") is None
+    assert last_number("from 3 to 12,500 apples") == 12500 and last_number("none") is None
+    assert normalize(" “LION”. ") == "lion" and normalize("Ｒｏｍｅ！") == "rome"
+    assert extract_answer(r"so \boxed{\frac{1}{2}} then") == r"\frac{1}{2}"
+
+
+def test_answer_evaluator_metrics_per_sample_and_missing_answer():
+    samples = [EvalSample("a", "q", "11 plus 92 is 103.", "103"), EvalSample("b", "q", "It is Rome.", "Rome"),
+               EvalSample("c", "q", "1 plus 1 is 2.", "2")]
+    result = EVALUATORS["answer"]().evaluate(EvalContext(samples, predictions=["11 plus 92 is 103.", "Paris",
+                                                                                "1 plus 1 is 3."]))
+    assert result.per_sample["exact"] == [100.0, 0.0, 0.0]
+    assert result.per_sample["numeric"][0] == 100.0 and math.isnan(result.per_sample["numeric"][1])
+    assert result.metrics == {"exact": pytest.approx(100 / 3), "numeric": 50.0, "contains": pytest.approx(100 / 3)}
+    with pytest.raises(DataError, match="needs an 'answer' field .* id\\(s\\) x"):
+        EVALUATORS["answer"]().evaluate(EvalContext([EvalSample("x", "q", "r")], predictions=["r"]))
+
+
+def test_an_eval_file_without_answer_stops_in_prepare_naming_file_line_and_field(tmp_path):
+    from experiments.simpo_qwen import SimpoQwen
+    from harness.training.overrides import apply_overrides
+    from harness.training.runner import prepare
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"prompt": "p", "reference": "r", "answer": "a"}\n{"prompt": "p", "reference": "r"}\n')
+    exp = apply_overrides(SimpoQwen, [f"eval_data={path}", "evaluators=answer,bleu", "select_metric=eval/answer/exact",
+                                      f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(DataError, match=rf"{path} line 2: field 'answer' is missing \(the answer evaluator reads it\)"):
+        prepare(exp, verbose=False)
+    # without the evaluator the field is optional; a number is taken as written
+    records = [Record("x line 1", {"prompt": "p", "reference": "r", "answer": 72}), Record("x line 2", {
+        "prompt": "p", "reference": "r"})]
+    assert [s.answer for s in eval_samples(records)] == ["72", None]
+
+
+def test_error_bar_keys_are_not_selectable():
+    from experiments.simpo_qwen import SimpoQwen
+    from harness.training.overrides import apply_overrides
+
+    exp = apply_overrides(SimpoQwen, ["evaluators=answer,bleu", "select_metric=eval/answer/numeric"])
+    assert exp.select_metric == "eval/answer/numeric"
+    with pytest.raises(ConfigError, match="is not produced by the chosen evaluators"):
+        apply_overrides(SimpoQwen, ["evaluators=answer,bleu", "select_metric=eval/bleu/bleu4_se"])
+    with pytest.raises(ConfigError, match="answer_tolerance"):
+        apply_overrides(SimpoQwen, ["evaluators=answer", "select_metric=eval/answer/exact", "answer_tolerance=-1"])
+
+
+def test_grpo_answer_reward_is_the_evaluators_contains_rule():
+    from harness.rl import rewards
+
+    assert rewards.contains_answer is contains_answer
+    outputs = ["11 plus 92 is 103.", "103", "It is 1,03", "the answer is rome", "Rome!"]
+    answers = ["103", "103", "103", "Rome", "Rome"]
+    paid = rewards.answer_match([[{"role": "assistant", "content": o}] for o in outputs], answers)
+    assert paid == [answer_scores(o, a)["contains"] / 100 for o, a in zip(outputs, answers, strict=True)]
+    assert paid == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
+# ---- in the loop, the summary and compare ----
+
+class _Backend:
+    name = "scripted"
+
+    def __init__(self, outputs: list[str]):
+        self.outputs = outputs
+
+    def sync_weights(self, model) -> None:
+        pass
+
+    def generate(self, prompt_ids, params):
+        return [Completion([o], len(o.split())) for o in self.outputs]
+
+
+def _evaluate(step: int, outputs: list[str], samples: list[EvalSample]):
+    from harness.core.generation import GenParams
+    from harness.training.inloop import Evaluation
+
+    evaluators = [EVALUATORS["answer"](), EVALUATORS["bleu"]()]
+    evaluation = Evaluation(evaluators, samples, _Backend(outputs), None, GenParams(max_new_tokens=8),
+                            prompt_ids=[[1]] * len(samples))
+    return evaluation.run(model=None, step=step)
+
+
+def _samples_and_outputs() -> tuple[list[EvalSample], list[str], list[str]]:
+    rows = _eval_rows()
+    samples = [EvalSample(r["id"], r["prompt"], r["reference"], r["answer"]) for r in rows]
+    right = [r["reference"] for r in rows]
+    wrong = [r["reference"].replace(r["answer"], "?") for r in rows]
+    return samples, [w if i % 8 else r for i, (r, w) in enumerate(zip(right, wrong, strict=True))], \
+        [r if i % 4 else w for i, (r, w) in enumerate(zip(right, wrong, strict=True))]
+
+
+def test_evaluation_logs_error_bars_and_the_eval_line_shows_them(capsys):
+    import time
+
+    from harness.training.inloop import format_report, is_quality_metric
+
+    samples, before, _ = _samples_and_outputs()
+    report = _evaluate(0, before, samples)
+    m = report.metrics
+    for key in ("eval/answer/exact", "eval/answer/numeric", "eval/answer/contains", "eval/bleu/bleu4",
+                "eval/bleu/bleu"):
+        assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
+        assert m[f"{key}_se"] > 0 and not is_quality_metric(f"{key}_se") and is_quality_metric(key)
+    values = report.table["answer/exact"]
+    assert m["eval/answer/exact_se"] == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)))
+    assert "bleu/bleu_stats" in report.table and len(report.table["bleu/bleu_stats"]) == 64
+    line = format_report(report)
+    assert f"answer/exact={m['eval/answer/exact']:.2f}±{m['eval/answer/exact_se']:.2f}" in line
+    assert "_se" not in line and "_ci" not in line
+    start = time.perf_counter()
+    _evaluate(0, before, samples)
+    assert m["eval/time/error_bars_s"] < 1.0 and time.perf_counter() - start < 5
+
+
+def test_summary_marks_each_change_significant_or_not(capsys):
+    from harness.training.runner import RunSummary, print_summary
+
+    samples, before, after = _samples_and_outputs()
+    reports = [_evaluate(0, before, samples), _evaluate(2, after, samples)]
+    print_summary(RunSummary("rid", "sqlite:///x", "exp", reports, None, None, None, 1.0, 2, "eval/answer/exact"))
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip().startswith("eval/")}
+    assert "paired bootstrap over the 64 eval samples, 1000 resamples, seed 12345" in out
+    assert "95% CI [" in lines["eval/answer/exact"] and "p=0.001, significant)" in lines["eval/answer/exact"]
+    assert "95% CI [" in lines["eval/bleu/bleu"]
+    assert "significant" in lines["eval/answer/numeric"] and "samples with a value" in lines["eval/answer/numeric"]
+
+
+def test_compare_gives_the_paired_difference_of_two_runs(tmp_path, monkeypatch):
+    from harness.commands.compare import compare
+    from harness.training.tracking import mlflow_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    samples, before, after = _samples_and_outputs()
+    ids = []
+    for outputs in (before, after):
+        with mlflow_run("cmp", {}, {}) as tracker:
+            for step in (0, 2):
+                report = _evaluate(step, outputs, samples)
+                tracker.log_metrics(report.metrics, step)
+                tracker.log_table(report.table, f"eval_samples/step_{step:06d}.json")
+            ids.append(tracker.run_id)
+    table, _ = compare(ids, out=str(tmp_path / "c.png"))
+    (header,) = [line for line in table.splitlines() if line.startswith("paired difference vs ")]
+    assert f"({ids[0][:8]})" in header
+    (exact,) = [line for line in table.splitlines() if line.strip().startswith("eval/answer/exact ") and "CI" in line]
+    assert "95% CI [" in exact and exact.rstrip().endswith(", significant)")
+    assert any(line.strip().startswith("eval/bleu/bleu ") and "p=" in line for line in table.splitlines())
+    assert "_se" not in table  # the error-bar keys are not listed as metrics
+
+
+@pytest.mark.slow
+def test_in_loop_run_logs_error_bars_and_the_summary_tests_the_change(tmp_path, tiny_model_dir):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, "-m", "harness", "run", "simpo_qwen", "evaluators=answer,bleu",
+                          "select_metric=eval/answer/exact", "max_steps=2", "eval_every=1", "eval_limit=8",
+                          "max_new_tokens=8", "backend=hf", f"output_dir={tmp_path / 'outputs'}"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
+    for key in ("eval/answer/exact", "eval/answer/contains", "eval/bleu/bleu4", "eval/bleu/bleu"):
+        for suffix in ("_se", "_ci_low", "_ci_high"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key + suffix)] == [0, 1, 2], key
+    (line,) = [x for x in out.stdout.splitlines() if x.strip().startswith("eval/bleu/bleu4 ")]
+    assert "95% CI [" in line and ("not significant)" in line or ", significant)" in line)
+    assert "±" in next(x for x in out.stdout.splitlines() if x.startswith("[eval] step 0:"))
