@@ -32,7 +32,12 @@ def _run(args: argparse.Namespace) -> int:
     if ranks.launched():  # a rank: the parent checked these settings and passes them resolved
         run_experiment(build_experiment(load_class(args.name), args.overrides))
         return 0
-    exp = apply_overrides(load_class(args.name), args.overrides, launch=args.launch)
+    if any(o.partition("=")[0] == "resume" and o.partition("=")[2] for o in args.overrides):
+        from harness.training.resume import resumed_experiment  # the run's own config; a differing one is refused
+
+        exp = resumed_experiment(load_class(args.name), args.overrides, launch=args.launch)
+    else:
+        exp = apply_overrides(load_class(args.name), args.overrides, launch=args.launch)
     if args.launch is None:
         run_experiment(exp)
         return 0
@@ -299,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--api-key-env", default="OPENAI_API_KEY", help="judge: environment variable with the API key")
     score.set_defaults(func=_score)
     server = sub.add_parser("judge-server", help="serve a local model as an OpenAI-compatible judge on 127.0.0.1")
-    server.add_argument("--model", default="tiny-qwen2")
+    server.add_argument("--model", default="tiny-qwen2",
+                        help="tiny-qwen2, smollm2, a model directory or a .gguf file; also the served model name")
     server.add_argument("--port", type=int, default=8000)
     server.set_defaults(func=_judge_server)
     data = sub.add_parser("data", help="data tools")

@@ -16,9 +16,10 @@ def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_siz
                 deepspeed: str | None = None, num_train_epochs: float = 0.0, gradient_accumulation_steps: int = 1,
                 gradient_checkpointing: bool = True, lr_scheduler_type: str = "constant_with_warmup",
                 warmup_steps: int = -1, warmup_ratio: float = 0.0, weight_decay: float = 0.0,
-                max_grad_norm: float = 1.0) -> dict:
-    """Trainer arguments every method shares: no saving by the trainer (the harness keeps the best checkpoint),
-    no built-in reporting (the harness logs to MLflow), fp32 on CPU; `deepspeed` is a DeepSpeed JSON config
+                max_grad_norm: float = 1.0, save_every: int = 0) -> dict:
+    """Trainer arguments every method shares: the trainer saves a resumable checkpoint every `save_every` steps
+    (0 = never; the harness keeps the best checkpoint itself and rotates these: harness.training.resume), no
+    built-in reporting (the harness logs to MLflow), fp32 on CPU; `deepspeed` is a DeepSpeed JSON config
     (the ranks are started by harness.training.distributed). `batch_size` is per process.
 
     The length is `max_steps`, or with max_steps=0 `num_train_epochs` passes over the data (check_settings makes
@@ -37,7 +38,8 @@ def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_siz
         output_dir=output_dir, **length, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
         gradient_checkpointing=gradient_checkpointing, seed=seed, data_seed=seed, logging_steps=1,
-        save_strategy="no", report_to="none", disable_tqdm=True, bf16=on_gpu, use_cpu=not on_gpu,
+        save_strategy="steps" if save_every > 0 else "no", save_steps=save_every if save_every > 0 else 500,
+        save_total_limit=None, report_to="none", disable_tqdm=True, bf16=on_gpu, use_cpu=not on_gpu,
         lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, dataloader_num_workers=0, deepspeed=deepspeed,
         # a NaN/inf loss is logged as such (transformers would log the running average in its place, 0.0 at first)

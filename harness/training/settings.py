@@ -98,6 +98,8 @@ def _range_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
         (exp.weight_decay >= 0, "weight_decay", "must be >= 0"),
         (exp.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = no clipping)"),
         (exp.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 = no early stopping)"),
+        (exp.save_every >= 0, "save_every", "must be >= 0 (0 = no periodic checkpoints)"),
+        (exp.save_total_limit >= 1, "save_total_limit", "must be >= 1 (the newest complete checkpoints kept)"),
     ]
     rules += [(check(getattr(exp, field)), field, why) for field, (check, why) in _METHOD_RANGES.items()
               if hasattr(exp, field)]
@@ -193,6 +195,11 @@ def _schedule_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
 def _start_rules(exp: Experiment, launch: str | None, sweep: bool, stage: int | None) -> list[tuple[bool, str]]:
     readers = [e for e in exp.evaluators if EVALUATORS[e].needs_model]
     return [
+        (not sweep or not exp.resume, f"resume={exp.resume}: a sweep resumes its own trials (run the sweep again); "
+                                      f"resume one run with `python -m harness run {exp.name()} resume=RUN_ID`"),
+        (launch is None or (not exp.resume and exp.save_every == 0),
+         "save_every and resume are single-process for now (each rank would need its own checkpoint shard); run "
+         "without --launch, or with save_every=0 and no resume"),
         (not sweep or exp.early_stop_patience == 0,
          f"early_stop_patience={exp.early_stop_patience}: a sweep stops unpromising trials with its pruner "
          f"(--pruner); run the sweep with early_stop_patience=0"),
