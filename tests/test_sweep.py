@@ -272,14 +272,20 @@ def _alive(pid):
 
 
 @pytest.mark.slow
-def test_case2_sigterm_to_the_driver_leaves_nothing_running(stores):
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl_c"])
+def test_case2_sigterm_to_the_driver_leaves_nothing_running(stores, ctrl_c):
+    """SIGTERM to the driver alone; or Ctrl-C in a terminal, SIGINT to the driver and its trial process at once
+    (the trial then gets the driver's SIGTERM too, and must still end its run KILLED)."""
     env, storage, client, tmp = stores
     driver = _start_driver(env, storage, tmp, "scripted_simpo", *SCRIPTED, "max_steps=400", "--study", "term",
                            "--trials", "2", "--pruner", "none")
     try:
         run = _wait_for("trial run RUNNING", lambda: _running_trial_run(client, 0), driver, tmp)
         started = time.time()
-        driver.send_signal(signal.SIGTERM)
+        if ctrl_c:
+            os.killpg(driver.pid, signal.SIGINT)
+        else:
+            driver.send_signal(signal.SIGTERM)
         code = driver.wait(timeout=120)
     finally:
         if driver.poll() is None:
@@ -289,7 +295,7 @@ def test_case2_sigterm_to_the_driver_leaves_nothing_running(stores):
     log = (tmp / "driver.log").read_text()
     assert code == 130, log[-3000:]
     assert time.time() - started < 60  # the trial ended within its grace period, not at the SIGKILL
-    assert "SIGTERM: stopping trial 0" in log and "SIGKILL" not in log
+    assert f"{'SIGINT' if ctrl_c else 'SIGTERM'}: stopping trial 0" in log and "SIGKILL" not in log
     (trial,) = optuna.load_study(study_name="term", storage=storage).get_trials()
     assert trial.state.name == "FAIL"
     assert not _alive(trial.user_attrs[TRIAL_PID_ATTR])
@@ -343,9 +349,9 @@ def test_case2_sigkilled_trial_and_resume(stores):
     assert "RUNNING" not in {r.info.status for r in _all_runs(client)}
 
 
-def test_case2_a_trial_that_ignores_sigterm_is_killed_after_the_grace_period():
+def test_case2_a_trial_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
     signals = _Signals()
-    launcher = _TrialLauncher(None, [], "", {}, "", Path("."), signals, grace_s=1.0)
+    launcher = _TrialLauncher(None, [], "", {}, "", tmp_path, signals, grace_s=1.0)
     code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
            "time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -355,6 +361,7 @@ def test_case2_a_trial_that_ignores_sigterm_is_killed_after_the_grace_period():
         started = time.time()
         assert launcher._wait(proc, 0) == -signal.SIGKILL
         assert 1.0 <= time.time() - started < 10
+        assert (tmp_path / "trial-0.stop").exists()  # told the trial its driver is alive
     finally:
         proc.kill()
         proc.wait()

@@ -10,8 +10,9 @@ Nothing is left RUNNING, whatever signal ends which process (`fail_trial` is the
   and exits 130;
 - trial process dies, even by SIGKILL: the driver sees it exit without a result and fails the trial;
 - driver dies by SIGKILL: its trial process gets SIGTERM from the kernel (Linux) and fails its trial itself;
-  anything still RUNNING is failed by the next driver on the study: at once when the dead driver ran on this
-  machine, else once its heartbeat is stale (4 beats); the parent run is reopened and ended by that driver.
+  anything still RUNNING is failed by the next driver to start a trial on the study (a resume): at once when the
+  dead driver ran on this machine, else once its heartbeat is stale (4 beats); a resume reopens the parent run
+  and ends it.
 """
 
 from __future__ import annotations
@@ -281,8 +282,6 @@ def run_sweep(cfg: SweepConfig) -> dict:
             tempfile.TemporaryDirectory(prefix="sweep-") as scratch, _Signals() as signals:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         print(f"[mlflow] parent run {parent.run_id} at {tracking_uri()}", flush=True)
-        if not created:
-            fail_lost_trials(study)
         objective = _TrialLauncher(exp, cfg.overrides, url, pruner_args, parent.run_id, Path(scratch), signals,
                                    cfg.grace_s)
         callbacks = [signals.check]  # stop between trials once a signal came
@@ -315,6 +314,7 @@ class _TrialLauncher:
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.signals.check()  # a signal during sampling: this trial ends FAIL before it starts
+        fail_lost_trials(trial.study)  # on resume, and trials of other workers on this machine that were killed
         overrides = trial_overrides(self.exp, self.fixed, self.exp.search_space(trial))
         result_path = self.scratch / f"trial-{trial.number}.json"
         spec = {"experiment": self.exp.name(), "overrides": overrides, "storage": self.storage_url,
@@ -330,9 +330,12 @@ class _TrialLauncher:
         try:
             trial.set_user_attr(TRIAL_PID_ATTR, proc.pid)
             code = self._wait(proc, trial.number)
-        finally:
-            if proc.poll() is None:  # the driver itself failed while the trial ran: stop the trial too
+        except BaseException:  # the driver itself failed while the trial ran: stop the trial, close its run
+            if proc.poll() is None:
                 self._stop(proc, trial.number)
+            with contextlib.suppress(Exception):
+                fail_trial(trial.study, trial._trial_id, "KILLED", "its driver failed", tell=False)
+            raise
         result = json.loads(result_path.read_text()) if result_path.exists() else {}
         run_ids = (result["run_id"],) if "run_id" in result else ()
         if self.signals.received is not None and (code != 0 or "value" not in result):

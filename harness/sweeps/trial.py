@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -94,6 +95,18 @@ def _driver_alive(driver_pid: int) -> bool:
     return os.getppid() == driver_pid
 
 
+def _orphaned(spec: dict, wait_s: float = 5.0) -> bool:
+    """After a stop signal: True if it is the kernel's because the driver died, so that no driver will fail the
+    trial. The driver writes the stop file before it sends SIGTERM (and on Ctrl-C, which reaches both, within a
+    moment); the kernel's signal can come when only the driver's main thread has gone, its pid a moment longer."""
+    deadline = time.time() + wait_s
+    while os.getppid() == spec["driver_pid"]:
+        if Path(spec["stop"]).exists() or time.time() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def run_trial(spec_path: str) -> int:
     stop = StopSignal()
     stop.install()
@@ -121,7 +134,7 @@ def run_trial(spec_path: str) -> int:
     try:
         summary = run_experiment(exp, hooks)
     except KeyboardInterrupt:
-        if os.getppid() != spec["driver_pid"]:  # the kernel's SIGTERM: the driver is gone and cannot fail the trial
+        if _orphaned(spec):
             fail_trial(study, spec["trial_id"], "KILLED", "its driver died")
         raise
     # the objective: the last evaluation that produced it; with none, no value and the driver fails the trial
