@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from harness.training.inloop import EvalReport, selection_value
+from harness.training.inloop import EvalReport, improves, selection_value
 
 
 class BestCheckpoint:
@@ -29,17 +29,12 @@ class BestCheckpoint:
         if self.tracker is not None:
             self.tracker.log_metrics({"best/skipped_evals": len(self.skipped)}, report.step)
 
-    def _better(self, value: float) -> bool:
-        if self.value is None:
-            return True
-        return value > self.value if self.mode == "max" else value < self.value
-
     def __call__(self, report: EvalReport, model) -> None:
         value = selection_value(report, self.metric)
         if value is None:
             self._skip(report)
             return
-        if not self._better(value):
+        if not improves(value, self.value, self.mode):
             return
         staging = self.directory.with_name(self.directory.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)

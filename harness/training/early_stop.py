@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from harness.training.inloop import EvalReport, selection_value
+from harness.training.inloop import EvalReport, improves, selection_value
 
 
 class EarlyStop(TrainerCallback):
@@ -30,7 +30,7 @@ class EarlyStop(TrainerCallback):
         value = selection_value(report, self.metric)
         if value is None:
             return
-        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+        if improves(value, self.best, self.mode):
             self.best, self.best_step, self.since_best = value, report.step, 0
         else:
             self.since_best += 1

@@ -41,6 +41,11 @@ def selection_value(report: EvalReport, metric: str) -> float | None:
     return None if value is None or math.isnan(value) else value
 
 
+def improves(value: float, best: float | None, mode: str) -> bool:
+    """Whether `value` is strictly better than `best` (None: nothing yet) for select_mode `mode`."""
+    return best is None or (value > best if mode == "max" else value < best)
+
+
 class Evaluation:
     """Runs the evaluators on one fixed eval set with one generation backend."""
 
