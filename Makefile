@@ -20,6 +20,16 @@ PORT ?= 5000
 JUDGE_PORT ?= 8000
 # make judge-server JUDGE_MODEL=smollm2 (or a model directory / .gguf file) serves that model as the judge
 JUDGE_MODEL ?= tiny-qwen2
+# make serve RUN=RUN_ID (or DIR=checkpoint/model directory) PORT=8001; make chat RUN=...; make sample RUN=... (or
+# NAME=experiment: its newest run) PROMPTS=file OUT=file.jsonl N=8 SCORER=rouge_l SAMPLE_ARGS="--format sft ..."
+RUN ?=
+DIR ?=
+SERVE_PORT := $(if $(filter command line,$(origin PORT)),$(PORT),8001)
+PROMPTS ?= data/eval.jsonl
+OUT ?= outputs/sample/pairs.jsonl
+N ?= 8
+SCORER ?= rouge_l
+SAMPLE_ARGS ?=
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 # Sweeps: TRIALS per `make sweep`; STORAGE shared by workers (default the SQLite file optuna.db); STUDY resumes.
 TRIALS ?= 8
@@ -31,11 +41,13 @@ TIMEOUT ?=
 DASHBOARD_PORT ?= 8080
 SWEEP_OPTS = --storage "$(STORAGE)" --study "$(STUDY)" --pruner $(PRUNER) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
-.PHONY: setup bubblewrap experiment show list sweep sweep-worker dashboard compare test test-fast lint bench ui judge-server data \
-	clean-cache clean
+.PHONY: setup bubblewrap experiment show list sweep sweep-worker dashboard compare export test test-fast lint bench ui judge-server serve chat sample data \
+	services services-stop services-status postgresql clean-cache clean
 
 setup: $(STAMP)
 	@command -v bwrap >/dev/null 2>&1 || $(MAKE) --no-print-directory bubblewrap
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  $(MAKE) --no-print-directory postgresql
 
 # The sandbox for generated code (HumanEval) isolates programs with bubblewrap's namespaces.
 bubblewrap:
@@ -86,6 +98,10 @@ dashboard: setup
 compare: setup
 	$(PY) -m harness compare $(RUNS) $(if $(EXPERIMENT),--experiment $(EXPERIMENT))
 
+# make export RUN=<run id | run:latest:EXPERIMENT> [MERGE=1] [TO=DIR]: the run's best checkpoint as a standalone model
+export: setup
+	$(PY) -m harness export $(RUN) $(if $(MERGE),--merge) $(if $(TO),--to $(TO))
+
 test: setup
 	$(PY) -m pytest -q tests
 
@@ -102,8 +118,47 @@ bench: setup
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host $(HOST) --port $(PORT)
 
+# The team set-up: PostgreSQL (databases optuna, mlflow) and an MLflow tracking server backed by it, serving its
+# artifact store, on 127.0.0.1; data in services/ (SERVICES_DIR). Prints the two URLs to export. Idempotent.
+# PG_PORT and MLFLOW_PORT (5433, 5050) and SERVICES_HOST (0.0.0.0: other machines, with the password) apply at
+# the first start of a directory.
+SERVICES_DIR ?= $(CURDIR)/services
+SERVICES_HOST ?= 127.0.0.1
+PG_PORT ?= 5433
+MLFLOW_PORT ?= 5050
+services: setup
+	@$(PY) -m harness services start --dir "$(SERVICES_DIR)" --host $(SERVICES_HOST) --pg-port $(PG_PORT) \
+	  --mlflow-port $(MLFLOW_PORT)
+
+services-stop: setup
+	@$(PY) -m harness services stop --dir "$(SERVICES_DIR)"
+
+services-status: setup
+	@$(PY) -m harness services status --dir "$(SERVICES_DIR)"
+
+# PostgreSQL's server from the system's packages, as bubblewrap (`make services` and the tests' own clusters use it)
+postgresql:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "[setup] installing postgresql (the team set-up's database server)"; \
+	  apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null; }; \
+	else \
+	  echo "[setup] PostgreSQL's server (initdb, pg_ctl) is missing and needs root to install" \
+	       "(apt-get install postgresql)"; \
+	fi
+
 judge-server: setup
 	$(PY) -m harness judge-server --model $(JUDGE_MODEL) --port $(JUDGE_PORT)
+
+serve: setup
+	$(PY) -m harness serve $(or $(RUN),$(DIR),$(error make serve needs RUN=RUN_ID or DIR=directory)) --port $(SERVE_PORT)
+
+chat: setup
+	$(PY) -m harness chat $(or $(RUN),$(DIR),$(error make chat needs RUN=RUN_ID or DIR=directory))
+
+sample: setup
+	$(PY) -m harness sample $(or $(RUN),$(DIR),$(NAME)) --prompts $(PROMPTS) --out $(OUT) --n $(N) --scorer $(SCORER) \
+	  $(SAMPLE_ARGS)
 
 data: setup
 	$(PY) -m harness data generate

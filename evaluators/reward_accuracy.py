@@ -29,22 +29,28 @@ class RewardAccuracy(Evaluator):
         self.batch_size = batch_size
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
+        # eval samples that are preference pairs (held out of a preference train_data by eval_split) are scored
+        # themselves; other eval sets leave the evaluator its own `pairs` file
+        rows = self.rows
+        if ctx.samples and all(s.rejected is not None for s in ctx.samples):
+            rows = [{"prompt": list(s.messages or [{"role": "user", "content": s.prompt}]),
+                     "chosen": [{"role": "assistant", "content": s.reference}],
+                     "rejected": [{"role": "assistant", "content": s.rejected}]} for s in ctx.samples]
         model, was_training = ctx.model, ctx.model.training
         model.eval()
         try:
             import torch  # the heavy package stays out of commands that only list evaluators
 
             with torch.no_grad():
-                chosen = reward_scores(model, ctx.tokenizer, [r["prompt"] + r["chosen"] for r in self.rows],
-                                       self.batch_size)
-                rejected = reward_scores(model, ctx.tokenizer, [r["prompt"] + r["rejected"] for r in self.rows],
+                chosen = reward_scores(model, ctx.tokenizer, [r["prompt"] + r["chosen"] for r in rows], self.batch_size)
+                rejected = reward_scores(model, ctx.tokenizer, [r["prompt"] + r["rejected"] for r in rows],
                                          self.batch_size)
         finally:
             model.train(was_training)
         margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
         wins = [100.0 * (m > 0) for m in margins]
-        table = {"prompt": [r["prompt"][-1]["content"] for r in self.rows],
-                 "chosen": [r["chosen"][-1]["content"] for r in self.rows],
-                 "rejected": [r["rejected"][-1]["content"] for r in self.rows],
+        table = {"prompt": [r["prompt"][-1]["content"] for r in rows],
+                 "chosen": [r["chosen"][-1]["content"] for r in rows],
+                 "rejected": [r["rejected"][-1]["content"] for r in rows],
                  "score_chosen": chosen, "score_rejected": rejected, "correct": [w > 0 for w in wins]}
         return EvalResult({"accuracy": sum(wins) / len(wins), "margin": sum(margins) / len(margins)}, table=table)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harness.core.records import require_text
-from harness.rl.rewards import REWARD_COLUMNS, make_rewards
+from harness.rl.rewards import make_rewards, reward_rows, reward_rules
 from harness.rl.rollouts import VLLMRollout
 from harness.training.experiment import Experiment, help_factory, help_field
 from harness.training.methods import grpo_trainer
@@ -33,12 +32,8 @@ class GrpoQwen(Experiment):
     max_new_tokens: int = help_field(32, "cap on generated tokens per rollout completion and per eval prompt")
 
     def rules(self) -> list[tuple[bool, str, str]]:
-        unknown = [r for r in self.rewards if r not in REWARD_COLUMNS]
         return [
-            (not unknown, "", f"rewards: unknown {unknown}; known: {', '.join(REWARD_COLUMNS)}"),
-            ("reward_model" not in self.rewards or bool(self.reward_model), "", "rewards=reward_model needs "
-             "reward_model=PATH (a reward model directory, e.g. outputs/rm_qwen/<run id>/best)"),
-            (len(self.reward_weights) == len(self.rewards), "", "reward_weights: one weight per reward"),
+            *reward_rules(self.rewards, self.reward_weights, self.reward_model),
             (self.num_generations >= 2, "", "num_generations must be >= 2 (advantages are relative to the group)"),
             (self.batch_size % self.num_generations == 0, "", "batch_size must be a multiple of num_generations"),
         ]
@@ -48,9 +43,7 @@ class GrpoQwen(Experiment):
                 "temperature": trial.suggest_float("temperature", 0.7, 1.2)}
 
     def train_rows(self, records):
-        columns = ("prompt", *dict.fromkeys(c for r in self.rewards for c in REWARD_COLUMNS[r]))
-        why = f"rewards {','.join(self.rewards)} read {', '.join(columns)}"
-        return [{key: require_text(r, key, why=why) for key in columns} for r in records]
+        return reward_rows(records, self.rewards)
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir, backend=None):
         rollout = VLLMRollout(backend, tokenizer, self.max_new_tokens, self.temperature, self.seed)

@@ -164,7 +164,8 @@ def test_case7_with_left_truncation_prepare_accepts_the_long_prompt(tmp_path, ti
 
     path = _long_eval_file(tmp_path)
     exp = apply_overrides(SimpoQwen, [f"eval_data={path}", "eval_truncation=left", f"output_dir={tmp_path / 'out'}"])
-    _rows, samples, model_path, prompt_ids = prepare(exp, verbose=False)
+    _rows, (eval_set,), model_path = prepare(exp, verbose=False)
+    samples, prompt_ids = eval_set.samples, eval_set.prompt_ids
     full = [render_prompt(load_tokenizer(model_path), s.prompt) for s in samples]
     assert prompt_ids[0] == full[0] and prompt_ids[2] == full[2]  # prompts that fit are left alone
     assert len(full[1]) > 256 and len(prompt_ids[1]) == 256 - exp.max_new_tokens

@@ -74,7 +74,7 @@ def test_deepspeed_needs_a_launch_and_a_readable_config(tmp_path):
 @pytest.mark.parametrize(("name", "overrides", "message"), [
     ("rm_qwen", ["deepspeed=zero3"], r"rm_qwen: under ZeRO-3 .* \(reward_accuracy\) need zero2 or no DeepSpeed"),
     ("sft_qwen", ["deepspeed=zero3", "backend=hf"], r"must go through the vLLM engine \(backend=vllm, got hf\)"),
-    ("grpo_qwen", [], r"grpo_qwen: online RL generates rollouts from one in-loop engine on rank 0"),
+    ("grpo_qwen", ["deepspeed=zero3"], r"grpo_qwen: online RL under ZeRO-3: rank 0 syncs the rollout engine"),
 ])
 def test_launch_refuses_what_ranks_cannot_do_before_starting_them(name, overrides, message, tmp_path):
     out = subprocess.run([sys.executable, "-m", "harness", "run", name, "--launch", "torchrun", *overrides,

@@ -15,15 +15,22 @@
 9. The real model `smollm2` (SmolLM2-135M-Instruct): HF generate vs vLLM tokens/s in float32 on the same chat
    prompts, and the weight sync into the engine with full weights and with a LoRA adapter folded in.
 
-`python -m harness.commands.bench [generation|sync|share|lora|ddp|sandbox|judge|sweep|smollm2 ...]` runs only the named
-parts.
+10. The team set-up (`services`): per-evaluation logging into the SQLite file vs through the MLflow tracking server,
+   and trials/hour with one and two sweep workers on PostgreSQL.
+11. PPO (`ppo`): rollout tokens/s from the shared engine vs the trainer's own HF generate on the same prompts, and
+   the share of a ppo_qwen step spent syncing, generating, scoring, computing the experience and optimising.
+
+`python -m harness.commands.bench [generation|sync|share|lora|ddp|sandbox|judge|sweep|smollm2|services|ppo ...]`
+runs only the named parts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,6 +221,59 @@ def sweep_pruning(trials: int = 10) -> dict:
     return result
 
 
+def services_speed(evaluations: int = 20, trials: int = 4) -> dict:
+    """The team set-up (`make services`), started in a temporary directory: what one in-loop evaluation's logging
+    costs (40 metrics and a 64-row per-sample table, as the runner logs them) in the embedded SQLite store vs
+    through the MLflow tracking server; then trials/hour of the same sweep on PostgreSQL with one worker and with
+    two (`trials` in all, each worker an unseeded driver like `make sweep-worker`)."""
+    from harness.commands import services
+    from harness.core.files import free_port
+    from harness.training.tracking import mlflow_run
+
+    rows = range(64)
+    table = {"id": [f"s{i}" for i in rows], "prompt": [f"What is the capital of country number {i}?" for i in rows],
+             "prediction": ["An answer of about ten words, as the embedded model writes them." for _ in rows],
+             "bleu/bleu": [float(i) for i in rows], "rouge/rougeL": [float(i) / 2 for i in rows]}
+    metrics = {f"eval/evaluator{i // 4}/metric{i % 4}": float(i) for i in range(40)}
+    result: dict = {"evaluations": evaluations, "trials": trials, "args": SWEEP_ARGS}
+    directory = Path(tempfile.mkdtemp(prefix="bench-services-"))
+    directory.chmod(0o755)  # the cluster's user (postgres, when we are root) must enter it
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        s = services.start(directory / "services", pg_port=free_port(), mlflow_port=free_port(), quiet=True)
+        for store, uri in (("sqlite", f"sqlite:///{directory}/mlflow.db"), ("server", s.mlflow_url)):
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+            with mlflow_run("bench_logging", {}, {}) as tracker:
+                times = []
+                for step in range(evaluations):
+                    start = time.perf_counter()
+                    tracker.log_metrics(metrics, step)
+                    tracker.log_table(table, f"eval_samples/step_{step:06d}.json")
+                    times.append(time.perf_counter() - start)
+            result[f"log_{store}_s_median"] = statistics.median(times)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": s.mlflow_url}
+        for workers in (1, 2):
+            start = time.perf_counter()
+            procs = [subprocess.Popen([sys.executable, "-m", "harness", "sweep", "simpo_qwen", *SWEEP_ARGS,
+                                       f"output_dir={directory}/out", "--trials", str(trials // workers),
+                                       "--study", f"workers{workers}", "--pruner", "none", "--storage",
+                                       s.optuna_url], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+                     for _ in range(workers)]
+            if any(p.wait() != 0 for p in procs):
+                raise RuntimeError(f"a sweep worker failed ({workers} workers)")
+            wall = time.perf_counter() - start
+            result[f"workers_{workers}"] = {"wall_s": wall, "trials_per_hour": trials / wall * 3600}
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+        with contextlib.suppress(Exception):
+            services.stop(directory / "services", quiet=True)
+        shutil.rmtree(directory, ignore_errors=True)
+    return result
+
+
 def smollm2_speed(prompts: list[str], new_tokens: int = 32) -> dict:
     """The real 135M-parameter model (model=smollm2): HF generate (batches of 32) vs vLLM at the same precision
     (float32, then bfloat16), the same chat-rendered prompts and exactly `new_tokens` each; the weight sync into the
@@ -328,7 +388,43 @@ def judge_speed(samples: int = 32) -> dict:
     return result
 
 
-PARTS = ("generation", "sync", "share", "lora", "ddp", "sandbox", "judge", "sweep", "smollm2")
+def ppo_speed(prompts: list[str], new_tokens: int = 64, steps: int = 10) -> dict:
+    """PPO's rollouts: sampled generation (temperature 1) from the shared in-loop engine vs the trainer's own HF
+    `generate` on the same ~25M-parameter model and prompts; then a ppo_qwen run of `steps` steps in its own
+    process, and the mean share of a step (after the first, which warms up) spent syncing, generating, scoring,
+    computing the experience (old/reference logprobs, values, GAE) and optimising."""
+    from mlflow.tracking import MlflowClient
+
+    params = GenParams(max_new_tokens=new_tokens, temperature=1.0, seed=0)
+    result = {"prompts": len(prompts), "new_tokens": new_tokens, "steps": steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = bench_model(ensure_tiny_model(), Path(tmp))
+        model.generation_config.eos_token_id = None  # HF runs to new_tokens; the engine stops at an EOS, rarely
+        tokenizer = load_tokenizer(tmp)
+        prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
+        hf = HFBackend(tokenizer, batch_size=32)
+        hf.sync_weights(model)
+        result["hf_rollout_tok_s"] = _tokens_per_s(
+            lambda ids: sum(c.num_tokens for c in hf.generate(ids, params)), prompt_ids)
+        engine = VLLMBackend(tmp, max_model_len=512)
+        engine.sync_weights(model)
+        result["vllm_rollout_tok_s"] = _tokens_per_s(
+            lambda ids: sum(c.num_tokens for c in engine.generate(ids, params)), prompt_ids)
+        engine.close()
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        subprocess.run([sys.executable, "-m", "harness", "run", "ppo_qwen", f"max_steps={steps}",
+                        f"eval_every={steps}", f"output_dir={tmp}/out"], cwd=REPO_ROOT,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": uri}, check=True, capture_output=True)
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("ppo_qwen").experiment_id])
+        for part in ("sync", "generate", "score", "experience", "optimise", "step"):
+            values = [m.value for m in client.get_metric_history(run.info.run_id, f"train/ppo/time/{part}_s")
+                      if m.step > 1]
+            result[f"{part}_s_mean"] = statistics.mean(values)
+    return result
+
+
+PARTS = ("generation", "sync", "share", "lora", "ddp", "sandbox", "judge", "sweep", "smollm2", "services", "ppo")
 
 
 def main(parts: list[str]) -> None:
@@ -413,6 +509,27 @@ def main(parts: list[str]) -> None:
         print(f"[bench] smollm2 eval share: default sft_smollm2 ({e['max_steps']} steps, eval every "
               f"{e['eval_every']}): {e['evaluations']} evaluations {e['eval_s']:.1f}s of {e['wall_s']:.1f}s wall "
               f"-> eval share {100 * e['eval_share']:.1f}% (mean sync {e['sync_s_mean']:.3f}s)", flush=True)
+    if "services" in parts:
+        sv = results["services"] = services_speed()
+        print(f"[bench] services: one evaluation's logging (40 metrics + a 64-row table), median of "
+              f"{sv['evaluations']}: SQLite file {sv['log_sqlite_s_median']:.3f}s vs MLflow server "
+              f"{sv['log_server_s_median']:.3f}s", flush=True)
+        for workers in (1, 2):
+            r = sv[f"workers_{workers}"]
+            print(f"[bench] services: simpo_qwen {' '.join(sv['args'])}, {sv['trials']} trials on PostgreSQL, "
+                  f"{workers} worker(s): {r['wall_s']:.0f}s wall -> {r['trials_per_hour']:.0f} trials/hour", flush=True)
+    if "ppo" in parts:
+        prompts = [json.loads(line)["prompt"] for line in (DATA_DIR / "rl.jsonl").read_text().splitlines()[:64]]
+        p = results["ppo"] = ppo_speed(prompts)
+        print(f"[bench] PPO rollouts, {p['prompts']} prompts x {p['new_tokens']} sampled tokens, ~25M-param Qwen2: "
+              f"shared vLLM engine {p['vllm_rollout_tok_s']:.0f} tok/s vs the trainer's HF generate "
+              f"{p['hf_rollout_tok_s']:.0f} tok/s -> {p['vllm_rollout_tok_s'] / p['hf_rollout_tok_s']:.2f}x",
+              flush=True)
+        step = p["step_s_mean"]
+        shares = ", ".join(f"{part} {100 * p[f'{part}_s_mean'] / step:.0f}%"
+                           for part in ("sync", "generate", "score", "experience", "optimise"))
+        print(f"[bench] ppo_qwen, {p['steps']} steps: mean step {step:.2f}s (steps 2-{p['steps']}): {shares}",
+              flush=True)
     print(json.dumps(results))
 
 

@@ -1,4 +1,5 @@
-"""`python -m harness run|show|list|sweep|compare|score|data|judge-server`: the command line the Makefile wraps."""
+"""`python -m harness run|show|list|sweep|compare|score|data|judge-server|services|serve|chat|sample`: the command
+line the Makefile wraps."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from evaluators import EVALUATORS
 from evaluators.sandbox import IsolationUnavailable
+from harness.commands import services
 from harness.core import ranks
-from harness.core.errors import ConfigError, DataError, TrainingDiverged
+from harness.core.errors import ConfigError, DataError, TrackingUnavailable, TrainingDiverged
 from harness.core.files import atomic_writer, check_output_file
 from harness.core.formats import check, convert
 from harness.core.records import read_records, resolve_local
@@ -23,6 +27,16 @@ from harness.paths import DATA_DIR
 
 
 def _run(args: argparse.Namespace) -> int:
+    from harness.training import console
+
+    if args.launch is not None and not ranks.launched():  # the launcher: its ranks route their own output
+        return _run_routed(args)
+    # library output goes to a file from here on, before the imports below (DeepSpeed logs when it is imported)
+    with console.library_log():
+        return _run_routed(args)
+
+
+def _run_routed(args: argparse.Namespace) -> int:
     # Imported here, not at the top: these modules pull in torch, transformers, mlflow or optuna (start-up time).
     from experiments import load_class
     from harness.training import distributed
@@ -42,8 +56,9 @@ def _run(args: argparse.Namespace) -> int:
         run_experiment(exp)
         return 0
     prepare(exp)  # checks the data and builds the model once, before the ranks start
+    # model: a run:latest:... reference as prepare pinned it, so every rank starts from the same run
     return distributed.launch(args.launch, args.nproc, ["run", args.name, *args.overrides,
-                                                        f"deepspeed={exp.deepspeed}"])
+                                                        f"deepspeed={exp.deepspeed}", f"model={exp.model}"])
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -149,6 +164,28 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mlflow_send(args: argparse.Namespace) -> int:
+    from harness.training.tracking import send_undelivered, shown_tracking_uri
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"mlflow-send: {path} is not a file (a run's outputs/NAME/RUN_ID/mlflow_undelivered.jsonl)")
+    for run_id, count in send_undelivered(path).items():
+        print(f"[mlflow] run {run_id}: {count} write(s) from {path} sent to {shown_tracking_uri()}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from harness.commands.export import export_run
+
+    dest, ckpt = export_run(args.ref, args.merge, args.to)
+    form = ("full weights" if not ckpt.adapter else
+            f"LoRA adapter {'folded into' if args.merge else 'on'} {ckpt.base_model}")
+    print(f"exported run {ckpt.run_id}'s best checkpoint (step {ckpt.step}, {ckpt.metric}={ckpt.value:.4g}; "
+          f"{form}) to {dest}")
+    return 0
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}")
@@ -190,11 +227,47 @@ def _judge_server(args: argparse.Namespace) -> int:
 
     server = LocalJudgeServer(args.model, args.port)
     print(f"judge server for {args.model} at {server.base_url} (Ctrl-C stops it)", flush=True)
+    return _serve_until_stopped(server)
+
+
+def _serve_until_stopped(server) -> int:
+    """Wait while the server runs (Ctrl-C or SIGTERM stops it), then stop it with its process group."""
+
+    def stop(signum, frame):  # SIGTERM would otherwise end this process at once and orphan the server
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while server.process.poll() is None:
             time.sleep(1)
     finally:
         server.close()
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from harness.commands.serve import start_server
+
+    server, name = start_server(args.ref, args.port, args.name, args.max_model_len)
+    print(f"serving {args.ref} as model {name!r} at {server.base_url} (OpenAI-compatible; Ctrl-C stops it)\n"
+          f"  judge it with: judge_base_url={server.base_url} judge_model={name}", flush=True)
+    return _serve_until_stopped(server)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from harness.commands.serve import run_chat
+
+    run_chat(args.ref, args.max_new_tokens, args.temperature, args.seed, args.system)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from harness.commands.sample import SampleConfig, run_sample
+
+    cfg = SampleConfig(args.ref, args.prompts, args.out, args.n, args.scorer, args.format, args.temperature,
+                       args.top_p, args.max_new_tokens, args.seed, args.limit, args.batch, args.reward_model,
+                       args.judge_url, args.judge_model)
+    print(json.dumps(run_sample(cfg)))
     return 0
 
 
@@ -289,6 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--max-runs", type=_positive, default=10)
     comp.add_argument("--out", help="PNG path (default outputs/compare/eval_curves_<runs>.png)")
     comp.set_defaults(func=_compare)
+    exp_cmd = sub.add_parser("export", help="a run's best checkpoint as a standalone Hugging Face model directory "
+                                            "(tokenizer, chat template, model card), written atomically")
+    exp_cmd.add_argument("ref", metavar="RUN_ID", help="RUN_ID, run:RUN_ID or run:latest:EXPERIMENT")
+    exp_cmd.add_argument("--merge", action="store_true",
+                         help="fold a LoRA adapter into its base model (default: keep the adapter, naming its base)")
+    exp_cmd.add_argument("--to", help="the directory to create (default: export or export-merged beside the run's "
+                                      "best/); an existing one is refused")
+    exp_cmd.set_defaults(func=_export)
+    send = sub.add_parser("mlflow-send", help="send the MLflow writes a run kept in its mlflow_undelivered.jsonl "
+                                              "(its tracking server was down at its end) to MLFLOW_TRACKING_URI")
+    send.add_argument("file")
+    send.set_defaults(func=_mlflow_send)
     score = sub.add_parser("score", help="score saved generations offline; prints one JSON object last")
     score.add_argument("evaluator", choices=sorted(EVALUATORS))
     score.add_argument("--samples", required=True,
@@ -303,11 +388,51 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--pairwise-with", help="judge: predictions to compare against (same prompts, same order)")
     score.add_argument("--api-key-env", default="OPENAI_API_KEY", help="judge: environment variable with the API key")
     score.set_defaults(func=_score)
+    services.add_parser(sub)
     server = sub.add_parser("judge-server", help="serve a local model as an OpenAI-compatible judge on 127.0.0.1")
     server.add_argument("--model", default="tiny-qwen2",
                         help="tiny-qwen2, smollm2, a model directory or a .gguf file; also the served model name")
     server.add_argument("--port", type=int, default=8000)
     server.set_defaults(func=_judge_server)
+    ref_help = "RUN_ID, run:RUN_ID, run:latest:EXPERIMENT, a checkpoint or model directory, or a model name"
+    serve = sub.add_parser("serve", help="serve a run's best checkpoint (or a model) with vLLM's OpenAI-compatible "
+                                         "server on 127.0.0.1; a LoRA adapter is served as an adapter")
+    serve.add_argument("ref", metavar="RUN_ID|DIR", help=ref_help)
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--name", default="", help="the model name clients ask for (default: RUN_ID|DIR as given)")
+    serve.add_argument("--max-model-len", type=_positive, help="context (default: the model's, at most 2048)")
+    serve.set_defaults(func=_serve)
+    chat_cmd = sub.add_parser("chat", help="chat in the terminal with a run or model through its chat template "
+                                           "(stdin lines are user turns; /exit ends)")
+    chat_cmd.add_argument("ref", metavar="RUN_ID|DIR", help=ref_help)
+    chat_cmd.add_argument("--max-new-tokens", type=_positive, default=128)
+    chat_cmd.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat_cmd.add_argument("--seed", type=int, default=0)
+    chat_cmd.add_argument("--system", default="", help="a system message before the conversation")
+    chat_cmd.set_defaults(func=_chat)
+    smp = sub.add_parser("sample", help="rejection sampling: n answers per prompt, scored; the best as SFT data or "
+                                        "best vs worst as preference pairs (resumable); prints one JSON object last")
+    smp.add_argument("ref", metavar="EXPERIMENT_OR_RUN",
+                     help="an experiment (its newest run's best checkpoint), " + ref_help)
+    smp.add_argument("--prompts", required=True, help="records with `prompt` (and `id`), plus what the scorer reads")
+    smp.add_argument("--out", required=True, help="JSONL to write; progress goes to OUT-stem.samples.jsonl beside it")
+    smp.add_argument("--n", type=_positive, default=8, help="answers sampled per prompt")
+    smp.add_argument("--scorer", default="rouge_l",
+                     help="answer_match, rouge_l, code_pass, reward_model, answer[/exact|numeric|contains], "
+                          "rouge[/rouge1|rouge2|rougeL], bleu, judge or humaneval (default rouge_l)")
+    smp.add_argument("--format", choices=("sft", "preference"), default="preference",
+                     help="preference: best vs worst answer (default); sft: the best answer")
+    smp.add_argument("--temperature", type=float, default=1.0)
+    smp.add_argument("--top-p", type=float, default=1.0)
+    smp.add_argument("--max-new-tokens", type=_positive, default=48)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--limit", type=int, default=0, help="first N prompts (0 = all)")
+    smp.add_argument("--batch", type=_positive, default=16, help="prompts per batch; progress is saved after each")
+    smp.add_argument("--reward-model", default="", help="reward_model scorer: a run or a reward model directory")
+    smp.add_argument("--judge-url", default="local",
+                     help="judge scorer: OpenAI-compatible base URL, or local (a judge server for --judge-model)")
+    smp.add_argument("--judge-model", default="tiny-qwen2", help="judge scorer: the judge model's name")
+    smp.set_defaults(func=_sample)
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     gen = data_sub.add_parser("generate", help="regenerate the embedded task data (deterministic for a seed)")
@@ -338,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow prints each run it ends with a URL built from MLFLOW_TRACKING_URI, a password in it included; the
+    # harness prints its own, without one
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops filling the `overrides` list at the first option; key=value after options belong to it too
@@ -350,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, IsolationUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:  # the run is FAILED in MLflow already; the message names the step
+    except (TrainingDiverged, TrackingUnavailable) as e:  # the message names the step, or the file of writes
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,12 +14,14 @@ from pathlib import Path
 from evaluators import EVALUATORS
 from evaluators.uncertainty import ALPHA, N_RESAMPLES, SEED, aligned_rows, paired_tests
 from harness.core.errors import ConfigError
+from harness.core.eval_data import metric_key, parse_eval_data
 from harness.core.files import check_writable_dir, check_writable_file
 from harness.paths import REPO_ROOT
 from harness.training.inloop import is_quality_metric
 from harness.training.tracking import RunRecord, existing_run, load_runs, load_table
 
 DEFAULT_DIR = REPO_ROOT / "outputs" / "compare"
+PARENT = "parent_run"  # the param a chained stage logs (harness.training.runner): the run it started from
 
 
 def compare(run_ids: list[str], experiment: str | None = None, out: str | None = None,
@@ -43,7 +45,7 @@ def compare(run_ids: list[str], experiment: str | None = None, out: str | None =
     plot_curves(runs, png)
     for run in runs:
         existing_run(run.run_id).log_artifact(str(png), "compare")
-    paired = format_paired(runs, {r.run_id: final_table(r) for r in runs}) if len(runs) > 1 else []
+    paired = format_paired(runs, {r.run_id: final_tables(r) for r in runs}) if len(runs) > 1 else []
     return "\n".join([format_table(runs), *paired]), png
 
 
@@ -52,40 +54,50 @@ def final_step(run: RunRecord) -> int | None:
     return max(steps) if steps else None
 
 
-def final_table(run: RunRecord) -> dict[str, list] | None:
-    """The per-sample eval table the run logged at its last evaluation (eval_samples/step_NNNNNN.json), if any."""
+def final_tables(run: RunRecord) -> dict[str, dict[str, list] | None]:
+    """Eval set name ("" for one unnamed set) -> the per-sample table the run logged for it at its last evaluation
+    (eval_samples/[<set>/]step_NNNNNN.json), or None; the sets are those of the run's eval_data param."""
     step = final_step(run)
-    return None if step is None else load_table(run.run_id, f"eval_samples/step_{step:06d}.json")
+    try:
+        names = [name for name, _ in parse_eval_data(run.params.get("eval_data", ""))]
+    except ConfigError:  # a param the harness did not write: read it as one unnamed set
+        names = [""]
+    return {name: None if step is None else load_table(
+        run.run_id, f"eval_samples/{name + '/' if name else ''}step_{step:06d}.json") for name in names}
 
 
-def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, list] | None]) -> list[str]:
-    """Each run after the first against the first, at their final evaluations: the paired difference of every
-    metric with per-sample values, its 95% interval and p-value (evaluators/uncertainty.py), when both runs were
-    evaluated on the same samples (same ids and prompts)."""
+def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, dict[str, list] | None]]) -> list[str]:
+    """Each run after the first against the first, at their final evaluations and eval set by eval set (`tables`:
+    run id -> final_tables): the paired difference of every metric with per-sample values, its 95% interval and
+    p-value (evaluators/uncertainty.py), when both runs were evaluated on the same samples (same ids and prompts)."""
     base = runs[0]
     lines = [f"paired difference vs {_label(base)} at each run's final evaluation",
              f"  (paired bootstrap over the same eval samples, {N_RESAMPLES} resamples, seed {SEED}; significant: "
              f"p < {ALPHA})"]
-    base_table = tables.get(base.run_id)
-    if base_table is None:
-        return [*lines, f"  {_label(base)} logged no per-sample table at step {final_step(base)}: nothing to pair"]
-    for run in runs[1:]:
-        table = tables.get(run.run_id)
-        if table is None:
-            lines.append(f"  {_label(run)}: no per-sample table at step {final_step(run)}")
+    for set_name, base_table in tables.get(base.run_id, {"": None}).items():
+        where = f" for eval set {set_name}" if set_name else ""
+        if base_table is None:
+            lines.append(f"  {_label(base)} logged no per-sample table{where} at step {final_step(base)}: nothing "
+                         f"to pair")
             continue
-        if aligned_rows(base_table, table) is None:
-            lines.append(f"  {_label(run)}: not evaluated on the same samples (ids or prompts differ): not paired")
-            continue
-        tests = paired_tests(EVALUATORS, base_table, table)
-        if not tests:
-            lines.append(f"  {_label(run)}: no metric with per-sample values in both tables")
-            continue
-        lines.append(f"  {_label(run)} (step {final_step(run)}) - {_label(base)} (step {final_step(base)}), "
-                     f"{len(table.get('id', ()))} samples:")
-        width = max(28, *(len(k) for k in tests)) + 2
-        for key, test in sorted(tests.items()):
-            lines.append(f"    {key.ljust(width)}{test.base:10.3f} -> {test.new:10.3f}  ({test.describe()})")
+        for run in runs[1:]:
+            table = tables.get(run.run_id, {}).get(set_name)
+            if table is None:
+                lines.append(f"  {_label(run)}: no per-sample table{where} at step {final_step(run)}")
+                continue
+            if aligned_rows(base_table, table) is None:
+                lines.append(f"  {_label(run)}: not evaluated on the same samples{where} (ids or prompts differ): "
+                             f"not paired")
+                continue
+            tests = {metric_key(k, set_name): t for k, t in paired_tests(EVALUATORS, base_table, table).items()}
+            if not tests:
+                lines.append(f"  {_label(run)}: no metric with per-sample values in both tables{where}")
+                continue
+            lines.append(f"  {_label(run)} (step {final_step(run)}) - {_label(base)} (step {final_step(base)}), "
+                         f"{len(table.get('id', ()))} samples{where}:")
+            width = max(28, *(len(k) for k in tests)) + 2
+            for key, test in sorted(tests.items()):
+                lines.append(f"    {key.ljust(width)}{test.base:10.3f} -> {test.new:10.3f}  ({test.describe()})")
     return lines
 
 
@@ -107,15 +119,31 @@ def format_table(runs: list[RunRecord]) -> str:
     col = max(26, *(len(_label(r)) for r in runs)) + 2
     lines = ["metric (baseline -> final)".ljust(width) + "".join(_label(r).ljust(col) for r in runs)]
     lines.append("".ljust(width) + "".join(f"{r.experiment}, steps {_steps(r)}".ljust(col) for r in runs))
+    if any(PARENT in r.params for r in runs):  # chained stages (model=run:RUN_ID): the run each one started from
+        lines.append("started from run".ljust(width) + "".join(r.params.get(PARENT, "-")[:8].ljust(col) for r in runs))
     for key in keys:
         lines.append(key.ljust(width) + "".join(_cell(r.history.get(key, [])).ljust(col) for r in runs))
     differing = sorted(k for k in {k for r in runs for k in r.params}
-                       if len({r.params.get(k) for r in runs}) > 1)
+                       if k != PARENT and len({r.params.get(k) for r in runs}) > 1)
     if differing:
         lines.append("params that differ:")
         for key in differing:
             lines.append(f"  {key}".ljust(width) + "".join(str(r.params.get(key, "-")).ljust(col) for r in runs))
+    lines += format_chains(runs)
     return "\n".join(line.rstrip() for line in lines)
+
+
+def format_chains(runs: list[RunRecord]) -> list[str]:
+    """Each chain of stages among the compared runs (model=run:RUN_ID), first stage first."""
+    by_id = {r.run_id: r for r in runs}
+    parents = {r.params.get(PARENT) for r in runs}
+    lines = []
+    for last in (r for r in runs if r.run_id not in parents and r.params.get(PARENT) in by_id):
+        chain = [last]
+        while (parent := by_id.get(chain[0].params.get(PARENT, ""))) is not None and parent not in chain:
+            chain.insert(0, parent)
+        lines.append("  " + " -> ".join(f"{r.experiment} ({r.run_id[:8]})" for r in chain))
+    return ["chains (each stage started from the best checkpoint of the one before):", *lines] if lines else []
 
 
 def _steps(run: RunRecord) -> str:

@@ -13,11 +13,10 @@ import json
 import time
 from pathlib import Path
 
+from harness.commands.model_ref import open_engine, render_prompts, resolve_ref
 from harness.core.errors import DataError
 from harness.core.files import atomic_writer
 from harness.core.generation import GenParams
-from harness.core.models import load_tokenizer, resolve_model
-from harness.core.prompts import render_prompt
 from harness.core.records import read_records, require_text, resolve_local
 
 
@@ -26,18 +25,14 @@ def make_self_pairs(model: str, prompts_file: str, out: str, limit: int = 512, m
     """Write `out` (JSONL: prompt, chosen, rejected) from the first `limit` records of `prompts_file` (each with a
     string `prompt` and `chosen` or `reference`); pairs whose model answer equals the chosen one are left out.
     All or nothing: `out` appears once every row is written."""
-    from harness.engines.vllm_engine import VLLMBackend
-
     records = read_records(prompts_file)[: limit or None]
     if not records:
         raise DataError(f"{prompts_file}: no records")
     prompts = [require_text(r, "prompt") for r in records]
     chosen = [require_text(r, "chosen" if "chosen" in r.fields else "reference") for r in records]
-    path = resolve_model(model)
-    tokenizer = load_tokenizer(path)
-    prompt_ids = [render_prompt(tokenizer, p) for p in prompts]
-    engine = VLLMBackend(path, seed=seed, max_model_len=max(256, max(map(len, prompt_ids)) + max_new_tokens),
-                         dtype="float32")
+    source = resolve_ref(model)
+    _, prompt_ids = render_prompts(source, prompts)
+    engine = open_engine(source, prompt_ids, max_new_tokens, seed)
     started = time.time()
     try:
         completions = engine.generate(prompt_ids, GenParams(max_new_tokens=max_new_tokens, seed=seed))

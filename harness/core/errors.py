@@ -1,4 +1,5 @@
-"""Errors that stop a run, each naming what the user has to fix: all but TrainingDiverged before any work."""
+"""Errors that stop a run, each naming what the user has to fix: all but TrainingDiverged and TrackingUnavailable
+before any work."""
 
 
 class ConfigError(ValueError):
@@ -11,3 +12,8 @@ class DataError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """A training loss, grad norm or eval score turned NaN or infinite (stop_on_nonfinite): names the step."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server did not take all of a run's writes by its end (down past the wait, or refused):
+    names the file that keeps them."""

@@ -73,6 +73,32 @@ def write_json_atomic(path: Path, data) -> None:
         json.dump(data, f)
 
 
+@contextmanager
+def atomic_directory(path: Path, replace: bool = False) -> Iterator[Path]:
+    """A directory to fill in place of `path`: a temporary directory beside it, renamed to `path` when the block
+    ends, so a reader sees no directory (or the old one) or the whole new one. If the block raises, the temporary
+    directory is removed and `path` is left as it was. An existing `path` is refused (ConfigError) unless
+    `replace`, which swaps it out only after the new one is complete."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not replace:
+        raise ConfigError(f"{path} already exists: choose another directory, or remove it first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{secrets.token_hex(6)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{secrets.token_hex(6)}")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _unwritable_dir(path: Path) -> str | None:
     """Why directory `path` neither takes new entries nor can be created, or None. Tried for real (root ignores
     permission bits, a read-only mount does not), leaving nothing behind."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.core.errors import ConfigError
+from harness.core.records import EvalSample
 from harness.paths import REPO_ROOT
 
 # Named templates shipped with the harness: `chat_template=chatml` is chat_templates/chatml.jinja.
@@ -59,3 +60,29 @@ def render_prompt(tokenizer, prompt: str, system: str = "") -> list[int]:
                               f"leave system_prompt empty, or give the model another template (chat_template=)") from e
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(f"{system}\n\n{prompt}" if system else prompt)["input_ids"]
+
+
+def render_sample(tokenizer, sample: EvalSample, system: str = "") -> list[int]:
+    """An eval sample's prompt token ids: its whole conversation when it has one (render_conversation), else its
+    prompt alone (render_prompt)."""
+    if sample.messages is None:
+        return render_prompt(tokenizer, sample.prompt, system)
+    return render_conversation(tokenizer, list(sample.messages), system)
+
+
+def render_conversation(tokenizer, messages: list[dict], system: str = "") -> list[int]:
+    """A conversation ending with a user turn, through the tokenizer's chat template with the generation prompt; a
+    `system` message first unless the conversation has its own. Raises ConfigError when the model has no chat
+    template (a conversation has no raw-text form) or the template refuses the conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("a whole-conversation eval record needs a chat template and the model has none: give it "
+                          "one (chat_template=chatml)")
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except TemplateError as e:  # e.g. a template that refuses a system turn or turns out of order
+        raise ConfigError(f"the model's chat template refused the conversation ({e})") from e
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

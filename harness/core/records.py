@@ -170,9 +170,13 @@ def prompt_completion_rows(records: list[Record]) -> list[dict]:
 @dataclass(frozen=True)
 class EvalSample:
     id: str
-    prompt: str
+    prompt: str  # the user turn the model answers (a conversation's last user turn)
     reference: str
     answer: str | None = None  # the short checkable answer (the `answer` evaluator, GRPO's answer_match), if given
+    # a whole conversation (system, earlier turns) ending with the user turn `prompt`, rendered as it is by the chat
+    # template (harness.core.prompts.render_sample); None: `prompt` alone is the conversation
+    messages: tuple[dict, ...] | None = None
+    rejected: str | None = None  # a preference pair's rejected answer (`reference` is the chosen one), when held out
 
 
 def eval_answer(record: Record, required: bool = False, why: str = "") -> str | None:
@@ -191,13 +195,18 @@ def eval_samples(records: list[Record], limit: int = 0, required: dict[str, str]
     """Eval records with a string `prompt` and `reference`, and `answer` when present; `limit` keeps the first N
     (0 keeps all). `required`: fields every record must have besides those (only `answer` is known) -> why, for
     the error message (e.g. {"answer": "the answer evaluator compares outputs with it"})."""
+    samples = [eval_sample(r, i, required) for i, r in enumerate(records[:limit] if limit else records)]
+    if not samples:
+        raise DataError("the eval data has no records")
+    return samples
+
+
+def eval_sample(record: Record, index: int | str, required: dict[str, str] | None = None) -> EvalSample:
+    """One record of eval_samples; its id is its `id` field or `index`."""
     required = required or {}
     unknown = sorted(set(required) - {"answer"})
     if unknown:
         raise ValueError(f"eval records carry no field(s) {unknown}")
-    samples = [EvalSample(str(r.fields.get("id", i)), require_text(r, "prompt"), require_text(r, "reference"),
-                          eval_answer(r, "answer" in required, required.get("answer", "")))
-               for i, r in enumerate(records[:limit] if limit else records)]
-    if not samples:
-        raise DataError("the eval data has no records")
-    return samples
+    return EvalSample(str(record.fields.get("id", index)), require_text(record, "prompt"),
+                      require_text(record, "reference"), eval_answer(record, "answer" in required,
+                                                                     required.get("answer", "")))

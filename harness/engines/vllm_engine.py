@@ -116,6 +116,13 @@ class VLLMBackend:
         self._adapter_dirs = tempfile.TemporaryDirectory(prefix="lora-requests-") if lora_rank else None
         self.logprobs([[0]], [[0]])  # first prompt-logprob call compiles kernels; pay it here, not in step 0
 
+    def use_adapter(self, directory: str) -> None:
+        """Generate through a saved LoRA adapter from now on (an engine built with lora_rank >= its rank): how a
+        LoRA run's checkpoint is served without folding it into the base weights."""
+        from vllm.lora.request import LoRARequest
+
+        self.lora_request = LoRARequest(Path(directory).name, 1, str(directory))
+
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Fold the live weights (LoRA included) into the engine; or, when serving LoRA requests, save only the
         adapter and point the next requests at it under a fresh id (vLLM caches adapters by id)."""

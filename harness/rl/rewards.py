@@ -12,6 +12,7 @@ from evaluators.humaneval import extract_completion, score_completions
 from evaluators.reward_accuracy import reward_scores
 from evaluators.rouge import rouge_scores
 from evaluators.sandbox import Limits, Sandbox
+from harness.core.records import require_text
 
 
 def _text(completion) -> str:
@@ -91,3 +92,22 @@ def make_rewards(names: list[str], reward_model: str, code_timeout_s: float = 5.
     if "reward_model" in names:
         made["reward_model"] = RewardModel(reward_model)
     return [made[n] for n in names]
+
+
+def reward_rules(rewards: list[str], reward_weights: list[float], reward_model: str) -> list[tuple[bool, str, str]]:
+    """An RL experiment's rules for its `rewards`, `reward_weights` and `reward_model` fields (see Experiment.rules)."""
+    unknown = [r for r in rewards if r not in REWARD_COLUMNS]
+    return [
+        (not unknown, "", f"rewards: unknown {unknown}; known: {', '.join(REWARD_COLUMNS)}"),
+        ("reward_model" not in rewards or bool(reward_model), "", "rewards=reward_model needs "
+         "reward_model=PATH (a reward model directory, e.g. outputs/rm_qwen/<run id>/best)"),
+        (len(reward_weights) == len(rewards), "", "reward_weights: one weight per reward"),
+    ]
+
+
+def reward_rows(records: list, rewards: list[str]) -> list[dict]:
+    """The training rows of an RL experiment: each record's prompt and the columns its `rewards` read, checked
+    to be present (a missing one names the file, line and field)."""
+    columns = ("prompt", *dict.fromkeys(c for r in rewards for c in REWARD_COLUMNS[r]))
+    why = f"rewards {','.join(rewards)} read {', '.join(columns)}"
+    return [{key: require_text(r, key, why=why) for key in columns} for r in records]

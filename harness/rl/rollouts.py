@@ -1,17 +1,87 @@
 """Online-RL rollouts from the run's one vLLM engine: the engine the evaluators use, synced with the live
-policy before every rollout, so RL pays for no second engine and no checkpoint round trip."""
+policy before every rollout, so RL pays for no second engine and no checkpoint round trip.
+
+In a multi-process run only rank 0 holds the engine. `sample_across_ranks` is the one collective every rank calls
+with its own prompts: rank 0 gathers them, syncs the engine with its copy of the policy (the same weights as every
+other rank's under DDP or ZeRO-1/2) and generates for all ranks in one batch, then scatters each rank its own
+completions. Each rank rewards only its own completions, so every completion is rewarded exactly once."""
 
 from __future__ import annotations
 
-from harness.core.generation import GenParams
+import time
+from dataclasses import dataclass
+
+import torch
+
+from harness.core import ranks
+from harness.core.generation import Completion, GenParams
 from harness.core.prompts import render_prompt
 from harness.engines.vllm_engine import VLLMBackend
 
 
-class VLLMRollout:
-    """A TRL GRPO `rollout_func`: G sampled completions per prompt, with the sampling logprobs."""
+@dataclass(frozen=True)
+class RolloutStats:
+    """What one rollout call cost, over all ranks: logged as `rollout/*` beside the trainer's own metrics."""
 
-    def __init__(self, backend: VLLMBackend, tokenizer, max_new_tokens: int, temperature: float, seed: int):
+    completions: int  # completions the engine generated for every rank together
+    ranks: int  # processes whose prompts went into the batch
+    generate_s: float  # weight sync + generation on rank 0
+
+    def metrics(self) -> dict[str, float]:
+        return {"rollout/completions": self.completions, "rollout/ranks": self.ranks,
+                "rollout/generate_s": self.generate_s}
+
+
+def sample_across_ranks(backend: VLLMBackend | None, model: torch.nn.Module, prompt_ids: list[list[int]],
+                        params: GenParams) -> tuple[list[Completion], RolloutStats]:
+    """`params.n` samples (with `params.sample_logprobs`, their logprobs) of every prompt in `prompt_ids` from the
+    engine, synced with `model` first. Every rank must call it at the same point with its own prompts: rank 0
+    passes the engine, the others None (see the module's docstring). In one process it is a sync and a generate."""
+    distributed = ranks.world_size() > 1 and torch.distributed.is_initialized()
+    if not distributed:
+        start = time.perf_counter()
+        backend.sync_weights(model)
+        completions = backend.generate(prompt_ids, params)
+        return completions, RolloutStats(sum(len(c.texts) for c in completions), 1, time.perf_counter() - start)
+    gathered = [None] * ranks.world_size() if ranks.is_main() else None
+    torch.distributed.gather_object(prompt_ids, gathered, dst=0)
+    parts = None
+    if ranks.is_main():
+        if backend is None:
+            raise RuntimeError("rank 0 has no rollout engine: it must pass the in-loop vLLM engine")
+        start = time.perf_counter()
+        backend.sync_weights(model)
+        completions = backend.generate([p for part in gathered for p in part], params)
+        stats = RolloutStats(sum(len(c.texts) for c in completions), len(gathered), time.perf_counter() - start)
+        parts, offset = [], 0
+        for part in gathered:
+            parts.append((completions[offset:offset + len(part)], stats))
+            offset += len(part)
+    received = [None]
+    torch.distributed.scatter_object_list(received, parts, src=0)
+    return received[0]
+
+
+def log_stats(trainer, stats: RolloutStats) -> None:
+    """Adds `stats` to the TRL trainer's step metrics (averaged over the logging window, logged as train/...)."""
+    for key, value in stats.metrics().items():
+        trainer._metrics["train"][key].append(value)
+
+
+def group_heads(prompts: list, group: int) -> list:
+    """The distinct prompts of a batch in which TRL (GRPO, RLOO) hands each prompt `group` times in a row: the
+    engine then samples `group` completions from one request, which keeps the samples distinct."""
+    unique = prompts[::group]
+    if len(prompts) != len(unique) * group or any(p != unique[i // group] for i, p in enumerate(prompts)):
+        raise RuntimeError(f"rollout expected each prompt repeated {group} times in a row (TRL's grouping)")
+    return unique
+
+
+class VLLMRollout:
+    """A TRL GRPO `rollout_func`: G sampled completions per prompt, with the sampling logprobs. On a rank other
+    than 0 of a multi-process run `backend` is None: rank 0 generates this rank's share (sample_across_ranks)."""
+
+    def __init__(self, backend: VLLMBackend | None, tokenizer, max_new_tokens: int, temperature: float, seed: int):
         self.backend = backend
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -20,15 +90,22 @@ class VLLMRollout:
 
     def __call__(self, prompts: list[str], trainer) -> dict:
         group = trainer.num_generations
-        # TRL hands each prompt G times in a row; sampling G from one request keeps the samples distinct
-        unique = prompts[::group]
-        if len(prompts) != len(unique) * group or any(p != unique[i // group] for i, p in enumerate(prompts)):
-            raise RuntimeError(f"rollout expected each prompt repeated {group} times in a row (TRL's grouping)")
-        self.backend.sync_weights(trainer.model)
-        prompt_ids = [render_prompt(self.tokenizer, p) for p in unique]
-        params = GenParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, n=group,
-                           seed=self.seed + trainer.state.global_step, sample_logprobs=True)
-        completions = self.backend.generate(prompt_ids, params)
+        prompt_ids = [render_prompt(self.tokenizer, p) for p in group_heads(prompts, group)]
+        completions = self.sample(prompt_ids, group, trainer)
         return {"prompt_ids": [ids for ids in prompt_ids for _ in range(group)],
                 "completion_ids": [ids for c in completions for ids in c.token_ids],
                 "logprobs": [lps for c in completions for lps in c.logprobs]}
+
+    def sample_groups(self, prompt_ids: list[list[int]], group: int, trainer) -> list[Completion]:
+        """`sample` for a TRL batch that holds each prompt `group` times in a row (see group_heads)."""
+        return self.sample(group_heads(prompt_ids, group), group, trainer)
+
+    def sample(self, prompt_ids: list[list[int]], n: int, trainer) -> list[Completion]:
+        """`n` samples of each prompt from the engine synced with `trainer.model`, across ranks, with a fresh seed
+        every step (so each step's samples differ); the cost is added to the trainer's metrics. RLOO and GKD call
+        this from their own generation hooks (harness.training.methods)."""
+        params = GenParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, n=n,
+                           seed=self.seed + trainer.state.global_step, sample_logprobs=True)
+        completions, stats = sample_across_ranks(self.backend, trainer.model, prompt_ids, params)
+        log_stats(trainer, stats)
+        return completions

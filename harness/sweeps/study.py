@@ -39,7 +39,7 @@ from harness.core.errors import ConfigError
 from harness.paths import REPO_ROOT
 from harness.training.experiment import Experiment
 from harness.training.overrides import apply_overrides, field_types, parse_overrides
-from harness.training.tracking import end_runs, existing_run, mlflow_run, tracking_uri
+from harness.training.tracking import end_runs, existing_run, mlflow_run, shown_tracking_uri
 
 PRUNERS = ("median", "hyperband", "none")
 # Heartbeats and PartialFixedSampler are marked experimental by Optuna; their warnings would repeat every trial.
@@ -85,8 +85,10 @@ def display_url(url: str) -> str:
 
 def make_storage(url: str, heartbeat_s: int | None = None, on_stale=None) -> optuna.storages.RDBStorage:
     # SQLite allows one writer at a time; trial processes and other workers write too, so wait for the lock
-    # instead of failing at once.
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    # instead of failing at once. A database server can drop a pooled connection (restart, idle timeout, network):
+    # each connection is tested before use and replaced if dropped (Optuna does that for MySQL only), else the
+    # next call fails, and a failed call in the heartbeat thread ends the heartbeat of a trial that still runs.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
@@ -281,7 +283,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                     resume_run_id=_study_attr(study, storage, PARENT_RUN_ATTR, wait=not created)) as parent, \
             tempfile.TemporaryDirectory(prefix="sweep-") as scratch, _Signals() as signals:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
-        print(f"[mlflow] parent run {parent.run_id} at {tracking_uri()}", flush=True)
+        print(f"[mlflow] parent run {parent.run_id} at {shown_tracking_uri()}", flush=True)
         objective = _TrialLauncher(exp, cfg.overrides, url, pruner_args, parent.run_id, Path(scratch), signals,
                                    cfg.grace_s)
         callbacks = [signals.check]  # stop between trials once a signal came

