@@ -50,7 +50,11 @@ class LocalJudgeServer:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
-        self._wait_ready(startup_timeout_s)
+        try:
+            self._wait_ready(startup_timeout_s)
+        except BaseException:  # Ctrl-C or SIGTERM while waiting: its own session would not get the signal
+            self.close()
+            raise
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from harness.core.models import resolve_model
 from harness.rl.ppo import PPOSettings, PPOTrainer, value_model_from
 from harness.rl.rewards import RewardModel, make_rewards, reward_rows, reward_rules
 from harness.training.experiment import Experiment, help_factory, help_field
@@ -90,5 +89,5 @@ class PpoQwen(Experiment):
         args = self.trainer_args(output_dir)
         args.pop("max_length")  # prompts are rendered for the engine; completions are capped by max_new_tokens
         return PPOTrainer(model, make_config(TrainingArguments, {}, args), Dataset.from_list(rows), tokenizer,
-                          callbacks, backend=backend, value_model=value_model_from(resolve_model(self.model), init),
+                          callbacks, backend=backend, value_model=value_model_from(model.name_or_path, init),
                           reward_funcs=reward_funcs, reward_weights=self.reward_weights, settings=settings)

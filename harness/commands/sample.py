@@ -289,6 +289,10 @@ def run_sample(cfg: SampleConfig, engine=None) -> dict:
     finished = {row["id"] for row in done}
     todo = [r for r in records if record_id(r) not in finished]
     _, prompt_ids = render_prompts(model, [r.fields["prompt"] for r in todo])
+    experiment, tags = f"sample/{out.name.removesuffix('.jsonl')}", {"command": "sample", "out": str(out.resolve())}
+    # a sampling of this OUT that was killed left its MLflow run RUNNING: it ended then, as KILLED (before a judge
+    # server starts, so that a store failure here leaves no server behind)
+    tracking.end_runs("KILLED", experiment=experiment, tags=tags)
     scorer = Scorer(cfg)  # a reward model or a judge server loads here, before the MLflow run opens
     params = {**{k: v for k, v in vars(cfg).items() if k not in ("judge_url", "judge_model", "reward_model")},
               **model.describe(), "resumed_prompts": len(done)}
@@ -296,9 +300,6 @@ def run_sample(cfg: SampleConfig, engine=None) -> dict:
         params.update(judge_url=cfg.judge_url, judge_model=cfg.judge_model)
     if scorer.name == "reward_model":
         params["reward_model"] = cfg.reward_model
-    experiment, tags = f"sample/{out.name.removesuffix('.jsonl')}", {"command": "sample", "out": str(out.resolve())}
-    # a sampling of this OUT that was killed left its MLflow run RUNNING: it ended then, as KILLED
-    tracking.end_runs("KILLED", experiment=experiment, tags=tags)
     own_engine = engine is None
     started = time.time()
     tokens = 0

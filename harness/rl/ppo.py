@@ -257,6 +257,8 @@ class PPOTrainer(Trainer):
         mask = rollout.mask
         everything = slice(None)
         t = time.perf_counter()
+        model.eval()  # no dropout: the first minibatch's ratio is then exactly 1
+        self.value_model.eval()
         with torch.no_grad():
             old_logprobs, logits, old_values = self._forward(model, rollout, everything, self.value_model)
             # the engine's logprobs are of the unscaled distribution: the check that rollouts came from these weights
@@ -276,14 +278,13 @@ class PPOTrainer(Trainer):
         model.train()
         self.value_model.train()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        size = len(inputs) // s.num_minibatches
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac",
                                                           "approx_kl", "grad_norm", "loss")}
         shuffle = torch.Generator().manual_seed(s.seed + self.state.global_step)  # the same order after a resume
         for _ in range(s.ppo_epochs):
             order = torch.randperm(len(inputs), generator=shuffle).to(mask.device)
-            for start in range(0, len(inputs), size):
-                rows = order[start:start + size]
+            # tensor_split: a short last batch of the data gives smaller (never empty) minibatches
+            for rows in (r for r in torch.tensor_split(order, s.num_minibatches) if len(r)):
                 logprobs, _, values = self._forward(model, rollout, rows, self.value_model)
                 m = mask[rows]
                 pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs[rows], advantages[rows], m,

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from harness.core import ranks
 from harness.core.errors import ConfigError, DataError
+from harness.training.outbox import redact
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -172,7 +173,7 @@ class LibraryLog:
             try:  # after the run has ended, so that its clean-up's output is in the file too
                 self.tracker.log_artifact(str(self.path))
             except Exception as e:  # the store is down: the run's own error, if any, is what matters here
-                print(f"[warn] could not log {self.path} to MLflow: {e}", flush=True)
+                print(f"[warn] could not log {self.path} to MLflow: {redact(str(e))}", flush=True)
         if self.temporary and self.path is not None and self.path.exists():
             if failed and self.path.stat().st_size:
                 print(f"[run] library output of the failed run: {self.path}", file=sys.stderr, flush=True)
