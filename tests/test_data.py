@@ -10,6 +10,7 @@ import pytest
 
 from harness.core import records as data
 from harness.core.errors import ConfigError, DataError
+from harness.core.eval_data import eval_set_samples
 from harness.core.formats import convert
 from harness.embedded.code_data import generate_code_tasks
 from harness.embedded.fact_data import generate
@@ -55,8 +56,8 @@ def test_eval_records_need_prompt_and_reference(tmp_path):
     path = tmp_path / "eval.json"
     path.write_text(json.dumps([{"prompt": "q", "reference": "r"}, {"prompt": "q2"}]))
     with pytest.raises(DataError, match=r"eval.json record 2: field 'reference' is missing"):
-        data.eval_samples(data.read_records(str(path)))
-    assert [s.reference for s in data.eval_samples(data.read_records(str(path)), limit=1)] == ["r"]
+        eval_set_samples(data.read_records(str(path)))
+    assert [s.reference for s in eval_set_samples(data.read_records(str(path)), limit=1)] == ["r"]
 
 
 def test_missing_local_file_is_reported_not_sent_to_the_hub():
@@ -114,7 +115,7 @@ def test_case10_empty_eval_file_names_the_file(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "x.jsonl").write_text("\n")
     with pytest.raises(DataError, match=r"^data/x\.jsonl: no records$"):
-        data.eval_samples(data.read_records("data/x.jsonl"))
+        eval_set_samples(data.read_records("data/x.jsonl"))
 
 
 def test_case3_atomic_writes_get_ordinary_file_modes(tmp_path):

@@ -30,8 +30,9 @@ from evaluators.uncertainty import (
     standard_error,
 )
 from harness.core.errors import ConfigError, DataError
+from harness.core.eval_data import eval_set_samples
 from harness.core.generation import Completion
-from harness.core.records import EvalSample, Record, eval_samples
+from harness.core.records import EvalSample, Record
 from harness.paths import DATA_DIR, REPO_ROOT
 
 
@@ -197,7 +198,7 @@ def test_an_eval_file_without_answer_stops_in_prepare_naming_file_line_and_field
     # without the evaluator the field is optional; a number is taken as written
     records = [Record("x line 1", {"prompt": "p", "reference": "r", "answer": 72}), Record("x line 2", {
         "prompt": "p", "reference": "r"})]
-    assert [s.answer for s in eval_samples(records)] == ["72", None]
+    assert [s.answer for s in eval_set_samples(records)] == ["72", None]
 
 
 def test_error_bar_keys_are_not_selectable():

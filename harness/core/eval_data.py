@@ -161,8 +161,8 @@ def _answer(turns: list[dict]) -> str:
 
 def eval_set_samples(records: list[Record], limit: int = 0,
                      required: dict[str, str] | None = None) -> list[EvalSample]:
-    """harness.core.records.eval_samples, where a record may also be a whole conversation (`messages`, see
-    conversation_sample): the samples of an eval file."""
+    """The samples of an eval file: each record a prompt and reference (harness.core.records.eval_sample) or a whole
+    conversation (`messages`, see conversation_sample); `limit` keeps the first N (0 keeps all)."""
     samples = [conversation_sample(r, i, required) if "messages" in r.fields else eval_sample(r, i, required)
                for i, r in enumerate(records[:limit] if limit else records)]
     if not samples:

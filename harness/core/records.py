@@ -191,18 +191,10 @@ def eval_answer(record: Record, required: bool = False, why: str = "") -> str | 
     return require_text(record, "answer", why=why)
 
 
-def eval_samples(records: list[Record], limit: int = 0, required: dict[str, str] | None = None) -> list[EvalSample]:
-    """Eval records with a string `prompt` and `reference`, and `answer` when present; `limit` keeps the first N
-    (0 keeps all). `required`: fields every record must have besides those (only `answer` is known) -> why, for
-    the error message (e.g. {"answer": "the answer evaluator compares outputs with it"})."""
-    samples = [eval_sample(r, i, required) for i, r in enumerate(records[:limit] if limit else records)]
-    if not samples:
-        raise DataError("the eval data has no records")
-    return samples
-
-
 def eval_sample(record: Record, index: int | str, required: dict[str, str] | None = None) -> EvalSample:
-    """One record of eval_samples; its id is its `id` field or `index`."""
+    """An eval record with a string `prompt` and `reference`, and `answer` when present; its id is its `id` field
+    or `index`. `required`: fields the record must have besides those (only `answer` is known) -> why, for the
+    error message (e.g. {"answer": "the answer evaluator compares outputs with it"})."""
     required = required or {}
     unknown = sorted(set(required) - {"answer"})
     if unknown:
