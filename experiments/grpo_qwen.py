@@ -15,6 +15,7 @@ class GrpoQwen(Experiment):
     """GRPO on the embedded tiny Qwen2: G samples per task prompt from the shared vLLM engine, answer rewards."""
 
     needs_rollouts = True
+    trainer_factory = staticmethod(grpo_trainer)  # rloo_qwen swaps in RLOO on the same rollouts and rewards
     train_data: str = help_field(
         "data/rl.jsonl", "prompts, plus the columns the rewards read (answer, reference, test/entry_point)")
     learning_rate: float = help_field(1e-5, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
@@ -49,7 +50,8 @@ class GrpoQwen(Experiment):
         rollout = VLLMRollout(backend, tokenizer, self.max_new_tokens, self.temperature, self.seed)
         args = self.trainer_args(output_dir)
         args.pop("max_length")  # prompts are rendered by the rollout; completions are capped by max_new_tokens
-        return grpo_trainer(model, tokenizer, rows, callbacks, rollout=rollout,
-                            reward_funcs=make_rewards(self.rewards, self.reward_model),
-                            reward_weights=self.reward_weights, num_generations=self.num_generations,
-                            max_new_tokens=self.max_new_tokens, temperature=self.temperature, beta=self.beta, **args)
+        return self.trainer_factory(model, tokenizer, rows, callbacks, rollout=rollout,
+                                    reward_funcs=make_rewards(self.rewards, self.reward_model),
+                                    reward_weights=self.reward_weights, num_generations=self.num_generations,
+                                    max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                    beta=self.beta, **args)
