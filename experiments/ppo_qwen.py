@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 from harness.rl.ppo import PPOSettings, PPOTrainer, value_model_from
 from harness.rl.rewards import RewardModel, make_rewards, reward_rows, reward_rules
 from harness.training.experiment import Experiment, help_factory, help_field
+from harness.training.lineage import reward_model_path
 from harness.training.methods import make_config
 
 VALUE_INITS = ("auto", "reward_model", "policy")
@@ -20,7 +21,6 @@ class PpoQwen(Experiment):
     """PPO on the embedded tiny Qwen2: value model, per-token KL to the step-0 policy, GAE, clipped losses."""
 
     needs_rollouts = True
-    multi_process = False  # the value model is not wrapped for data parallelism, and rank 0 alone holds the engine
     train_data: str = help_field(
         "data/rl.jsonl", "prompts, plus the columns the rewards read (answer, reference, test/entry_point)")
     max_steps: int = help_field(
@@ -47,7 +47,8 @@ class PpoQwen(Experiment):
                                              "reward_model")
     reward_weights: list[float] = help_factory(lambda: [1.0, 0.5], "one weight per reward, in the order of rewards")
     reward_model: str = help_field(
-        "", "for the reward_model reward and value_init: a reward model directory, e.g. rm_qwen's best checkpoint")
+        "", "for the reward_model reward and value_init: a reward model run's best checkpoint, run:RUN_ID or "
+            "run:latest:rm_qwen (pinned to the run's id), or a reward model directory")
     max_new_tokens: int = help_field(32, "cap on generated tokens per rollout completion and per eval prompt")
 
     def rules(self) -> list[tuple[bool, str, str]]:
@@ -64,7 +65,8 @@ class PpoQwen(Experiment):
             (self.cliprange > 0 and self.cliprange_value > 0, "cliprange", "cliprange and cliprange_value must be > 0"),
             (self.value_init in VALUE_INITS, "value_init", f"must be one of {', '.join(VALUE_INITS)}"),
             (self.value_init != "reward_model" or bool(self.reward_model), "value_init",
-             "value_init=reward_model needs reward_model=PATH (e.g. outputs/rm_qwen/<run id>/best)"),
+             "value_init=reward_model needs reward_model=PATH (e.g. run:latest:rm_qwen or "
+             "outputs/rm_qwen/<run id>/best)"),
         ]
 
     def search_space(self, trial) -> dict:
@@ -75,12 +77,12 @@ class PpoQwen(Experiment):
         return reward_rows(records, self.rewards)
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir, backend=None):
-        reward_funcs = make_rewards(self.rewards, self.reward_model)
+        reward_funcs = make_rewards(self.rewards, reward_model_path(self.reward_model))
         init = None
         if self.value_init == "reward_model" or (self.value_init == "auto" and self.reward_model):
             # reuse the reward model the reward already loaded (and merged, for a LoRA one) rather than load it twice
             scorer = next((f for f in reward_funcs if isinstance(f, RewardModel)), None) or RewardModel(
-                self.reward_model)
+                reward_model_path(self.reward_model))
             init = scorer.model
         settings = PPOSettings(ppo_epochs=self.ppo_epochs, num_minibatches=self.num_minibatches,
                                kl_coef=self.kl_coef, gamma=self.gamma, lam=self.lam, cliprange=self.cliprange,

