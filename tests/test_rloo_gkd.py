@@ -1,14 +1,10 @@
-"""RLOO and GKD (on-policy distillation) with their samples drawn from the in-loop vLLM engine: each runs a few
-steps with in-loop evaluation into one FINISHED MLflow run, and the samples their trainers take are the synced
-policy's (sampling logprobs checked against the policy, as for GRPO in test_generation_parity)."""
-
-import os
-import subprocess
-import sys
+"""RLOO and GKD (on-policy distillation) with their samples drawn from the in-loop vLLM engine: the samples their
+trainers take are the synced policy's (sampling logprobs checked against the policy, as for GRPO in
+test_generation_parity). Whole runs, with in-loop evaluation, rewards and GKD's coin, are in test_distributed_rl
+(two processes: the same trainers, plus the cross-rank rollout)."""
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from experiments import load_class
 from harness.core.errors import ConfigError
@@ -16,7 +12,6 @@ from harness.core.models import load_model, load_tokenizer
 from harness.core.prompts import render_prompt
 from harness.core.records import read_records
 from harness.engines.hf_engine import HFBackend
-from harness.paths import REPO_ROOT
 from harness.rl.rollouts import VLLMRollout
 from harness.training.overrides import apply_overrides
 
@@ -27,48 +22,6 @@ def _perturbed(model, seed: int):
         for p in model.parameters():
             p.add_(0.05 * p.std() * torch.randn_like(p))
     return model
-
-
-def _run(name: str, tmp_path, *overrides: str) -> tuple[MlflowClient, object]:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # its own process: the run builds its own in-process vLLM engine (samples and evaluation share it)
-    out = subprocess.run([sys.executable, "-m", "harness", "run", name, "max_steps=2", "eval_every=2", "eval_limit=4",
-                          "max_new_tokens=8", "evaluators=rouge", "select_metric=eval/rouge/rougeL",
-                          f"output_dir={tmp_path}", *overrides],
-                         cwd=REPO_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/rouge/rougeL")] == [0, 2]
-    return client, run
-
-
-@pytest.mark.slow
-def test_rloo_runs_with_engine_rollouts_and_logs_rewards(tmp_path):
-    client, run = _run("rloo_qwen", tmp_path, "batch_size=4", "num_generations=2")
-    metrics = run.data.metrics
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/rewards/rouge_l/mean")] == [1, 2]
-    # every step's 4 completions came from the one engine, in one process
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/rollout/completions")] == [4, 4]
-    assert metrics["train/rollout/ranks"] == 1 and 0 < metrics["train/completions/mean_length"] <= 8
-    combined = metrics["train/rewards/answer_match/mean"] + 0.5 * metrics["train/rewards/rouge_l/mean"]
-    assert metrics["train/reward"] == pytest.approx(combined, abs=1e-5)
-
-
-@pytest.mark.slow
-def test_gkd_distils_on_engine_samples_from_a_different_teacher(tmp_path, tiny_model_dir):
-    # a teacher that differs from the student (the default tiny-qwen2-large takes minutes to build; `make
-    # experiment NAME=gkd_qwen` exercises it): the divergence is then > 0 from the first step
-    teacher = tmp_path / "teacher"
-    _perturbed(load_model(tiny_model_dir), seed=3).save_pretrained(teacher)
-    load_tokenizer(tiny_model_dir).save_pretrained(teacher)
-    client, run = _run("gkd_qwen", tmp_path, f"teacher={teacher}", "batch_size=4")
-    loss = [m.value for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert len(loss) == 2 and all(v > 0 for v in loss)
-    # lmbda=1: both steps trained on 4 student samples from the engine
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "train/rollout/completions")] == [4, 4]
 
 
 def test_rloo_and_gkd_sample_from_the_synced_policy(tmp_path, vllm_backend, tiny_model_dir):

@@ -227,8 +227,11 @@ def gkd_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, rollout,
         coin = random.Random(args["seed"])
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            if self.coin.random() < self.lmbda:
+            on_policy = self.coin.random() < self.lmbda
+            if on_policy:
                 inputs.update(self._student_samples(inputs))
+            # the share of batches on the student's samples, logged as train/gkd/on_policy (about lmbda)
+            self._metrics["train"]["gkd/on_policy"].append(float(on_policy))
             return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
 
         def _student_samples(self, inputs) -> dict:
