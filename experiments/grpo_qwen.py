@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from harness.rl.rewards import make_rewards, reward_rows, reward_rules
 from harness.rl.rollouts import VLLMRollout
 from harness.training.experiment import Experiment, help_factory, help_field
+from harness.training.lineage import reward_model_path
 from harness.training.methods import grpo_trainer
 
 
@@ -29,7 +30,8 @@ class GrpoQwen(Experiment):
                                              "reward_model")
     reward_weights: list[float] = help_factory(lambda: [1.0, 0.5], "one weight per reward, in the order of rewards")
     reward_model: str = help_field(
-        "", "for the reward_model reward: a reward model directory, e.g. rm_qwen's best checkpoint")
+        "", "for the reward_model reward: a reward model run's best checkpoint, run:RUN_ID or run:latest:rm_qwen "
+            "(pinned to the run's id), or a reward model directory")
     max_new_tokens: int = help_field(32, "cap on generated tokens per rollout completion and per eval prompt")
 
     def rules(self) -> list[tuple[bool, str, str]]:
@@ -51,7 +53,7 @@ class GrpoQwen(Experiment):
         args = self.trainer_args(output_dir)
         args.pop("max_length")  # prompts are rendered by the rollout; completions are capped by max_new_tokens
         return self.trainer_factory(model, tokenizer, rows, callbacks, rollout=rollout,
-                                    reward_funcs=make_rewards(self.rewards, self.reward_model),
+                                    reward_funcs=make_rewards(self.rewards, reward_model_path(self.reward_model)),
                                     reward_weights=self.reward_weights, num_generations=self.num_generations,
                                     max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                     beta=self.beta, **args)

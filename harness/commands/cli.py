@@ -40,6 +40,7 @@ def _run_routed(args: argparse.Namespace) -> int:
     # Imported here, not at the top: these modules pull in torch, transformers, mlflow or optuna (start-up time).
     from experiments import load_class
     from harness.training import distributed
+    from harness.training.lineage import pinned_overrides
     from harness.training.overrides import apply_overrides, build_experiment
     from harness.training.runner import prepare, run_experiment
 
@@ -56,9 +57,9 @@ def _run_routed(args: argparse.Namespace) -> int:
         run_experiment(exp)
         return 0
     prepare(exp)  # checks the data and builds the model once, before the ranks start
-    # model: a run:latest:... reference as prepare pinned it, so every rank starts from the same run
+    # model (and reward_model): a run:latest:... reference as prepare pinned it, so every rank uses the same run
     return distributed.launch(args.launch, args.nproc, ["run", args.name, *args.overrides,
-                                                        f"deepspeed={exp.deepspeed}", f"model={exp.model}"])
+                                                        f"deepspeed={exp.deepspeed}", *pinned_overrides(exp)])
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -165,13 +166,19 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _mlflow_send(args: argparse.Namespace) -> int:
+    from harness.training.outbox import sent_path
     from harness.training.tracking import send_undelivered, shown_tracking_uri
 
     path = Path(args.file)
     if not path.is_file():
+        if sent_path(path).is_file():
+            raise ConfigError(f"mlflow-send: {path} is not a file: it was sent already and renamed to "
+                              f"{sent_path(path)}")
         raise ConfigError(f"mlflow-send: {path} is not a file (a run's outputs/NAME/RUN_ID/mlflow_undelivered.jsonl)")
-    for run_id, count in send_undelivered(path).items():
+    sent, moved = send_undelivered(path)
+    for run_id, count in sent.items():
         print(f"[mlflow] run {run_id}: {count} write(s) from {path} sent to {shown_tracking_uri()}")
+    print(f"[mlflow] all sent: {path} renamed to {moved}, so sending it again resends nothing")
     return 0
 
 

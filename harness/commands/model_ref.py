@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness.core.errors import ConfigError
-from harness.core.models import load_tokenizer, resolve_model
+from harness.core.models import ADAPTER_CONFIG, load_tokenizer, resolve_model
 from harness.core.prompts import render_prompt
 
 if TYPE_CHECKING:
     from harness.engines.vllm_engine import VLLMBackend
 
-ADAPTER_CONFIG = "adapter_config.json"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
 
 

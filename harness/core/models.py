@@ -20,6 +20,8 @@ EMBEDDED = {
     TINY_QWEN2: TinyModelSpec(),
     "tiny-qwen2-large": TinyModelSpec(hidden_size=384, layers=6, heads=6, kv_heads=2, intermediate_size=1152),
 }
+# A PEFT (LoRA/DoRA) checkpoint holds this file, which names the base model, and the adapter weights only
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def resolve_model(name: str) -> str:

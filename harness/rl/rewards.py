@@ -58,11 +58,11 @@ class RewardModel:
         # lazy: transformers (also behind harness.core.models) only for a run that uses a reward model
         from transformers import AutoModelForSequenceClassification
 
-        from harness.core.models import load_tokenizer, resolve_model
+        from harness.core.models import ADAPTER_CONFIG, load_tokenizer, resolve_model
 
         path = resolve_model(path)
         self.tokenizer = load_tokenizer(path)
-        if (Path(path) / "adapter_config.json").exists():  # a LoRA reward model's checkpoint holds the adapter only
+        if (Path(path) / ADAPTER_CONFIG).exists():  # a LoRA reward model's checkpoint holds the adapter only
             from peft import AutoPeftModelForSequenceClassification
 
             model = AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1).merge_and_unload()
@@ -100,7 +100,7 @@ def reward_rules(rewards: list[str], reward_weights: list[float], reward_model: 
     return [
         (not unknown, "", f"rewards: unknown {unknown}; known: {', '.join(REWARD_COLUMNS)}"),
         ("reward_model" not in rewards or bool(reward_model), "", "rewards=reward_model needs "
-         "reward_model=PATH (a reward model directory, e.g. outputs/rm_qwen/<run id>/best)"),
+         "reward_model=PATH (a reward model run, e.g. run:latest:rm_qwen, or a reward model directory)"),
         (len(reward_weights) == len(rewards), "", "reward_weights: one weight per reward"),
     ]
 

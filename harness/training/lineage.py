@@ -8,20 +8,20 @@ alone; the tokenizer with its chat template; selection.json with the metric, mod
 
 from __future__ import annotations
 
+import fcntl
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness.core.errors import ConfigError
 from harness.core.files import atomic_directory
-from harness.core.models import resolve_model
+from harness.core.models import ADAPTER_CONFIG, resolve_model
 from harness.paths import REPO_ROOT
 from harness.training import tracking
 from harness.training.experiment import Experiment
 
 RUN_PREFIX = "run:"
 LATEST_PREFIX = "latest:"
-ADAPTER_CONFIG = "adapter_config.json"
 SELECTION = "selection.json"
 MERGED = "best-merged"  # beside best/: the adapter folded into its base, made once for model=run:... (LoRA parent)
 
@@ -143,17 +143,27 @@ def write_merged(ckpt: RunCheckpoint, directory: Path) -> None:
 
 def model_directory(ckpt: RunCheckpoint) -> Path:
     """A directory of full weights to start a new run from: best/ itself, or for an adapter best/ folded into its
-    base, made once beside it (remade when best/ has changed since, e.g. by a resumed run)."""
+    base, made once beside it (remade when best/ has changed since, e.g. by a resumed run). Processes that resolve
+    the same parent at once (sweep workers) take turns on a lock file beside it: the first merges, the others wait
+    and reuse its directory, so none renames over a directory another is reading."""
     if not ckpt.adapter:
         return ckpt.path
     merged = ckpt.path.with_name(MERGED)
     selection = merged / SELECTION
-    if selection.is_file() and selection.read_text() == (ckpt.path / SELECTION).read_text():
+
+    def current() -> bool:
+        return selection.is_file() and selection.read_text() == (ckpt.path / SELECTION).read_text()
+
+    if current():
         return merged
-    print(f"[model] folding run {ckpt.run_id}'s LoRA adapter (step {ckpt.step}) into {ckpt.base_model} -> {merged}",
-          flush=True)
-    with atomic_directory(merged, replace=True) as tmp:
-        write_merged(ckpt, tmp)
+    with open(merged.with_name(f".{MERGED}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the OS drops it if its holder dies
+        if current():  # made by the process that held the lock before us
+            return merged
+        print(f"[model] folding run {ckpt.run_id}'s LoRA adapter (step {ckpt.step}) into {ckpt.base_model} -> "
+              f"{merged}", flush=True)
+        with atomic_directory(merged, replace=True) as tmp:
+            write_merged(ckpt, tmp)
     return merged
 
 
@@ -175,6 +185,66 @@ def resolve_experiment_model(exp: Experiment) -> str:
 def parent_run_id(exp: Experiment) -> str | None:
     """The run `exp` starts from (after resolve_experiment_model pinned it), or None for any other model."""
     return exp.model.removeprefix(RUN_PREFIX) if is_run_ref(exp.model) else None
+
+
+REWARD_MODEL_FIELD = "reward_model"  # the RL experiments' field (grpo_qwen, rloo_qwen, ppo_qwen)
+
+
+def reward_model_checkpoint(ref: str) -> RunCheckpoint:
+    """The best checkpoint of the run `ref` names (see find_checkpoint), refused unless it is a reward model: full
+    weights of a *ForSequenceClassification model with one label, or a sequence-classification (SEQ_CLS) adapter,
+    as rm_qwen writes them."""
+    ckpt = find_checkpoint(ref)
+    if ckpt.adapter:
+        task = json.loads((ckpt.path / ADAPTER_CONFIG).read_text()).get("task_type")
+        is_reward, what = task == "SEQ_CLS", f"a {task or 'untyped'} adapter"
+    else:
+        config_file = ckpt.path / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        architectures = config.get("architectures") or []
+        labels = len(config.get("id2label") or {})  # transformers writes one entry per label
+        is_reward = labels == 1 and any(a.endswith("ForSequenceClassification") for a in architectures)
+        what = f"a {', '.join(architectures) or 'model of unnamed architecture'}" + (
+            f" with {labels} labels" if labels > 1 else "")
+    if not is_reward:
+        raise ConfigError(f"{REWARD_MODEL_FIELD}={ref}: run {ckpt.run_id} of experiment '{ckpt.experiment}' is not a "
+                          f"reward model (its best checkpoint {ckpt.path} is {what}, not a one-score head): name a "
+                          "run of rm_qwen, e.g. reward_model=run:latest:rm_qwen")
+    return ckpt
+
+
+def resolve_reward_model(exp: Experiment) -> str | None:
+    """For an experiment whose `reward_model` field is a run reference: checks that the run is a reward model, pins
+    the field to `run:RUN_ID` (as resolve_experiment_model pins `model`, so the params, a resume and every rank name
+    the same run) and returns that run id. None for a directory, a name or an empty field."""
+    ref = getattr(exp, REWARD_MODEL_FIELD, "")
+    if not is_run_ref(ref):
+        return None
+    ckpt = reward_model_checkpoint(ref)
+    print(f"[model] {REWARD_MODEL_FIELD}={ref}: run {ckpt.run_id} of {ckpt.experiment}, best checkpoint at step "
+          f"{ckpt.step} ({ckpt.metric}={ckpt.value:.4g}){', an adapter on ' + ckpt.base_model if ckpt.adapter else ''}"
+          f": {ckpt.path}", flush=True)
+    setattr(exp, REWARD_MODEL_FIELD, RUN_PREFIX + ckpt.run_id)
+    return ckpt.run_id
+
+
+def reward_model_run_id(exp: Experiment) -> str | None:
+    """The run whose reward model `exp` uses (after resolve_reward_model pinned it), or None."""
+    ref = getattr(exp, REWARD_MODEL_FIELD, "")
+    return ref.removeprefix(RUN_PREFIX) if is_run_ref(ref) else None
+
+
+def pinned_overrides(exp: Experiment) -> list[str]:
+    """`model=` and, when it names a run, `reward_model=` as prepare pinned them: what a multi-process launch passes
+    to its ranks, so that every rank loads the same runs even if a newer one appears meanwhile."""
+    reward = [f"{REWARD_MODEL_FIELD}={getattr(exp, REWARD_MODEL_FIELD)}"] if reward_model_run_id(exp) else []
+    return [f"model={exp.model}", *reward]
+
+
+def reward_model_path(reward_model: str) -> str:
+    """What the reward model (harness.rl.rewards.RewardModel) loads for a `reward_model` field: a run reference's
+    best checkpoint (an adapter there is merged into its base as RewardModel loads it), else the value as given."""
+    return str(reward_model_checkpoint(reward_model).path) if is_run_ref(reward_model) else reward_model
 
 
 def log_best_model(run_id: str, directory: Path, register_as: str = "") -> tracking.LoggedModel:

@@ -49,7 +49,13 @@ from harness.training.inloop import (
     format_report,
     is_quality_metric,
 )
-from harness.training.lineage import log_best_model, parent_run_id, resolve_experiment_model
+from harness.training.lineage import (
+    log_best_model,
+    parent_run_id,
+    resolve_experiment_model,
+    resolve_reward_model,
+    reward_model_run_id,
+)
 from harness.training.outbox import redact
 from harness.training.resume import CheckpointKeeper, claim_run_dir, load_resume, restore_best
 from harness.training.tracking import UNDELIVERED_FILE, Tracker, TrainMetricsLogger, mlflow_run, shown_tracking_uri
@@ -203,6 +209,7 @@ def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list[Eva
             f"{len(samples)} from {path if path != SPLIT else 'the held-out split'}" + (f" ({name})" if name else "")
             for name, path, samples, _ in loaded))
     model_path = resolve_experiment_model(exp)  # model=run:...: another run's best checkpoint (training/lineage.py)
+    resolve_reward_model(exp)  # reward_model=run:...: a reward model run's best checkpoint, pinned to its id
     tokenizer, context = _tokenizer(exp, model_path), model_context(exp, model_path)
     eval_sets = [EvalSet(name, samples, fit_eval_prompts(exp, tokenizer, context, samples, sources))
                  for name, _, samples, sources in loaded]
@@ -233,6 +240,7 @@ def _tokenizer(exp: Experiment, model_path: str):
 
 
 def _load(exp: Experiment, model_path: str):
+    set_seed(exp.seed)  # what a new part starts from (a reward model's score head, a LoRA adapter) follows the seed
     return _tokenizer(exp, model_path), load_model(model_path, exp.peft, exp.lora_rank, exp.lora_alpha,
                                                    exp.lora_dropout, exp.lora_target_modules, head=exp.model_head,
                                                    trust_remote_code=exp.trust_remote_code)
@@ -273,6 +281,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
     params = exp.params()
     if parent := parent_run_id(exp):  # a chained stage: the run it starts from, as a tag and a param
         tags["parent_run"] = params["parent_run"] = parent
+    if reward_run := reward_model_run_id(exp):  # an RL stage scored by a reward model run (rm_qwen -> ppo_qwen)
+        tags["reward_model_run"] = params["reward_model_run"] = reward_run
     if ranks.launched():
         tags.update({"distributed.world_size": str(ranks.world_size()),
                      "distributed.launcher": os.environ.get(distributed.LAUNCHER_ENV, "unknown")})
