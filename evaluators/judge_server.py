@@ -22,12 +22,14 @@ class LocalJudgeServer:
 
     def __init__(self, model: str = "tiny-qwen2", port: int | None = None, max_model_len: int | None = None,
                  startup_timeout_s: float = 300.0, served_name: str | None = None,
-                 lora_modules: dict[str, str] | None = None, max_lora_rank: int = 16):
+                 lora_modules: dict[str, str] | None = None, max_lora_rank: int = 16, tokenizer: str = ""):
         """`model`: tiny-qwen2, smollm2, a model directory or .gguf file (see resolve_model); also the name the
         server answers to unless `served_name` is given. `max_model_len`: by default the model's own context, at
         most 2048 tokens (256 for the embedded model), which leaves a real judge room for the rubric, reference and
         answer. `lora_modules`: name -> LoRA adapter directory, each served on the model under its name
-        (`max_lora_rank`: a value vLLM accepts, at least every adapter's rank)."""
+        (`max_lora_rank`: a value vLLM accepts, at least every adapter's rank). `tokenizer`: a directory whose
+        tokenizer and chat template the server uses instead of the model's, for every name it serves (vLLM has one
+        tokenizer per server)."""
         self.model = model
         path = resolve_model(model)
         if max_model_len is None:
@@ -44,6 +46,8 @@ class LocalJudgeServer:
                    "--max-model-len", str(max_model_len), "--dtype", "float32", "--enforce-eager",
                    # compact JSON: a small judge otherwise pads structured answers with whitespace to the length cap
                    "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
+        if tokenizer:
+            command += ["--tokenizer", tokenizer]
         if lora_modules:
             command += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(len(lora_modules)),
                         "--lora-modules", *(f"{name}={adapter}" for name, adapter in lora_modules.items())]

@@ -124,8 +124,9 @@ def test_bad_sample_input_stops_before_mlflow(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_serve_answers_chat_completions_with_a_lora_adapter(tiny_model_dir, tmp_path):
-    """`serve` on a LoRA checkpoint directory: the adapter answers under its name, the base under its path, and the
-    judge takes the served model as its own."""
+    """`serve` on a LoRA checkpoint directory: the adapter answers under its name, the base under its path, chats
+    are rendered by the chat template the checkpoint saved (not the base's), and the judge takes the served model
+    as its own."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,13 +137,24 @@ def test_serve_answers_chat_completions_with_a_lora_adapter(tiny_model_dir, tmp_
     adapter = tmp_path / "best"
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # as a run with its own chat_template= saves it: a template the base's tokenizer does not have
+    tokenizer.chat_template = ("{% for m in messages %}{{ 'Q: ' + m['content'] + '\\n' }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ 'A:' }}{% endif %}")
+    tokenizer.save_pretrained(adapter)
+    chat = [{"role": "user", "content": "What is the capital of Italy?"}]
+    own = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert own != AutoTokenizer.from_pretrained(tiny_model_dir).apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=False)
 
     server, name = start_server(str(adapter), max_model_len=256)
     try:
         assert name == str(adapter)
         served = {m["id"]: m for m in httpx.get(f"{server.base_url}/models", timeout=10).json()["data"]}
         assert served[name]["parent"] == tiny_model_dir and tiny_model_dir in served
+        rendered = httpx.post(f"{server.base_url.removesuffix('/v1')}/tokenize", timeout=30,
+                              json={"model": name, "messages": chat}).json()
+        assert rendered["tokens"] == own
         for asked in (name, tiny_model_dir):
             reply = httpx.post(f"{server.base_url}/chat/completions", timeout=60, json={
                 "model": asked, "max_tokens": 16, "temperature": 0,

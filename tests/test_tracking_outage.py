@@ -128,7 +128,8 @@ def test_mlflow_send_delivers_a_kept_file_to_the_store_and_ends_the_run(tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     assert cli.main(["mlflow-send", str(tracker.undelivered_file)]) == 0
     sent = f"[mlflow] run {run_id}: 5 write(s) from {tracker.undelivered_file} sent to {store}"
-    assert sent in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert sent in out
     run = local.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["best_checkpoint"] == "2"
     assert [(m.step, m.value) for m in local.get_metric_history(run_id, "eval/x")] == [(0, 1.0), (2, 2.0)]
@@ -137,6 +138,29 @@ def test_mlflow_send_delivers_a_kept_file_to_the_store_and_ends_the_run(tmp_path
     assert json.loads(table) == {"columns": ["id", "score"], "data": [["a", 0.5], ["b", 1.0]]}
     assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [{"path": "eval_samples/step_000000.json",
                                                                     "type": "table"}]
+
+    # sent in full, the file is renamed: a second mlflow-send resends nothing (metrics would be logged twice)
+    done = tracker.undelivered_file.with_name("mlflow_undelivered.sent.jsonl")
+    assert f"[mlflow] all sent: {tracker.undelivered_file} renamed to {done}" in out
+    assert done.is_file() and not tracker.undelivered_file.exists()
+    assert cli.main(["mlflow-send", str(tracker.undelivered_file)]) == 2
+    assert f"it was sent already and renamed to {done}" in capsys.readouterr().err
+    assert len(local.get_metric_history(run_id, "eval/x")) == 2
+
+    # a write that fails (a run the store does not have) keeps it and the writes after it in the file, unsent
+    kept = tmp_path / "again" / UNDELIVERED_FILE
+    items = [{"run_id": run_id, "kind": "tags", "tags": {"replayed": "yes"}},
+             {"run_id": "0" * 32, "kind": "tags", "tags": {"lost": "no"}},
+             {"run_id": run_id, "kind": "metrics", "metrics": [["eval/x", 3.0, 0, 4]], "error": "refused once"}]
+    kept.parent.mkdir()
+    kept.write_text("".join(json.dumps(i) + "\n" for i in items))
+    assert cli.main(["mlflow-send", str(kept)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {kept}: write 2 of 3 (tags of run {'0' * 32}) failed: " in err
+    assert f"1 sent; the 2 not sent are kept in {kept}: send them with `python -m harness mlflow-send {kept}`" in err
+    assert read_items(kept) == items[1:] and not kept.with_name("mlflow_undelivered.sent.jsonl").exists()
+    assert local.get_run(run_id).data.tags["replayed"] == "yes"
+    assert len(local.get_metric_history(run_id, "eval/x")) == 2
 
 
 def test_what_counts_as_unreachable_and_what_is_printed(monkeypatch):

@@ -27,14 +27,16 @@ EXIT = "/exit"
 def start_server(ref: str, port: int | None = None, name: str = "",
                  max_model_len: int | None = None) -> tuple[LocalJudgeServer, str]:
     """(the started server, the model name to ask it for): `name`, by default `ref` as given. An adapter is served
-    under that name on its base model, which the server also answers to under the base's path."""
+    under that name on its base model, which the server also answers to under the base's path. Chats are rendered
+    by the checkpoint's own tokenizer and chat template (for an adapter, the one its run saved, also for the base's
+    name: vLLM has one tokenizer per server)."""
     from evaluators.judge_server import LocalJudgeServer
 
     model = resolve_ref(ref)
     name = name or ref
     if model.adapter:
         server = LocalJudgeServer(model.base, port, max_model_len, lora_modules={name: model.adapter},
-                                  max_lora_rank=vllm_lora_rank(model.adapter_rank))
+                                  max_lora_rank=vllm_lora_rank(model.adapter_rank), tokenizer=model.tokenizer_dir)
     else:
         server = LocalJudgeServer(model.base, port, max_model_len, served_name=name)
     return server, name

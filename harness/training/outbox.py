@@ -4,7 +4,7 @@ A write that fails because the server cannot be reached is kept, in order, in an
 queue behind it (so a metric's steps arrive in the order they were logged) and training goes on without waiting.
 A background thread probes the server with short timeouts and, once it answers, delivers the queue head first.
 At the end of the run `close` waits a bounded time for the queue to empty; what is still undelivered then is
-written to a JSON-lines file, which `replay` sends later."""
+written to a JSON-lines file, which `replay` sends later (once: a file it has sent is renamed)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+
+from harness.core.errors import TrackingUnavailable
+from harness.core.files import atomic_writer
 
 FLUSH_TIMEOUT_ENV = "HARNESS_MLFLOW_FLUSH_TIMEOUT"
 FLUSH_TIMEOUT_S = 300.0  # default wait at the end of a run for a server that is still down
@@ -199,3 +202,34 @@ def write_items(items: list[dict], path: Path) -> Path:
 
 def read_items(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def sent_path(path: Path) -> Path:
+    """Where `replay` moves a file it has sent in full: NAME.sent.jsonl beside NAME.jsonl."""
+    return path.with_name(f"{path.stem}.sent{path.suffix}")
+
+
+def replay(path: Path, deliver: Callable[[str, dict], None]) -> tuple[dict[str, int], Path]:
+    """Send the items of the undelivered-writes file `path` (write_items), in order, as deliver(run_id, write);
+    returns the count sent per run and where the file went. Sent in full, it is renamed to sent_path(path), so a
+    second replay resends nothing (metrics sent twice would be logged twice). When a write fails (or the replay is
+    interrupted), `path` is rewritten with only the writes not sent, from that one on, and TrackingUnavailable
+    names it; each rewrite and the rename are atomic, so a crash leaves either the old file or the new one."""
+    items = read_items(path)
+    sent: dict[str, int] = {}
+    for done, item in enumerate(items):
+        write = {k: v for k, v in item.items() if k not in ("run_id", "error")}  # error: why it was refused once
+        try:
+            deliver(item["run_id"], write)
+        except BaseException as e:
+            with atomic_writer(path) as f:
+                f.writelines(json.dumps(i) + "\n" for i in items[done:])
+            if not isinstance(e, Exception):  # Ctrl-C: the remainder is kept all the same
+                raise
+            raise TrackingUnavailable(
+                f"{path}: write {done + 1} of {len(items)} ({item['kind']} of run {item['run_id']}) failed: "
+                f"{redact(_short(e))}. {done} sent; the {len(items) - done} not sent are kept in {path}: send them "
+                f"with `python -m harness mlflow-send {path}` once the cause is fixed") from e
+        sent[item["run_id"]] = sent.get(item["run_id"], 0) + 1
+    os.replace(path, sent_path(path))
+    return sent, sent_path(path)

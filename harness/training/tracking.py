@@ -29,8 +29,8 @@ from harness.training.outbox import (
     FLUSH_TIMEOUT_ENV,
     Outbox,
     flush_timeout,
-    read_items,
     redact,
+    replay,
     server_answers,
     write_items,
 )
@@ -435,21 +435,20 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
             # else the run's own error propagates; the [error] line above named the file
 
 
-def send_undelivered(path: Path) -> dict[str, int]:
+def send_undelivered(path: Path) -> tuple[dict[str, int], Path]:
     """Send the writes a run kept in its undelivered-writes file (Tracker.end) to the tracking store, in their
-    order, ending each run with the status it had; returns the count sent per run. A write sent twice (the server
-    took it just as the run gave up) overwrites its artifact or tag with the same content."""
+    order, ending each run with the status it had; returns the count sent per run and where the sent file went
+    (see outbox.replay: a failed write keeps the rest in `path` and raises TrackingUnavailable). A write sent twice
+    (the server took it just as the run gave up) overwrites its artifact or tag with the same content."""
     client = _client(tracking_uri())
     trackers: dict[str, Tracker] = {}
-    sent: dict[str, int] = {}
-    for item in read_items(path):
-        run_id = item.pop("run_id")
-        item.pop("error", None)  # why the server refused it once; sent again as it is
+
+    def deliver(run_id: str, item: dict) -> None:
         if run_id not in trackers:
             trackers[run_id] = Tracker(client, _retrying(client.get_run, run_id).info.experiment_id, run_id)
-        trackers[run_id]._write(item)  # straight to the store: an error stops here, the file stays for a retry
-        sent[run_id] = sent.get(run_id, 0) + 1
-    return sent
+        trackers[run_id]._write(item)  # straight to the store, not through an outbox: an error stops the replay
+
+    return replay(path, deliver)
 
 
 def _run_exists(client: MlflowClient, run_id: str) -> bool:
