@@ -1,5 +1,7 @@
 """After an in-memory weight sync, the vLLM engine generates exactly what HF generate does with the same weights."""
 
+import json
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from harness.core.generation import GenParams
 from harness.core.models import load_model, load_tokenizer
 from harness.core.prompts import render_prompt
 from harness.engines.hf_engine import HFBackend
+from harness.paths import DATA_DIR
 
 
 def _perturbed(model, seed: int):
@@ -92,6 +95,17 @@ def test_rollout_samples_carry_the_synced_policys_logprobs(vllm_backend, tiny_mo
         expected = hf.logprobs([prompt] * 4, c.token_ids)
         for got, want in zip(c.logprobs, expected, strict=True):
             assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-3)
+
+
+def test_a_large_seeded_rollout_batch_completes_and_repeats_exactly(vllm_backend, tokenizer):
+    """64 prompts x 4 seeded samples: more prompt tokens than one engine step takes, which, prefilled in chunks,
+    crashed the CPU engine ("CPU Generator does not use offset"); the same seed gives the same samples again."""
+    rows = [json.loads(line) for line in (DATA_DIR / "rl.jsonl").read_text(encoding="utf-8").splitlines()[:64]]
+    prompts = [render_prompt(tokenizer, r["prompt"]) for r in rows]
+    params = GenParams(max_new_tokens=64, temperature=1.0, n=4, seed=3, sample_logprobs=True)
+    first, again = vllm_backend.generate(prompts, params), vllm_backend.generate(prompts, params)
+    assert len(first) == 64 and all(len(c.token_ids) == 4 for c in first)
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
 
 
 LORA_REQUEST_SCRIPT = """

@@ -107,7 +107,10 @@ class VLLMBackend:
             model=model_dir, seed=seed, max_model_len=max_model_len,
             dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
             # CPU graph compilation costs ~25 s per engine start for ~10% more tokens/s: not worth it in a run.
-            enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization, **lora,
+            enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization,
+            # a prompt prefilled in chunks makes vLLM rewind a seeded request's generator, which a CPU generator
+            # cannot do ("CPU Generator does not use offset"): a large seeded rollout batch crashed the engine
+            enable_chunked_prefill=on_gpu, **lora,
         )
         if group_was_free and world_size() > 1:
             _release_default_group()
