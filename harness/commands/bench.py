@@ -19,9 +19,12 @@
    and trials/hour with one and two sweep workers on PostgreSQL.
 11. PPO (`ppo`): rollout tokens/s from the shared engine vs the trainer's own HF generate on the same prompts, and
    the share of a ppo_qwen step spent syncing, generating, scoring, computing the experience and optimising.
+12. RL rollouts across 2 processes (`rollout_ranks`): rank 0's one engine generating every rank's prompts (the
+   harness's `sample_across_ranks`) vs each rank its own engine: step time, tokens/s, engine start, sync, memory
+   (BENCH_RANKS_TINY=1: a tiny workload that only checks the part end to end).
 
-`python -m harness.commands.bench [generation|sync|share|lora|ddp|sandbox|judge|sweep|smollm2|services|ppo ...]`
-runs only the named parts.
+`python -m harness.commands.bench [generation|sync|share|lora|ddp|sandbox|judge|sweep|smollm2|services|ppo|
+rollout_ranks ...]` runs only the named parts.
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ import contextlib
 import gzip
 import json
 import os
+import pickle
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -73,6 +79,16 @@ def _tokens_per_s(generate, prompt_ids: list[list[int]]) -> float:
     return tokens / (time.perf_counter() - t)
 
 
+def _median_s(call: Callable[[], object], repeats: int) -> float:
+    """Median wall seconds of `repeats` calls of `call` (e.g. a weight sync into a live engine)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def generation_speed(model_dir: Path, model, prompts: list[str], new_tokens: int) -> dict:
     """HF generate and vLLM in float32 and bfloat16; every call produces exactly `new_tokens` per prompt."""
     tokenizer = load_tokenizer(str(model_dir))
@@ -102,12 +118,7 @@ def generation_speed(model_dir: Path, model, prompts: list[str], new_tokens: int
             return sum(len(o.outputs[0].token_ids) for o in outs)
 
         result[f"vllm_{dtype}_tok_s"] = _tokens_per_s(generate, prompt_ids)
-        syncs = []
-        for _ in range(5):
-            t = time.perf_counter()
-            vllm.sync_weights(model)
-            syncs.append(time.perf_counter() - t)
-        result[f"sync_{dtype}_s_median"] = statistics.median(syncs)
+        result[f"sync_{dtype}_s_median"] = _median_s(lambda vllm=vllm: vllm.sync_weights(model), 5)
         vllm.close()
     return result
 
@@ -312,12 +323,7 @@ def smollm2_speed(prompts: list[str], new_tokens: int = 32) -> dict:
     for label in ("full", "lora_merged"):
         if label == "lora_merged":  # wraps the model in place, so only after the full-weight syncs
             model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-        syncs = []
-        for _ in range(3):
-            t = time.perf_counter()
-            vllm.sync_weights(model)
-            syncs.append(time.perf_counter() - t)
-        result[f"sync_{label}_s_median"] = statistics.median(syncs)
+        result[f"sync_{label}_s_median"] = _median_s(lambda model=model: vllm.sync_weights(model), 3)
     vllm.close()
     hf.sync_weights(load_model(model_dir).eval().to(torch.bfloat16))
     hf.model.generation_config.eos_token_id = None
@@ -424,7 +430,206 @@ def ppo_speed(prompts: list[str], new_tokens: int = 64, steps: int = 10) -> dict
     return result
 
 
-PARTS = ("generation", "sync", "share", "lora", "ddp", "sandbox", "judge", "sweep", "smollm2", "services", "ppo")
+@dataclass(frozen=True)
+class RankRolloutSize:
+    """The `rollout_ranks` workload: GRPO-like rollouts (grpo_qwen's 4 samples per prompt at temperature 1) of
+    `prompts_per_rank` data/rl.jsonl prompts on each of two ranks; each side is launched `rounds` times, alternating
+    with the other, and times `repeats` rollout steps per launch after one warm-up step."""
+
+    prompts_per_rank: int = 32
+    new_tokens: int = 64
+    samples: int = 4
+    rounds: int = 2
+    repeats: int = 3
+
+
+# BENCH_RANKS_TINY=1: a quick end-to-end check of the part's machinery, not a measurement
+RANK_ROLLOUT_TINY = RankRolloutSize(prompts_per_rank=4, new_tokens=8, samples=2, rounds=1, repeats=2)
+RANK_SIDES = {"shared": "rank 0's engine for both ranks", "own": "each rank its own engine"}
+
+_RANK_WORKER = """
+from harness.commands.bench import rollout_rank
+if __name__ == "__main__":
+    rollout_rank({side!r}, {model_dir!r}, {size!r}, {out!r})
+"""
+
+
+def _memory_gib() -> dict[str, float]:
+    """This process's resident memory now and its peak, from /proc/self/status (kB)."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {"rss_gib": int(status["VmRSS"].split()[0]) / 2**20, "peak_rss_gib": int(status["VmHWM"].split()[0]) / 2**20}
+
+
+def rollout_rank(side: str, model_dir: str, size: dict, out: str) -> None:
+    """One of the two ranks of a `rollout_ranks` launch (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment).
+    `shared`: rank 0 builds the in-loop engine and every step is the harness's own `sample_across_ranks` (gather the
+    prompts, sync, generate both ranks' prompts in one batch, scatter). `own`: each rank builds an engine and syncs
+    and generates its own prompts. As in a training run, the engine is built before the ranks' gloo group."""
+    from harness.core.models import load_model
+    from harness.core.ranks import rank as this_rank
+    from harness.rl.rollouts import sample_across_ranks
+
+    rank, k = this_rank(), size["prompts_per_rank"]
+    tokenizer = load_tokenizer(model_dir)
+    rows = (DATA_DIR / "rl.jsonl").read_text().splitlines()[rank * k:(rank + 1) * k]
+    prompt_ids = [render_prompt(tokenizer, json.loads(row)["prompt"]) for row in rows]
+    model = load_model(model_dir).eval()
+    backend, result = None, {"rank": rank}
+    if side == "own" or rank == 0:
+        start = time.perf_counter()
+        backend = VLLMBackend(model_dir, max_model_len=256, dtype="float32")
+        result["engine_start_s"] = time.perf_counter() - start
+        result["sync_s"] = _median_s(lambda: backend.sync_weights(model), 3)
+    result.update(_memory_gib())  # with its engine, before any rollout
+    torch.distributed.init_process_group("gloo")
+
+    def rollout(seed: int) -> tuple[list, float]:
+        """This rank's completions and the seconds rank 0 (shared) or this rank (own) spent syncing and generating."""
+        params = GenParams(max_new_tokens=size["new_tokens"], temperature=1.0, n=size["samples"], seed=seed,
+                           sample_logprobs=True)
+        if side == "shared":
+            completions, stats = sample_across_ranks(backend, model, prompt_ids, params)
+            return completions, stats.sync_s + stats.generate_s
+        start = time.perf_counter()
+        backend.sync_weights(model)
+        return backend.generate(prompt_ids, params), time.perf_counter() - start
+
+    rollout(size["repeats"])  # warm-up, with a seed no timed step uses
+    result["steps"] = []
+    for seed in range(size["repeats"]):
+        torch.distributed.barrier()  # both ranks start the step together; it ends when both have their completions
+        start = time.perf_counter()
+        completions, generate_s = rollout(seed)
+        torch.distributed.barrier()
+        result["steps"].append({"step_s": time.perf_counter() - start, "generate_s": generate_s,
+                                "tokens": sum(c.num_tokens for c in completions)})
+    # what gather_object and scatter_object_list pickle for this rank in the shared design
+    result["prompt_bytes"] = len(pickle.dumps(prompt_ids))
+    result["completion_bytes"] = len(pickle.dumps(completions))
+    result["peak_rss_gib"] = _memory_gib()["peak_rss_gib"]
+    result["threads"] = torch.get_num_threads()
+    gathered = [None, None] if rank == 0 else None
+    torch.distributed.gather_object(result, gathered, dst=0)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    torch.distributed.destroy_process_group()
+    if backend is not None:
+        backend.close()
+
+
+def _launch_ranks(side: str, model_dir: Path, size: RankRolloutSize, out: Path) -> list[dict]:
+    """Both ranks of one side started at the same moment; each rank's measurements (see rollout_rank)."""
+    from harness.core.files import free_port
+
+    code = _RANK_WORKER.format(side=side, model_dir=str(model_dir), size=asdict(size), out=str(out))
+    base = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    if side == "own":
+        # two engines generate at once: each gets half the cores, as one engine per device would. With the in-loop
+        # default (threads = all cores) in both, their threads would oversubscribe the cores.
+        base["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
+    logs = [out.with_suffix(f".rank{rank}.log") for rank in (0, 1)]
+    procs = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as f:
+            procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=f,
+                                          stderr=subprocess.STDOUT,
+                                          env={**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+    # a rank that failed leaves the other blocked in a collective until gloo's 30-minute timeout: end it at once
+    while True:
+        codes = [proc.poll() for proc in procs]
+        failed = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
+        if failed is not None or None not in codes:
+            break
+        time.sleep(0.5)
+    if failed is not None:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        # the other rank's output too: a rank that dies in a collective often only echoes the first one's failure
+        tails = "\n".join(f"--- rank {rank}'s output ends:\n{log.read_text()[-3000:]}" for rank, log in enumerate(logs))
+        raise RuntimeError(f"rollout_ranks: rank {failed} of side {side!r} exited with {codes[failed]}\n{tails}")
+    return json.loads(out.read_text())
+
+
+def rollout_ranks(size: RankRolloutSize) -> dict:
+    """Rollouts in a 2-process RL run: rank 0's one engine generating both ranks' prompts in one batch (the harness's
+    design, `sample_across_ranks`) vs each rank its own engine for its own half. Same prompts, seeds and
+    float32 engine settings (VLLMBackend's, KV cache VLLM_CPU_KVCACHE_SPACE as it sets it) on both sides; the sides'
+    launches alternate, and step times are medians over every timed step of every launch."""
+    from transformers import AutoConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # The embedded model's architecture and tokenizer with random weights: the trained weights end most
+        # completions after a few tokens, random ones run to new_tokens, so both sides generate the full amount.
+        tiny = ensure_tiny_model()
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(AutoConfig.from_pretrained(tiny)).save_pretrained(tmp)
+        load_tokenizer(str(tiny)).save_pretrained(tmp)
+        launches = {side: [] for side in RANK_SIDES}
+        for round_ in range(size.rounds):
+            for side in RANK_SIDES:
+                launches[side].append(_launch_ranks(side, Path(tmp), size, Path(tmp, f"{side}-{round_}.json")))
+    return summarise_rank_rollouts(size, launches)
+
+
+def summarise_rank_rollouts(size: RankRolloutSize, launches: dict[str, list[list[dict]]]) -> dict:
+    """Per side, medians over every timed step of every launch (`launches[side]`: one [rank 0's, rank 1's]
+    rollout_rank result per launch). A step's time is rank 0's: both ranks leave the step's barrier together."""
+    result = {**asdict(size), "ranks": 2}
+    for side, runs in launches.items():
+        # one entry per timed step of every launch: (rank 0's, rank 1's)
+        steps = [step for pair in runs for step in zip(pair[0]["steps"], pair[1]["steps"], strict=True)]
+        engines = [rank for pair in runs for rank in pair if "engine_start_s" in rank]
+        r = result[side] = {
+            "step_s": statistics.median(s[0]["step_s"] for s in steps),
+            "tok_s": statistics.median(sum(x["tokens"] for x in s) / s[0]["step_s"] for s in steps),
+            "generate_s": statistics.median(max(x["generate_s"] for x in s) for s in steps),
+            "engine_start_s": statistics.median(e["engine_start_s"] for e in engines),
+            "sync_s": statistics.median(e["sync_s"] for e in engines),
+            "engines": len(engines) // len(runs),
+            "rss_gib": [statistics.median(pair[i]["rss_gib"] for pair in runs) for i in (0, 1)],
+            "peak_rss_gib": [statistics.median(pair[i]["peak_rss_gib"] for pair in runs) for i in (0, 1)],
+            "threads": runs[0][0]["threads"]}
+        if side == "shared":  # the step beyond rank 0's sync + generate: gather, scatter, waiting
+            r["comm_s"] = statistics.median(s[0]["step_s"] - s[0]["generate_s"] for s in steps)
+            r["prompt_bytes"] = sum(x["prompt_bytes"] for x in runs[0])
+            r["completion_bytes"] = sum(x["completion_bytes"] for x in runs[0])
+    return result
+
+
+def print_rollout_ranks(r: dict) -> None:
+    cores = os.cpu_count()
+    print(f"[bench] rollout_ranks, 2 ranks x {r['prompts_per_rank']} data/rl.jsonl prompts x {r['samples']} samples x "
+          f"{r['new_tokens']} tokens (temperature 1), embedded model's architecture, float32, {r['rounds']} launch(es) "
+          f"per side alternating, medians of {r['rounds'] * r['repeats']} steps:")
+    for side, label in RANK_SIDES.items():
+        s = r[side]
+        comm = f", gather/scatter {s['comm_s']:.3f}s" if "comm_s" in s else ""
+        print(f"[bench]   {label:<31} step {s['step_s']:.2f}s ({s['tok_s']:.0f} tok/s; sync + generate "
+              f"{s['generate_s']:.2f}s{comm}); {s['engines']} engine(s), start {s['engine_start_s']:.1f}s, sync "
+              f"{s['sync_s']:.3f}s; RSS rank 0 {s['rss_gib'][0]:.2f} GiB, rank 1 {s['rss_gib'][1]:.2f} GiB "
+              f"(peak {s['peak_rss_gib'][0]:.2f}/{s['peak_rss_gib'][1]:.2f}); {s['threads']} threads per process",
+              flush=True)
+    shared, own = r["shared"], r["own"]
+    ratio = own["step_s"] / shared["step_s"]
+    memory = sum(own["rss_gib"]) - sum(shared["rss_gib"])
+    print(f"[bench]   shared engine: {shared['prompt_bytes'] / 1024:.1f} KiB of prompts gathered, "
+          f"{shared['completion_bytes'] / 1024:.1f} KiB of completions scattered per step; "
+          f"own/shared step time = {ratio:.2f}x, own engines hold {memory:+.2f} GiB more", flush=True)
+    if ratio >= 1:
+        verdict = (f"rank 0 generating for all ranks: {ratio:.2f}x faster per step, with one engine start and one KV "
+                   "cache instead of two")
+    else:
+        verdict = (f"each rank its own engine: {1 / ratio:.2f}x faster per step, at the price of a second engine's "
+                   f"start ({own['engine_start_s']:.1f}s) and {memory:+.2f} GiB")
+    print(f"[bench]   on this machine the numbers favour {verdict}. Here both designs draw on the same {cores} CPU "
+          "cores, so two engines add no compute, only overlap; on GPUs with one engine per GPU (as TRL's vLLM "
+          "colocate mode runs) each rank's engine has a device of its own and they generate in parallel, so the "
+          "balance there can differ.", flush=True)
+
+
+PARTS = ("generation", "sync", "share", "lora", "ddp", "sandbox", "judge", "sweep", "smollm2", "services", "ppo",
+         "rollout_ranks")
 
 
 def main(parts: list[str]) -> None:
@@ -530,6 +735,10 @@ def main(parts: list[str]) -> None:
                            for part in ("sync", "generate", "score", "experience", "optimise"))
         print(f"[bench] ppo_qwen, {p['steps']} steps: mean step {step:.2f}s (steps 2-{p['steps']}): {shares}",
               flush=True)
+    if "rollout_ranks" in parts:
+        tiny = os.environ.get("BENCH_RANKS_TINY") == "1"
+        results["rollout_ranks"] = rollout_ranks(RANK_ROLLOUT_TINY if tiny else RankRolloutSize())
+        print_rollout_ranks(results["rollout_ranks"])
     print(json.dumps(results))
 
 
