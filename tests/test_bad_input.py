@@ -6,8 +6,6 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -101,23 +99,25 @@ def test_case6_a_sweep_trial_reports_nothing_for_an_evaluation_without_the_metri
 
 
 @pytest.mark.slow
-def test_case6_judge_down_with_select_metric_on_its_score_trains_to_finished(tmp_path, tiny_model_dir):
-    """A closed port for the judge, selection on its score: every evaluation skips selection, training finishes."""
+def test_case6_judge_down_with_select_metric_on_its_score_trains_to_finished(tmp_path, tiny_model_dir, monkeypatch,
+                                                                             capsys):
+    """A closed port for the judge, selection on its score: every evaluation skips selection, training finishes.
+    The run goes through the CLI's entry point in this process (no start-up to pay)."""
+    from harness.commands.cli import main
+
     pairs = (REPO_ROOT / "data" / "preference.jsonl").read_text().splitlines()[:16]
     (tmp_path / "pairs.jsonl").write_text("\n".join(pairs) + "\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = subprocess.run([sys.executable, "-m", "harness", "run", "simpo_qwen",
-                          f"train_data={tmp_path / 'pairs.jsonl'}", "max_steps=2", "eval_every=1", "eval_limit=4",
-                          "max_new_tokens=4", "batch_size=4",
-                          "backend=hf", "evaluators=judge", f"judge_base_url=http://127.0.0.1:{free_port()}/v1",
-                          "judge_retries=0", "judge_timeout_s=2", "judge_cache=false",
-                          "select_metric=eval/judge/score", f"output_dir={tmp_path / 'out'}"],
-                         cwd=REPO_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "[warn] step 0: eval/judge/score was not produced" in out.stdout
-    assert "selection skipped 3 of 3 evaluations without eval/judge/score (steps 0, 1, 2)" in out.stdout
-    assert "best checkpoint: none" in out.stdout
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = main(["run", "simpo_qwen", f"train_data={tmp_path / 'pairs.jsonl'}", "max_steps=2", "eval_every=1",
+                 "eval_limit=4", "max_new_tokens=4", "batch_size=4", "backend=hf", "evaluators=judge",
+                 f"judge_base_url=http://127.0.0.1:{free_port()}/v1", "judge_retries=0", "judge_timeout_s=2",
+                 "judge_cache=false", "select_metric=eval/judge/score", f"output_dir={tmp_path / 'out'}"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    assert "[warn] step 0: eval/judge/score was not produced" in stdout
+    assert "selection skipped 3 of 3 evaluations without eval/judge/score (steps 0, 1, 2)" in stdout
+    assert "best checkpoint: none" in stdout
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
     assert run.info.status == "FINISHED"
@@ -225,28 +225,33 @@ def test_case9_a_nonfinite_loss_stops_the_run_and_other_train_values_only_warn(c
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [True, False], ids=["stop", "train_on"])
-def test_case9_a_loss_that_turns_nan_is_logged_and_stops_the_run_failed(tmp_path, tiny_model_dir, stop):
-    """learning_rate=1e30 (finite, so accepted) blows the embedded model's weights up after one step."""
+def test_case9_a_loss_that_turns_nan_is_logged_and_stops_the_run_failed(tmp_path, tiny_model_dir, stop, monkeypatch,
+                                                                        capsys):
+    """learning_rate=1e30 (finite, so accepted) blows the embedded model's weights up after one step. The run goes
+    through the CLI's entry point in this process (its exit status and console lines as `python -m harness run`'s;
+    test_experiment_run runs the command in a subprocess)."""
+    from harness.commands.cli import main
+
     rows = (REPO_ROOT / "data" / "sft.jsonl").read_text().splitlines()[:16]
     (tmp_path / "sft.jsonl").write_text("\n".join(rows) + "\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = subprocess.run([sys.executable, "-m", "harness", "run", "sft_qwen", f"train_data={tmp_path / 'sft.jsonl'}",
-                          "learning_rate=1e30", "max_steps=3", "eval_every=3", "eval_limit=4", "max_new_tokens=4",
-                          "batch_size=2", "backend=hf", "evaluators=bleu", "select_metric=eval/bleu/bleu",
-                          f"stop_on_nonfinite={str(stop).lower()}", f"output_dir={tmp_path / 'out'}"],
-                         cwd=REPO_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
-                         timeout=900)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = main(["run", "sft_qwen", f"train_data={tmp_path / 'sft.jsonl'}", "learning_rate=1e30", "max_steps=3",
+                 "eval_every=3", "eval_limit=4", "max_new_tokens=4", "batch_size=2", "backend=hf", "evaluators=bleu",
+                 "select_metric=eval/bleu/bleu", f"stop_on_nonfinite={str(stop).lower()}",
+                 f"output_dir={tmp_path / 'out'}"])
+    stdout, stderr = capsys.readouterr()
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sft_qwen").experiment_id])
     loss = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert math.isfinite(loss[1]) and math.isnan(loss[2])  # logged as NaN, not dropped, not shown as 0.0
     if stop:
-        assert out.returncode == 1, out.stderr[-3000:]
-        assert "error: step 2: train/loss=nan" in out.stderr and "stop_on_nonfinite=false" in out.stderr
+        assert code == 1, stderr[-3000:]
+        assert "error: step 2: train/loss=nan" in stderr and "stop_on_nonfinite=false" in stderr
         assert run.info.status == "FAILED" and set(loss) == {1, 2}
     else:
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert "[warn] step 2: train/loss=nan" in out.stdout
+        assert code == 0, stderr[-3000:]
+        assert "[warn] step 2: train/loss=nan" in stdout
         assert run.info.status == "FINISHED" and math.isnan(loss[3])
 
 

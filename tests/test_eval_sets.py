@@ -5,7 +5,7 @@ logic on an in-memory tokenizer; one slow run of sft_qwen with three eval sets, 
 import json
 
 import pytest
-from test_experiment_run import _harness, store  # noqa: F401  (the tmp MLflow store fixture and the CLI runner)
+from test_experiment_run import store  # noqa: F401  (the tmp MLflow store fixture)
 
 from evaluators import EVALUATORS, EvalContext
 from experiments.dpo_qwen import DpoQwen
@@ -21,6 +21,7 @@ from harness.core.eval_data import (
 )
 from harness.core.prompts import read_chat_template, render_sample
 from harness.core.records import EvalSample, Record, read_records
+from harness.paths import REPO_ROOT
 from harness.training.overrides import apply_overrides
 from harness.training.runner import fit_eval_prompts
 
@@ -260,7 +261,9 @@ def test_compare_pairs_runs_set_by_set(tmp_path, monkeypatch):
 # ---- one run: two eval files (one of conversations) and the held-out split ----
 
 @pytest.mark.slow
-def test_sft_run_with_three_eval_sets_logs_each_under_its_prefix(store, tmp_path):  # noqa: F811
+def test_sft_run_with_three_eval_sets_logs_each_under_its_prefix(store, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from harness.commands.cli import main
+
     env, client, tmp = store
     conversations = tmp_path / "conversations.jsonl"
     rows = [{"id": f"c{i}", "messages": [{"role": "system", "content": "Answer in one sentence."},
@@ -269,13 +272,17 @@ def test_sft_run_with_three_eval_sets_logs_each_under_its_prefix(store, tmp_path
                                           {"role": "user", "content": f"What is {i} plus {i + 1}?"}],
              "reference": f"{i} plus {i + 1} is {2 * i + 1}."} for i in range(1, 6)]
     conversations.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = _harness(env, "run", "sft_qwen", "max_steps=2", "eval_every=1", "eval_limit=4", "batch_size=4",
-                   "max_new_tokens=16", "eval_split=0.05", f"eval_data=facts:data/eval.jsonl,chat:{conversations},"
-                   "heldout:split", "select_metric=eval/facts/rouge/rougeL", f"output_dir={tmp / 'outputs'}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "[data] eval_split=0.05: 200 of 4000 training records held out for evaluation (seed 0)" in out.stdout
-    assert "4 from data/eval.jsonl (facts), 4 from " in out.stdout
-    assert "4 from the held-out split (heldout)" in out.stdout
+    # the CLI's entry point in this process, from the repository root as `make experiment` runs it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.chdir(REPO_ROOT)
+    code = main(["run", "sft_qwen", "max_steps=2", "eval_every=1", "eval_limit=4", "batch_size=4",
+                 "max_new_tokens=16", "eval_split=0.05", f"eval_data=facts:data/eval.jsonl,chat:{conversations},"
+                 "heldout:split", "select_metric=eval/facts/rouge/rougeL", f"output_dir={tmp / 'outputs'}"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    assert "[data] eval_split=0.05: 200 of 4000 training records held out for evaluation (seed 0)" in stdout
+    assert "4 from data/eval.jsonl (facts), 4 from " in stdout
+    assert "4 from the held-out split (heldout)" in stdout
 
     exp = client.get_experiment_by_name("sft_qwen")
     (run,) = client.search_runs([exp.experiment_id])
@@ -286,8 +293,8 @@ def test_sft_run_with_three_eval_sets_logs_each_under_its_prefix(store, tmp_path
             assert [m.step for m in client.get_metric_history(run_id, f"eval/{name}/{metric}")] == [0, 1, 2], (name,
                                                                                                                 metric)
         assert [m.step for m in client.get_metric_history(run_id, f"eval/time/{name}/generate_s")] == [0, 1, 2]
-        assert f"eval set {name} (4 samples):" in out.stdout
-        assert f"eval/{name}/rouge/rougeL" in out.stdout.split("baseline (step 0) vs final (step 2)")[1]
+        assert f"eval set {name} (4 samples):" in stdout
+        assert f"eval/{name}/rouge/rougeL" in stdout.split("baseline (step 0) vs final (step 2)")[1]
     assert not client.get_metric_history(run_id, "eval/rouge/rougeL")  # no unprefixed scores beside the sets
     assert [m.step for m in client.get_metric_history(run_id, "eval/time/total_s")] == [0, 1, 2]
     assert run.data.tags["data.eval.heldout.fingerprint"].startswith("split 0.05 seed 0 of ")

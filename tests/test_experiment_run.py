@@ -1,4 +1,5 @@
-"""The whole product path: `python -m harness run simpo_qwen ...` in a subprocess, read back from MLflow."""
+"""The whole product path: `python -m harness run simpo_qwen ...` in a subprocess, read back from MLflow (or, where a
+test needs no process of its own, the CLI's entry point or run_experiment in this one: no start-up to pay)."""
 
 import json
 import os
@@ -9,8 +10,12 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from transformers import TrainerCallback
 
+from experiments.simpo_qwen import SimpoQwen
+from harness.commands.cli import main
 from harness.paths import REPO_ROOT
+from harness.training.runner import run_experiment
 
 EVAL_KEYS = ["eval/perplexity/perplexity", "eval/bleu/bleu", "eval/bleu/bleu4", "eval/rouge/rouge1",
              "eval/rouge/rouge2", "eval/rouge/rougeL"]
@@ -108,54 +113,50 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_what_was_logged(store):
     assert _steps(client, run.info.run_id, "eval/rouge/rougeL")[:2] == [0, 2]
 
 
-FAILING_RUN = """
-from transformers import TrainerCallback
-from experiments.simpo_qwen import SimpoQwen
-from harness.training.runner import run_experiment
-
-class Boom(TrainerCallback):
+class _Boom(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:
             raise RuntimeError("injected failure at step 3")
 
-class FailingSimpo(SimpoQwen):
+
+class _FailingSimpo(SimpoQwen):
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
-        return super().build_trainer(model, tokenizer, rows, callbacks + [Boom()], output_dir)
+        return super().build_trainer(model, tokenizer, rows, callbacks + [_Boom()], output_dir)
 
-FailingSimpo.name = classmethod(lambda cls: "simpo_qwen")
-if __name__ == "__main__":
-    run_experiment(FailingSimpo(max_steps=10, eval_every=2, output_dir={out!r}))
-"""
+    @classmethod
+    def name(cls) -> str:
+        return "simpo_qwen"
 
 
-def test_exception_ends_the_run_failed_and_keeps_what_was_logged(store):
+def test_exception_ends_the_run_failed_and_keeps_what_was_logged(store, monkeypatch):
+    # in this process: the exception is what `python -m harness run` would end with (exit status 1, traceback)
     env, client, tmp = store
-    script = tmp / "failing_run.py"
-    script.write_text(FAILING_RUN.format(out=str(tmp / "outputs")))
-    out = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 1 and "injected failure at step 3" in out.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    with pytest.raises(RuntimeError, match="injected failure at step 3"):
+        run_experiment(_FailingSimpo(max_steps=10, eval_every=2, output_dir=str(tmp / "outputs")))
     run = _only_run(client)
     assert run.info.status == "FAILED"
     assert _steps(client, run.info.run_id, "eval/bleu/bleu") == [0, 2]
     assert (tmp / "outputs" / "simpo_qwen" / run.info.run_id / "best" / "selection.json").exists()
 
 
-def test_local_model_dir_parquet_data_lora_and_hf_backend(store, tiny_model_dir):
+def test_local_model_dir_parquet_data_lora_and_hf_backend(store, tiny_model_dir, monkeypatch, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     env, client, tmp = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     pairs = [json.loads(line) for line in (REPO_ROOT / "data" / "preference.jsonl").read_text().splitlines()[:64]]
     pq.write_table(pa.Table.from_pylist(pairs), tmp / "pairs.parquet")
     evals = [json.loads(line) for line in (REPO_ROOT / "data" / "eval.jsonl").read_text().splitlines()[:8]]
     (tmp / "eval.json").write_text(json.dumps([{"prompt": r["prompt"], "reference": r["reference"]} for r in evals]))
-    out = _harness(env, "run", "simpo_qwen", f"model={tiny_model_dir}", f"train_data={tmp / 'pairs.parquet'}",
-                   f"eval_data={tmp / 'eval.json'}", "peft=dora", "lora_rank=4", "backend=hf", "max_steps=2",
-                   "eval_every=1", "evaluators=bleu,rouge", f"output_dir={tmp / 'outputs'}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "[data] 64 training rows" in out.stdout and "8 eval samples" in out.stdout
-    assert "hf backend ready" in out.stdout
+    code = main(["run", "simpo_qwen", f"model={tiny_model_dir}", f"train_data={tmp / 'pairs.parquet'}",
+                 f"eval_data={tmp / 'eval.json'}", "peft=dora", "lora_rank=4", "backend=hf", "max_steps=2",
+                 "eval_every=1", "evaluators=bleu,rouge", f"output_dir={tmp / 'outputs'}"])  # in this process
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    assert "[data] 64 training rows" in stdout and "8 eval samples" in stdout
+    assert "hf backend ready" in stdout
     run = _only_run(client)
     assert run.info.status == "FINISHED" and run.data.params["peft"] == "dora"
     assert _steps(client, run.info.run_id, "eval/bleu/bleu4") == [0, 1, 2]
@@ -163,22 +164,23 @@ def test_local_model_dir_parquet_data_lora_and_hf_backend(store, tiny_model_dir)
     assert (best / "adapter_config.json").exists() and not (best / "model.safetensors").exists()
 
 
-def test_bad_training_record_stops_before_any_run_is_opened(store, tmp_path):
+def test_bad_training_record_stops_before_any_run_is_opened(store, tmp_path, monkeypatch, capsys):
     env, client, tmp = store
     bad = tmp / "bad.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
-    out = _harness(env, "run", "simpo_qwen", f"train_data={bad}")
-    assert out.returncode == 2
-    assert f"{bad} line 2: field 'rejected' is missing" in out.stderr
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    assert main(["run", "simpo_qwen", f"train_data={bad}"]) == 2  # the CLI's entry point, in this process
+    assert f"{bad} line 2: field 'rejected' is missing" in capsys.readouterr().err
     assert client.get_experiment_by_name("simpo_qwen") is None  # no MLflow run, not even an experiment
 
 
-def test_code_experiment_logs_pass_at_1_and_the_sample_table(tmp_path, tiny_model_dir):
+def test_code_experiment_logs_pass_at_1_and_the_sample_table(tmp_path, tiny_model_dir, monkeypatch, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OPENAI_API_KEY": "sk-never-logged"}
-    out = _harness(env, "run", "sft_code_qwen", "max_steps=2", "eval_every=1", "humaneval_limit=6",
-                   f"output_dir={tmp_path / 'outputs'}")
-    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-never-logged")
+    code = main(["run", "sft_code_qwen", "max_steps=2", "eval_every=1", "humaneval_limit=6",
+                 f"output_dir={tmp_path / 'outputs'}"])  # the CLI's entry point, in this process
+    assert code == 0, capsys.readouterr().err[-3000:]
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sft_code_qwen").experiment_id])
     assert run.info.status == "FINISHED"

@@ -200,16 +200,19 @@ def test_offline_scoring_cli(server, tmp_path):
     assert metrics["parse_failures"] == 0 and metrics["requests"] == 12
 
 
-def test_in_loop_judge_logs_scores_and_never_the_api_key(server, tmp_path, tiny_model_dir):
+def test_in_loop_judge_logs_scores_and_never_the_api_key(server, tmp_path, tiny_model_dir, monkeypatch, capfd):
+    from harness.commands.cli import main
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     secret = "sk-test-this-key-must-never-be-logged"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OPENAI_API_KEY": secret}
-    out = subprocess.run([sys.executable, "-m", "harness", "run", "simpo_qwen", "max_steps=2", "eval_every=2",
-                          "eval_limit=4", "evaluators=bleu,judge", f"judge_base_url={server.base_url}",
-                          "judge_model=ok-7", f"judge_cache_dir={tmp_path / 'judge-cache'}",
-                          "select_metric=eval/judge/score", f"output_dir={tmp_path / 'out'}"],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    # the CLI's entry point in this process; capfd takes what reaches file descriptors 1 and 2 as well
+    code = main(["run", "simpo_qwen", "max_steps=2", "eval_every=2", "eval_limit=4", "evaluators=bleu,judge",
+                 f"judge_base_url={server.base_url}", "judge_model=ok-7", f"judge_cache_dir={tmp_path / 'judge-cache'}",
+                 "select_metric=eval/judge/score", f"output_dir={tmp_path / 'out'}"])
+    stdout, stderr = capfd.readouterr()
+    assert code == 0, stderr[-3000:]
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
     history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"eval/judge/{k}")}
@@ -225,7 +228,7 @@ def test_in_loop_judge_logs_scores_and_never_the_api_key(server, tmp_path, tiny_
     stored += [p.read_bytes() for p in Path(tmp_path / "out").rglob("*") if p.is_file()]
     stored += [p.read_bytes() for p in Path(tmp_path / "judge-cache").rglob("*") if p.is_file()]
     assert len(stored) > 5 and not any(secret.encode() in b for b in stored)  # ...and never stored
-    assert secret not in out.stdout + out.stderr
+    assert secret not in stdout + stderr
     templates = {a.path for a in client.list_artifacts(run.info.run_id, "judge")}
     assert templates == {"judge/pointwise_template.txt", "judge/pairwise_template.txt"}
 

@@ -106,8 +106,10 @@ def _complete_beyond(out: Path, step: int) -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("peft", ["none", "lora"])
-def test_a_sigkilled_run_resumes_in_the_same_mlflow_run_with_each_step_once(tmp_path, peft):
+def test_a_sigkilled_run_resumes_in_the_same_mlflow_run_with_each_step_once(tmp_path, peft, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
+
+    from harness.commands.cli import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
@@ -129,12 +131,14 @@ def test_a_sigkilled_run_resumes_in_the_same_mlflow_run_with_each_step_once(tmp_
     assert client.get_run(run_id).info.status == "RUNNING"
     _checkpoint(run_dir / "checkpoints", 99, False)  # as if killed while saving: never resumed from
 
-    done = subprocess.run([python, "-m", "harness", "run", "sft_qwen", f"resume={run_id}"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the resume through the CLI's entry point in this process: only the killed run needs a process of its own
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = main(["run", "sft_qwen", f"resume={run_id}"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     assert proc.returncode == -9  # killed mid-run, not finished before the kill
-    assert "continuing from checkpoint-" in done.stdout and "checkpoint-99 was half-written" in done.stdout
-    assert "[eval] step 0:" not in done.stdout  # the baseline is in MLflow already: not evaluated again
+    assert "continuing from checkpoint-" in stdout and "checkpoint-99 was half-written" in stdout
+    assert "[eval] step 0:" not in stdout  # the baseline is in MLflow already: not evaluated again
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert len(client.search_runs([run.info.experiment_id])) == 1  # continued, not a new run

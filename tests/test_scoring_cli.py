@@ -7,14 +7,18 @@ import sys
 
 import pytest
 
+from harness.commands.cli import main
 from harness.paths import REPO_ROOT
 
 
-def _score(*args) -> dict:
-    out = subprocess.run([sys.executable, "-m", "harness", "score", *args], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def _score(capsys, *args) -> dict:
+    """`harness score` through the CLI's entry point in this process (test_missing_prediction_is_named runs it as a
+    subprocess): its exit status and the JSON object on its last line."""
+    capsys.readouterr()
+    code = main(["score", *args])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _write(path, rows):
@@ -22,15 +26,15 @@ def _write(path, rows):
     return str(path)
 
 
-@pytest.mark.slow
-def test_bleu_and_rouge_from_a_samples_file(tmp_path):
+@pytest.mark.slow  # in this process, but the first rouge loads jieba's dictionary (seconds)
+def test_bleu_and_rouge_from_a_samples_file(tmp_path, capsys):
     samples = _write(tmp_path / "s.jsonl", [
         {"prompt": "q", "reference": "北京是中国的首都", "prediction": "北京是首都"},
         {"prompt": "q", "reference": "the cat sat on a mat", "prediction": "the cat sat on a mat"},
     ])
-    rouge = _score("rouge", "--samples", samples)
+    rouge = _score(capsys, "rouge", "--samples", samples)
     assert rouge["rouge1"] == pytest.approx((75.0 + 100.0) / 2, abs=1e-4)  # see test_metrics for 75
-    bleu = _score("bleu", "--samples", samples)
+    bleu = _score(capsys, "bleu", "--samples", samples)
     assert set(bleu) == {"bleu", "bleu4"} and 0 < bleu["bleu"] < 100
 
 
@@ -42,22 +46,20 @@ def test_missing_prediction_is_named(tmp_path):
     assert out.returncode == 2 and f"{samples} line 1: field 'prediction' is missing" in out.stderr
 
 
-def test_perplexity_prefers_the_right_reference(tmp_path, tiny_model_dir):
+def test_perplexity_prefers_the_right_reference(tmp_path, tiny_model_dir, capsys):
     rows = [json.loads(line) for line in (REPO_ROOT / "data" / "eval.jsonl").read_text().splitlines()[:32]]
     right = _write(tmp_path / "right.jsonl", [{"prompt": r["prompt"], "reference": r["reference"]} for r in rows])
     shuffled = _write(tmp_path / "wrong.jsonl", [{"prompt": r["prompt"], "reference": s["reference"]}
                                                  for r, s in zip(rows, rows[1:] + rows[:1], strict=True)])
     text = _write(tmp_path / "text.jsonl", [{"text": r["prompt"] + " " + r["reference"]} for r in rows])
-    ppl_right = _score("perplexity", "--samples", right, "--model", "tiny-qwen2")["perplexity"]
-    ppl_wrong = _score("perplexity", "--samples", shuffled, "--model", tiny_model_dir)["perplexity"]
-    ppl_text = _score("perplexity", "--samples", text, "--model", "tiny-qwen2")["perplexity"]
+    ppl_right = _score(capsys, "perplexity", "--samples", right, "--model", "tiny-qwen2")["perplexity"]
+    ppl_wrong = _score(capsys, "perplexity", "--samples", shuffled, "--model", tiny_model_dir)["perplexity"]
+    ppl_text = _score(capsys, "perplexity", "--samples", text, "--model", "tiny-qwen2")["perplexity"]
     assert 1 < ppl_right < ppl_wrong / 2, (ppl_right, ppl_wrong)
     assert math.isfinite(ppl_text) and ppl_text > 1
 
 
 def test_case4_samples_file_with_bad_bytes_names_file_and_line(tmp_path, capsys):
-    from harness.commands.cli import main
-
     samples = tmp_path / "s.jsonl"
     row = json.dumps({"prompt": "q", "reference": "café", "prediction": "café"}, ensure_ascii=False).encode()
     samples.write_bytes(b"\xef\xbb\xbf" + row + b"\n" + row[:row.index(b"\xc3") + 1])  # BOM; cut in "é"

@@ -1,4 +1,5 @@
-"""Sweeps: `python -m harness sweep` in subprocesses against a real SQLite Optuna storage and MLflow store."""
+"""Sweeps: `python -m harness sweep` against a real SQLite Optuna storage and MLflow store, its trials in their own
+processes; the driver too where a test signals or kills it (elsewhere it runs in this process: `sweep_here`)."""
 
 import contextlib
 import json
@@ -14,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from experiments import load_class
+from harness.commands.cli import main
 from harness.core.errors import ConfigError
 from harness.paths import REPO_ROOT
 from harness.sweeps.study import (
@@ -41,14 +43,27 @@ def stores(tmp_path, tiny_model_dir):
     return env, f"sqlite:///{tmp_path / 'optuna.db'}", MlflowClient(env["MLFLOW_TRACKING_URI"]), tmp_path
 
 
-def _sweep(env, storage, tmp, *args, **kwargs):
-    cmd = [sys.executable, "-m", "harness", "sweep", *args, f"output_dir={tmp / 'outputs'}", "--storage", storage]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900, **kwargs)
+@pytest.fixture
+def sweep_here(stores, monkeypatch, capsys):
+    """`python -m harness sweep` through the CLI's entry point in this process, saving a driver's start (imports)
+    where the test sends it no signal; its trials still run in their own processes. Returns the summary it printed
+    last and its whole stdout. The signal tests start the driver as a subprocess."""
+    env, storage, _, tmp = stores
+    for key in ("MLFLOW_TRACKING_URI", "PYTHONUNBUFFERED", "HARNESS_EXPERIMENTS_PATH"):
+        monkeypatch.setenv(key, env[key])  # the trial processes inherit them
+    import experiments
 
+    # what HARNESS_EXPERIMENTS_PATH does when `experiments` is first imported, for this process
+    monkeypatch.setattr(experiments, "__path__", [*experiments.__path__, EXTRA])
 
-def _summary(out) -> dict:
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    def sweep(*args) -> tuple[dict, str]:
+        capsys.readouterr()
+        code = main(["sweep", *args, f"output_dir={tmp / 'outputs'}", "--storage", storage])
+        out, err = capsys.readouterr()
+        assert code == 0, out[-2000:] + err[-3000:]
+        return json.loads(out.strip().splitlines()[-1]), out
+
+    return sweep
 
 
 def _runs(client, experiment):
@@ -58,11 +73,11 @@ def _runs(client, experiment):
     return parents, trials
 
 
-def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores):
+def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores, sweep_here, capsys):
     env, storage, client, tmp = stores
     common = ["simpo_qwen", "max_steps=2", "eval_every=2", "eval_limit=8", "max_new_tokens=8", "beta=3.0", "backend=hf",
               "--seed", "0", "--study", "s1", "--pruner", "none"]
-    first = _summary(_sweep(env, storage, tmp, *common, "--trials", "2"))
+    first, _ = sweep_here(*common, "--trials", "2")
 
     study = optuna.load_study(study_name="s1", storage=storage)
     trials = study.get_trials()
@@ -98,7 +113,7 @@ def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores):
     summary = json.loads(Path(summary_path).read_text())
     assert summary["best_params"] == best.params
 
-    second = _summary(_sweep(env, storage, tmp, *common, "--trials", "1"))
+    second, _ = sweep_here(*common, "--trials", "1")
     assert second["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
     assert second["trials"] == {"COMPLETE": 3} and second["steps_trained"] == 6
     (parent,), runs = _runs(client, "simpo_qwen")
@@ -107,22 +122,20 @@ def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores):
 
     # harness compare on two of the trial runs: values straight from their metric histories, plot logged to each
     ids = [runs[0].info.run_id, runs[1].info.run_id]
-    out = subprocess.run([sys.executable, "-m", "harness", "compare", *ids, "--out", str(tmp / "c.png")],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("eval/rouge/rougeL"))
+    assert main(["compare", *ids, "--out", str(tmp / "c.png")]) == 0  # test_services runs it as a subprocess
+    stdout = capsys.readouterr().out
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("eval/rouge/rougeL"))
     for run in (runs[0], runs[1]):
         history = client.get_metric_history(run.info.run_id, "eval/rouge/rougeL")
         assert f"{history[0].value:.3f} -> {history[-1].value:.3f}" in line
         assert [a.path for a in client.list_artifacts(run.info.run_id, "compare")] == ["compare/c.png"]
-    assert "learning_rate" in out.stdout.split("params that differ:")[1]
+    assert "learning_rate" in stdout.split("params that differ:")[1]
     assert (tmp / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_failed_trial_is_recorded_and_a_clearly_worse_trial_is_pruned(stores):
+def test_failed_trial_is_recorded_and_a_clearly_worse_trial_is_pruned(stores, sweep_here):
     env, storage, client, tmp = stores
-    summary = _summary(_sweep(env, storage, tmp, "scripted_simpo", *SCRIPTED, "--trials", "4", "--pruner", "median",
-                              "--startup-trials", "2"))
+    summary, _ = sweep_here("scripted_simpo", *SCRIPTED, "--trials", "4", "--pruner", "median", "--startup-trials", "2")
     assert summary["trials"] == {"COMPLETE": 2, "FAIL": 1, "PRUNED": 1}
     trials = optuna.load_study(study_name="scripted_simpo", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
@@ -163,7 +176,7 @@ def test_two_workers_share_one_study_without_running_a_trial_twice(stores):
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs.values()}
 
 
-def test_a_trial_whose_worker_died_is_marked_failed_and_the_study_goes_on(stores):
+def test_a_trial_whose_worker_died_is_marked_failed_and_the_study_goes_on(stores, sweep_here):
     env, storage, client, tmp = stores
     args = ["scripted_simpo", *SCRIPTED, "--study", "dies", "--heartbeat", "1", "--trials", "1", "--pruner", "none"]
     cmd = [sys.executable, "-m", "harness", "sweep", *args, "max_steps=400", f"output_dir={tmp / 'outputs'}",
@@ -187,7 +200,7 @@ def test_a_trial_whose_worker_died_is_marked_failed_and_the_study_goes_on(stores
     assert trial.state.name == "RUNNING"
     time.sleep(5)  # past the grace period of 4 heartbeats
 
-    summary = _summary(_sweep(env, storage, tmp, *args))
+    summary, _ = sweep_here(*args)
     assert summary["trials"] == {"FAIL": 1, "COMPLETE": 1}
     trials = optuna.load_study(study_name="dies", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
@@ -217,15 +230,16 @@ def test_storage_password_is_never_shown_and_a_bad_storage_is_named():
     assert "s3cret" not in str(error.value)
 
 
-def test_resuming_a_study_with_another_objective_is_refused(stores):
+def test_resuming_a_study_with_another_objective_is_refused(stores, sweep_here, capsys):
     env, storage, client, tmp = stores
     optuna_study = optuna.create_study(study_name="taken", storage=storage, direction="maximize")
     optuna_study.set_user_attr("experiment", "simpo_qwen")
     optuna_study.set_user_attr("objective", "eval/rouge/rougeL")
-    out = _sweep(env, storage, tmp, "scripted_simpo", "--study", "taken", "--trials", "1")
-    assert out.returncode == 2
+    # the CLI in this process (sweep_here set the environment up); a refusal starts no trial
+    assert main(["sweep", "scripted_simpo", "--study", "taken", "--trials", "1", f"output_dir={tmp / 'outputs'}",
+                 "--storage", storage]) == 2
     assert "--study taken: the study was created for experiment 'simpo_qwen' optimising 'eval/rouge/rougeL'" \
-        in out.stderr
+        in capsys.readouterr().err
     assert client.get_experiment_by_name("scripted_simpo") is None  # nothing was logged
 
 
@@ -309,7 +323,7 @@ def test_case2_sigterm_to_the_driver_leaves_nothing_running(stores, ctrl_c):
 
 
 @pytest.mark.slow
-def test_case2_sigkilled_trial_and_resume(stores):
+def test_case2_sigkilled_trial_and_resume(stores, sweep_here):
     env, storage, client, tmp = stores
     # trials 0 and 1 train long; trial 2 (the resume's) is the script's crash, so the resume is short
     args = ["scripted_simpo", *SCRIPTED, "max_steps=400", "--study", "kill", "--pruner", "none"]
@@ -336,9 +350,8 @@ def test_case2_sigkilled_trial_and_resume(stores):
 
     # resumed at once: the dead driver ran on this machine, so its trial is failed without waiting for the
     # heartbeat's grace period (30 s x 4 here)
-    out = _sweep(env, storage, tmp, *args, "--trials", "1")
-    summary = _summary(out)
-    assert "trial 1: FAIL (its driver (pid" in out.stdout
+    summary, stdout = sweep_here(*args, "--trials", "1")
+    assert "trial 1: FAIL (its driver (pid" in stdout
     assert summary["trials"] == {"FAIL": 3}
     trials = optuna.load_study(study_name="kill", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "FAIL", "FAIL"]

@@ -4,11 +4,8 @@ summary, `harness compare`)."""
 
 import json
 import math
-import os
 import random
 import statistics
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -33,7 +30,7 @@ from harness.core.errors import ConfigError, DataError
 from harness.core.eval_data import eval_set_samples
 from harness.core.generation import Completion
 from harness.core.records import EvalSample, Record
-from harness.paths import DATA_DIR, REPO_ROOT
+from harness.paths import DATA_DIR
 
 
 def _eval_rows(n: int = 64) -> list[dict]:
@@ -319,21 +316,23 @@ def test_compare_gives_the_paired_difference_of_two_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_in_loop_run_logs_error_bars_and_the_summary_tests_the_change(tmp_path, tiny_model_dir):
+def test_in_loop_run_logs_error_bars_and_the_summary_tests_the_change(tmp_path, tiny_model_dir, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
+    from harness.commands.cli import main
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, "-m", "harness", "run", "simpo_qwen", "evaluators=answer,bleu",
-                          "select_metric=eval/answer/exact", "max_steps=2", "eval_every=1", "eval_limit=8",
-                          "max_new_tokens=8", "backend=hf", f"output_dir={tmp_path / 'outputs'}"],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = main(["run", "simpo_qwen", "evaluators=answer,bleu", "select_metric=eval/answer/exact", "max_steps=2",
+                 "eval_every=1", "eval_limit=8", "max_new_tokens=8", "backend=hf",
+                 f"output_dir={tmp_path / 'outputs'}"])  # the CLI's entry point, in this process
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
     for key in ("eval/answer/exact", "eval/answer/contains", "eval/bleu/bleu4", "eval/bleu/bleu"):
         for suffix in ("_se", "_ci_low", "_ci_high"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key + suffix)] == [0, 1, 2], key
-    (line,) = [x for x in out.stdout.splitlines() if x.strip().startswith("eval/bleu/bleu4 ")]
+    (line,) = [x for x in stdout.splitlines() if x.strip().startswith("eval/bleu/bleu4 ")]
     assert "95% CI [" in line and ("not significant)" in line or ", significant)" in line)
-    assert "±" in next(x for x in out.stdout.splitlines() if x.startswith("[eval] step 0:"))
+    assert "±" in next(x for x in stdout.splitlines() if x.startswith("[eval] step 0:"))
