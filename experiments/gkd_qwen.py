@@ -46,7 +46,8 @@ class GkdQwen(Experiment):
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir, backend=None):
         # the teacher must share the student's tokenizer
         teacher = load_model(resolve_model(self.teacher), trust_remote_code=self.trust_remote_code)
-        rollout = VLLMRollout(backend, tokenizer, self.max_new_tokens, self.temperature, self.seed)
+        rollout = VLLMRollout(backend, tokenizer, self.max_new_tokens, self.temperature, self.seed,
+                              each_rank=self.rollout_engines == "each_rank")
         return gkd_trainer(model, tokenizer, rows, callbacks, rollout=rollout, teacher=teacher, lmbda=self.lmbda,
                            beta=self.beta, temperature=self.temperature, max_new_tokens=self.max_new_tokens,
                            **self.trainer_args(output_dir))

@@ -49,7 +49,8 @@ class GrpoQwen(Experiment):
         return reward_rows(records, self.rewards)
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir, backend=None):
-        rollout = VLLMRollout(backend, tokenizer, self.max_new_tokens, self.temperature, self.seed)
+        rollout = VLLMRollout(backend, tokenizer, self.max_new_tokens, self.temperature, self.seed,
+                              each_rank=self.rollout_engines == "each_rank")
         args = self.trainer_args(output_dir)
         args.pop("max_length")  # prompts are rendered by the rollout; completions are capped by max_new_tokens
         return self.trainer_factory(model, tokenizer, rows, callbacks, rollout=rollout,

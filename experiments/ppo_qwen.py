@@ -87,7 +87,8 @@ class PpoQwen(Experiment):
         settings = PPOSettings(ppo_epochs=self.ppo_epochs, num_minibatches=self.num_minibatches,
                                kl_coef=self.kl_coef, gamma=self.gamma, lam=self.lam, cliprange=self.cliprange,
                                cliprange_value=self.cliprange_value, vf_coef=self.vf_coef,
-                               temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed)
+                               temperature=self.temperature, max_new_tokens=self.max_new_tokens, seed=self.seed,
+                               each_rank=self.rollout_engines == "each_rank")
         args = self.trainer_args(output_dir)
         args.pop("max_length")  # prompts are rendered for the engine; completions are capped by max_new_tokens
         return PPOTrainer(model, make_config(TrainingArguments, {}, args), Dataset.from_list(rows), tokenizer,

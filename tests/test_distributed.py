@@ -71,6 +71,15 @@ def test_deepspeed_needs_a_launch_and_a_readable_config(tmp_path):
         apply_overrides(load_class("sft_qwen"), [f"deepspeed={bad}"])
 
 
+def test_rollout_engines_is_checked_before_a_launch():
+    with pytest.raises(ConfigError, match=r"rollout_engines='per_gpu': expected one of rank0, each_rank"):
+        apply_overrides(load_class("grpo_qwen"), ["rollout_engines=per_gpu"], launch="deepspeed")
+    with pytest.raises(ConfigError, match=r"rollout_engines=each_rank: sft_qwen generates no rollouts"):
+        apply_overrides(load_class("sft_qwen"), ["rollout_engines=each_rank"], launch="deepspeed")
+    exp = apply_overrides(load_class("ppo_qwen"), ["rollout_engines=each_rank"], launch="torchrun")
+    assert exp.rollout_engines == "each_rank"
+
+
 @pytest.mark.slow  # the first call imports the training stack (about 9 s); the refusals themselves take ms
 @pytest.mark.parametrize(("name", "overrides", "message"), [
     ("rm_qwen", ["deepspeed=zero3"], r"rm_qwen: under ZeRO-3 .* \(reward_accuracy\) need zero2 or no DeepSpeed"),

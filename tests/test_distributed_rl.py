@@ -1,5 +1,6 @@
-"""Online RL in two processes: rank 0's engine generates every rank's rollouts, one MLflow run, every rank's
-completions rewarded once, in-loop evaluation at the scheduled steps."""
+"""Online RL in two processes: rank 0's engine generates every rank's rollouts (or, with rollout_engines=each_rank,
+every rank its own), one MLflow run, every rank's completions rewarded once, in-loop evaluation at the scheduled
+steps."""
 
 import os
 import subprocess
@@ -48,15 +49,16 @@ def test_grpo_in_two_processes_rolls_out_every_ranks_prompts_from_rank_0s_engine
 
 
 @pytest.mark.slow
-def test_rloo_under_deepspeed_rewards_every_ranks_engine_samples_once(tmp_path):
+def test_rloo_under_deepspeed_with_an_engine_per_rank_rewards_every_ranks_samples_once(tmp_path):
     client, run = launch_rl("rloo_qwen", tmp_path, "deepspeed", "max_steps=1", "eval_every=1", "eval_limit=4",
                             "max_new_tokens=8", "batch_size=4", "num_generations=2", "evaluators=rouge",
-                            "select_metric=eval/rouge/rougeL")
-    assert run.data.params["deepspeed"] == "zero2"
+                            "select_metric=eval/rouge/rougeL", "rollout_engines=each_rank")
+    assert run.data.params["deepspeed"] == "zero2" and run.data.params["rollout_engines"] == "each_rank"
     assert [step for step, _ in history(client, run, "eval/rouge/rougeL")] == [0, 1]
-    # 2 ranks x 4 completions from rank 0's engine; TRL gathers every rank's rewards for the leave-one-out baselines
-    assert history(client, run, "train/rollout/completions") == [(1, 8)]
-    assert history(client, run, "train/rollout/ranks") == [(1, 2)]
+    # rank 0's engine generated only its own 4 completions; rank 1's 4 came from rank 1's engine, and TRL gathers
+    # every rank's rewards for the leave-one-out baselines: 8 rewarded
+    assert history(client, run, "train/rollout/completions") == [(1, 4)]
+    assert history(client, run, "train/rollout/ranks") == [(1, 1)]
     assert history(client, run, "train/rewards/count") == [(1, 8)]
     metrics = run.data.metrics
     assert 0 < metrics["train/completions/mean_length"] <= 8  # max_new_tokens

@@ -151,6 +151,7 @@ class PPOSettings:
     temperature: float = 1.0
     max_new_tokens: int = 32
     seed: int = 0
+    each_rank: bool = False  # rollout_engines=each_rank: every rank generates its own rollouts with its own engine
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -315,7 +316,7 @@ class PPOTrainer(Trainer):
         params = GenParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                            seed=s.seed + self.state.global_step, sample_logprobs=True)
         # the unwrapped policy: the engine loads its state dict, not a DDP or DeepSpeed wrapper's
-        completions, stats = sample_across_ranks(self.backend, self.model, prompt_ids, params)
+        completions, stats = sample_across_ranks(self.backend, self.model, prompt_ids, params, s.each_rank)
         sequences = [p + c.token_ids[0] for p, c in zip(prompt_ids, completions, strict=True)]
         width = max(map(len, sequences))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -4,7 +4,10 @@ policy before every rollout, so RL pays for no second engine and no checkpoint r
 In a multi-process run only rank 0 holds the engine. `sample_across_ranks` is the one collective every rank calls
 with its own prompts: rank 0 gathers them, syncs the engine with its copy of the policy (the same weights as every
 other rank's under DDP or ZeRO-1/2) and generates for all ranks in one batch, then scatters each rank its own
-completions. Each rank rewards only its own completions, so every completion is rewarded exactly once."""
+completions. Each rank rewards only its own completions, so every completion is rewarded exactly once.
+With `rollout_engines=each_rank` every rank holds an engine of its own instead and generates its own share (no
+collective): faster where the ranks have compute of their own, at one engine's memory per rank
+(`make bench PARTS=rollout_ranks` measures both)."""
 
 from __future__ import annotations
 
@@ -45,12 +48,16 @@ def _sync_and_generate(backend: VLLMBackend, model: torch.nn.Module, prompt_ids:
 
 
 def sample_across_ranks(backend: VLLMBackend | None, model: torch.nn.Module, prompt_ids: list[list[int]],
-                        params: GenParams) -> tuple[list[Completion], RolloutStats]:
+                        params: GenParams, each_rank: bool = False) -> tuple[list[Completion], RolloutStats]:
     """`params.n` samples (with `params.sample_logprobs`, their logprobs) of every prompt in `prompt_ids` from the
     engine, synced with `model` first. Every rank must call it at the same point with its own prompts: rank 0
-    passes the engine, the others None (see the module's docstring). In one process it is a sync and a generate."""
+    passes the engine, the others None (see the module's docstring). In one process, or with `each_rank` (every
+    rank passes its own engine), it is a sync and a generate of this rank's prompts."""
     distributed = ranks.world_size() > 1 and torch.distributed.is_initialized()
-    if not distributed:
+    if not distributed or each_rank:
+        if backend is None:
+            raise RuntimeError(f"rank {ranks.rank()} has no rollout engine (rollout_engines=each_rank builds one on "
+                               f"every rank)")
         completions, sync_s, generate_s = _sync_and_generate(backend, model, prompt_ids, params)
         return completions, RolloutStats(sum(len(c.texts) for c in completions), 1, sync_s, generate_s)
     gathered = [None] * ranks.world_size() if ranks.is_main() else None
@@ -88,10 +95,13 @@ def group_heads(prompts: list, group: int) -> list:
 
 class VLLMRollout:
     """A TRL GRPO `rollout_func`: G sampled completions per prompt, with the sampling logprobs. On a rank other
-    than 0 of a multi-process run `backend` is None: rank 0 generates this rank's share (sample_across_ranks)."""
+    than 0 of a multi-process run `backend` is None: rank 0 generates this rank's share (sample_across_ranks), unless
+    `each_rank` (every rank passes its own engine)."""
 
-    def __init__(self, backend: VLLMBackend | None, tokenizer, max_new_tokens: int, temperature: float, seed: int):
+    def __init__(self, backend: VLLMBackend | None, tokenizer, max_new_tokens: int, temperature: float, seed: int,
+                 each_rank: bool = False):
         self.backend = backend
+        self.each_rank = each_rank
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -115,6 +125,6 @@ class VLLMRollout:
         this from their own generation hooks (harness.training.methods)."""
         params = GenParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, n=n,
                            seed=self.seed + trainer.state.global_step, sample_logprobs=True)
-        completions, stats = sample_across_ranks(self.backend, trainer.model, prompt_ids, params)
+        completions, stats = sample_across_ranks(self.backend, trainer.model, prompt_ids, params, self.each_rank)
         log_stats(trainer, stats)
         return completions

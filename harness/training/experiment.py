@@ -17,6 +17,7 @@ from harness.core.errors import ConfigError
 from harness.training.distributed import deepspeed_config
 
 BACKENDS = ("vllm", "hf")
+ROLLOUT_ENGINES = ("rank0", "each_rank")  # who generates the rollouts of a multi-process RL run
 PEFT_KINDS = ("none", "lora", "dora", "qlora")
 GENERATION_DTYPES = ("auto", "float32", "bfloat16", "float16")
 EVAL_TRUNCATIONS = ("error", "left")
@@ -120,6 +121,10 @@ class Experiment:
     deepspeed: str = help_field(
         "none", "none, zero2, zero3 (configs in harness/training/deepspeed_configs/) or a DeepSpeed JSON file; needs "
                 "a launch (--launch deepspeed)")
+    rollout_engines: str = help_field(
+        "rank0", "online RL under a launch: rank0 (rank 0's in-loop engine generates every rank's rollouts in one "
+                 "batch) or each_rank (every rank builds an engine for its own rollouts: faster, one engine's memory "
+                 "per rank; see make bench PARTS=rollout_ranks)")
     output_dir: str = help_field(
         "outputs", "checkpoints go to OUTPUT_DIR/NAME/RUN_ID/best (a relative path is under the repository root)")
     save_every: int = help_field(

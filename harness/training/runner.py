@@ -258,11 +258,15 @@ def _train(exp: Experiment, model, tokenizer, rows: list[dict], callbacks: list,
 
 
 def _train_shard(exp: Experiment, rows: list[dict], model_path: str) -> None:
-    """A rank other than 0: trains on its shard of every batch and joins rank 0's evaluations; logs nothing."""
+    """A rank other than 0: trains on its shard of every batch and joins rank 0's evaluations; logs nothing. With
+    rollout_engines=each_rank it builds an engine of its own for its rollouts (harness.rl.rollouts)."""
     tokenizer, model = _load(exp, model_path)
-    set_seed(exp.seed)
+    extra = {}
+    if exp.needs_rollouts:
+        extra["backend"] = make_backend(exp, model_path, tokenizer) if exp.rollout_engines == "each_rank" else None
+    set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
     with tempfile.TemporaryDirectory(prefix=f"rank{ranks.rank()}-") as output_dir:
-        _train(exp, model, tokenizer, rows, [InLoopEvaluation(None, exp.eval_every, [])], output_dir)
+        _train(exp, model, tokenizer, rows, [InLoopEvaluation(None, exp.eval_every, [])], output_dir, **extra)
 
 
 def _eval_tags(exp: Experiment) -> dict[str, str]:

@@ -18,7 +18,14 @@ from harness.core.errors import ConfigError
 from harness.core.eval_data import SPLIT, metric_key, parse_eval_data
 from harness.core.prompts import read_chat_template
 from harness.training.distributed import LAUNCHERS, deepspeed_config, zero_stage
-from harness.training.experiment import BACKENDS, EVAL_TRUNCATIONS, GENERATION_DTYPES, PEFT_KINDS, Experiment
+from harness.training.experiment import (
+    BACKENDS,
+    EVAL_TRUNCATIONS,
+    GENERATION_DTYPES,
+    PEFT_KINDS,
+    ROLLOUT_ENGINES,
+    Experiment,
+)
 
 
 def check_settings(exp: Experiment, launch: str | None = None, sweep: bool = False) -> Experiment:
@@ -238,6 +245,10 @@ def _start_rules(exp: Experiment, launch: str | None, sweep: bool, stage: int | 
         (launch is not None or stage is None,
          f"deepspeed={exp.deepspeed} runs its ranks under a launcher: `python -m harness run {exp.name()} ... "
          f"--launch deepspeed --nproc 2` (make experiment LAUNCH=deepspeed NPROC=2)"),
+        (exp.rollout_engines in ROLLOUT_ENGINES,
+         f"rollout_engines={exp.rollout_engines!r}: expected one of {', '.join(ROLLOUT_ENGINES)}"),
+        (exp.rollout_engines == "rank0" or exp.needs_rollouts,
+         f"rollout_engines={exp.rollout_engines}: {exp.name()} generates no rollouts (only online RL methods do)"),
         # rank 0 syncs the engine from its own copy of the policy for every rank's rollouts (harness.rl.rollouts)
         (stage != 3 or not exp.needs_rollouts,
          "online RL under ZeRO-3: rank 0 syncs the rollout engine from its own copy of the policy, which ZeRO-3 "
