@@ -108,6 +108,20 @@ def test_a_large_seeded_rollout_batch_completes_and_repeats_exactly(vllm_backend
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
 
 
+def test_closing_a_second_engine_leaves_the_first_one_working(vllm_backend, tiny_model_dir, prompt_ids):
+    """Two engines in one process share vLLM's parallel groups, which an engine's shutdown destroys: an in-process
+    run closing its engine broke every later use of this shared one ("pipeline model parallel group is not
+    initialized")."""
+    from harness.engines.vllm_engine import VLLMBackend
+
+    params = GenParams(max_new_tokens=8)
+    before = vllm_backend.generate(prompt_ids[:2], params)
+    second = VLLMBackend(tiny_model_dir, seed=0, max_model_len=256, dtype="float32")
+    assert [c.token_ids for c in second.generate(prompt_ids[:2], params)] == [c.token_ids for c in before]
+    second.close()
+    assert [c.token_ids for c in vllm_backend.generate(prompt_ids[:2], params)] == [c.token_ids for c in before]
+
+
 LORA_REQUEST_SCRIPT = """
 import json
 import torch

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -57,6 +59,36 @@ def _release_default_group() -> None:
                 if hasattr(coordinator, handle):
                     delattr(coordinator, handle)
     torch.distributed.destroy_process_group()
+
+
+# this process's live engines: vLLM keeps its parallel groups per process, and one engine's shutdown destroys them
+_LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+def _detach_parallel_state() -> dict:
+    """vLLM's process-wide group coordinators, taken out of its module so that an engine's shutdown, which destroys
+    whatever it finds there, leaves them to the engines still running (see VLLMBackend.close)."""
+    from vllm.distributed import parallel_state
+
+    held = {name: value for name, value in vars(parallel_state).items()
+            if isinstance(value, parallel_state.GroupCoordinator)}
+    for name in held:
+        setattr(parallel_state, name, None)
+    return held
+
+
+def _reattach_parallel_state(held: dict) -> None:
+    """Puts back what _detach_parallel_state took. If the shutdown also dropped torch.distributed's default group,
+    the coordinators' handles went with it: they are removed, as _release_default_group does (one member each, so
+    they are never used to communicate)."""
+    from vllm.distributed import parallel_state
+
+    for name, coordinator in held.items():
+        if not torch.distributed.is_initialized():
+            for handle in ("device_group", "cpu_group"):
+                if hasattr(coordinator, handle):
+                    delattr(coordinator, handle)
+        setattr(parallel_state, name, coordinator)
 
 
 class _DerivedBufferNotice(logging.Filter):
@@ -118,6 +150,7 @@ class VLLMBackend:
         self.lora_request = None
         self._adapter_dirs = tempfile.TemporaryDirectory(prefix="lora-requests-") if lora_rank else None
         self.logprobs([[0]], [[0]])  # first prompt-logprob call compiles kernels; pay it here, not in step 0
+        _LIVE_ENGINES.add(self)
 
     def use_adapter(self, directory: str) -> None:
         """Generate through a saved LoRA adapter from now on (an engine built with lora_rank >= its rank): how a
@@ -173,6 +206,12 @@ class VLLMBackend:
         return result
 
     def close(self) -> None:
+        """Shuts the engine down now. Another engine of this process (a test's shared engine beside an in-process
+        run's, two models compared) keeps vLLM's parallel groups, which this engine's shutdown would destroy."""
+        _LIVE_ENGINES.discard(self)
+        held = _detach_parallel_state() if len(_LIVE_ENGINES) else {}
         del self.llm
+        gc.collect()  # the engine shuts down when collected
+        _reattach_parallel_state(held)
         if self._adapter_dirs is not None:
             self._adapter_dirs.cleanup()

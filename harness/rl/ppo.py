@@ -162,6 +162,11 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
+    @property
+    def config(self):
+        """The policy's: DeepSpeed's "auto" values (bucket sizes from hidden_size) are read from the wrapped model."""
+        return self.policy.config
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 use_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache).logits
@@ -309,7 +314,8 @@ class PPOTrainer(Trainer):
     # -- one step: rollout, score, advantages, PPO epochs
     def _generate(self, rows: list[dict]) -> tuple[Rollout, RolloutStats]:
         """One completion per row from the engine synced with the policy; across processes rank 0 generates every
-        rank's (the others hold no engine). The stats are rank 0's sync and generation over all ranks."""
+        rank's (the others hold no engine), unless every rank has its own (`each_rank`). The stats are rank 0's sync
+        and generation."""
         s = self.settings
         tokenizer = self.processing_class
         prompt_ids = [render_prompt(tokenizer, r["prompt"]) for r in rows]

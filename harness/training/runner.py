@@ -350,6 +350,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         if exp.log_model or exp.register_as:
             _log_model(tracker.run_id, summary.best_checkpoint, exp.register_as)
     lock.close()
+    if isinstance(backend, VLLMBackend):
+        backend.close()
     del backend, trainer
     gc.collect()
     print_summary(summary)

@@ -13,6 +13,8 @@ import importlib.util
 import math
 from collections.abc import Callable
 
+import torch
+
 from evaluators import EVALUATORS
 from harness.core.errors import ConfigError
 from harness.core.eval_data import SPLIT, metric_key, parse_eval_data
@@ -247,6 +249,10 @@ def _start_rules(exp: Experiment, launch: str | None, sweep: bool, stage: int | 
          f"--launch deepspeed --nproc 2` (make experiment LAUNCH=deepspeed NPROC=2)"),
         (exp.rollout_engines in ROLLOUT_ENGINES,
          f"rollout_engines={exp.rollout_engines!r}: expected one of {', '.join(ROLLOUT_ENGINES)}"),
+        # vLLM's in-process engine takes the first GPU whatever the rank: every rank's engine would share GPU 0
+        (exp.rollout_engines == "rank0" or not torch.cuda.is_available(),
+         "rollout_engines=each_rank runs on CPU only for now: vLLM's in-process engine always takes GPU 0, so every "
+         "rank's engine would share it; use rollout_engines=rank0"),
         (exp.rollout_engines == "rank0" or exp.needs_rollouts,
          f"rollout_engines={exp.rollout_engines}: {exp.name()} generates no rollouts (only online RL methods do)"),
         # rank 0 syncs the engine from its own copy of the policy for every rank's rollouts (harness.rl.rollouts)
