@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,30 +67,18 @@ def _release_default_group() -> None:
 _LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()
 
 
-def _detach_parallel_state() -> dict:
-    """vLLM's process-wide group coordinators, taken out of its module so that an engine's shutdown, which destroys
-    whatever it finds there, leaves them to the engines still running (see VLLMBackend.close)."""
-    from vllm.distributed import parallel_state
+@contextlib.contextmanager
+def _parallel_state_kept() -> Iterator[None]:
+    """Inside, an engine's shutdown leaves vLLM's process-wide parallel groups (and torch.distributed's default
+    group) alone: the engines still running in this process use them (see VLLMBackend.close)."""
+    from vllm.v1.engine import core
 
-    held = {name: value for name, value in vars(parallel_state).items()
-            if isinstance(value, parallel_state.GroupCoordinator)}
-    for name in held:
-        setattr(parallel_state, name, None)
-    return held
-
-
-def _reattach_parallel_state(held: dict) -> None:
-    """Puts back what _detach_parallel_state took. If the shutdown also dropped torch.distributed's default group,
-    the coordinators' handles went with it: they are removed, as _release_default_group does (one member each, so
-    they are never used to communicate)."""
-    from vllm.distributed import parallel_state
-
-    for name, coordinator in held.items():
-        if not torch.distributed.is_initialized():
-            for handle in ("device_group", "cpu_group"):
-                if hasattr(coordinator, handle):
-                    delattr(coordinator, handle)
-        setattr(parallel_state, name, coordinator)
+    cleanup = core.cleanup_dist_env_and_memory
+    core.cleanup_dist_env_and_memory = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        core.cleanup_dist_env_and_memory = cleanup
 
 
 class _DerivedBufferNotice(logging.Filter):
@@ -209,9 +199,8 @@ class VLLMBackend:
         """Shuts the engine down now. Another engine of this process (a test's shared engine beside an in-process
         run's, two models compared) keeps vLLM's parallel groups, which this engine's shutdown would destroy."""
         _LIVE_ENGINES.discard(self)
-        held = _detach_parallel_state() if len(_LIVE_ENGINES) else {}
-        del self.llm
-        gc.collect()  # the engine shuts down when collected
-        _reattach_parallel_state(held)
+        with _parallel_state_kept() if len(_LIVE_ENGINES) else contextlib.nullcontext():
+            del self.llm
+            gc.collect()  # the engine shuts down when collected
         if self._adapter_dirs is not None:
             self._adapter_dirs.cleanup()
