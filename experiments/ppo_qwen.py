@@ -77,12 +77,12 @@ class PpoQwen(Experiment):
         return reward_rows(records, self.rewards)
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir, backend=None):
-        reward_funcs = make_rewards(self.rewards, reward_model_path(self.reward_model))
+        reward_path = reward_model_path(self.reward_model)  # a run: reference costs a tracking-store lookup
+        reward_funcs = make_rewards(self.rewards, reward_path)
         init = None
         if self.value_init == "reward_model" or (self.value_init == "auto" and self.reward_model):
             # reuse the reward model the reward already loaded (and merged, for a LoRA one) rather than load it twice
-            scorer = next((f for f in reward_funcs if isinstance(f, RewardModel)), None) or RewardModel(
-                reward_model_path(self.reward_model))
+            scorer = next((f for f in reward_funcs if isinstance(f, RewardModel)), None) or RewardModel(reward_path)
             init = scorer.model
         settings = PPOSettings(ppo_epochs=self.ppo_epochs, num_minibatches=self.num_minibatches,
                                kl_coef=self.kl_coef, gamma=self.gamma, lam=self.lam, cliprange=self.cliprange,

@@ -47,6 +47,11 @@ class RunCheckpoint:
         return self.base_model is not None
 
     @property
+    def adapter_task(self) -> str | None:
+        """An adapter's PEFT task type (SEQ_CLS for a reward model's, CAUSAL_LM for a language model's)."""
+        return json.loads((self.path / ADAPTER_CONFIG).read_text()).get("task_type")
+
+    @property
     def trust_remote_code(self) -> bool:
         return self.params.get("trust_remote_code", "false") == "true"
 
@@ -121,8 +126,7 @@ def load_merged(ckpt: RunCheckpoint):
 
     trust = ckpt.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path, trust_remote_code=trust)
-    task = json.loads((ckpt.path / ADAPTER_CONFIG).read_text()).get("task_type")
-    if task == "SEQ_CLS":  # a reward model's adapter: the base gets the same one-score head (load_model)
+    if ckpt.adapter_task == "SEQ_CLS":  # a reward model's adapter: the base gets the same one-score head (load_model)
         base = AutoModelForSequenceClassification.from_pretrained(ckpt.base_model, dtype=torch.float32, num_labels=1,
                                                                   trust_remote_code=trust)
         if base.config.pad_token_id is None:
@@ -196,7 +200,7 @@ def reward_model_checkpoint(ref: str) -> RunCheckpoint:
     as rm_qwen writes them."""
     ckpt = find_checkpoint(ref)
     if ckpt.adapter:
-        task = json.loads((ckpt.path / ADAPTER_CONFIG).read_text()).get("task_type")
+        task = ckpt.adapter_task
         is_reward, what = task == "SEQ_CLS", f"a {task or 'untyped'} adapter"
     else:
         config_file = ckpt.path / "config.json"
