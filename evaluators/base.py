@@ -23,6 +23,7 @@ class EvalContext:
     prompt_ids: list[list[int]] | None = None  # the rendered, tokenized prompts the backend generated from
     tokenizer: object | None = None
     model: object | None = None  # the live model being trained, for evaluators that score with it directly
+    eval_set: str = ""  # the eval set's name ("" for the one unnamed set): the key of per-set evaluator state
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,15 @@ class Evaluator:
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What this evaluator carries from one evaluation to the next, kept per eval set (ctx.eval_set) and as
+        JSON: saved into every checkpoint and given back to load_state_dict on resume (harness.training.resume).
+        None (the default): it carries nothing."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Takes back what state_dict returned when the checkpoint a run resumes from was saved."""
 
     def close(self) -> None:
         """Release what the evaluator started (e.g. a judge server); called once when the run ends."""

@@ -72,6 +72,7 @@ def _template(path: str, default: str, fields: tuple[str, ...]) -> tuple[str, st
 class Judge(Evaluator):
     name = "judge"
     metrics = ("score", "win_rate", "parse_failures", "requests", "failed", "cache_hits")
+    diagnostic_metrics = ("parse_failures", "requests", "failed", "cache_hits")  # about the judge, not the model
 
     @classmethod
     def metric_names(cls, options: dict | None = None) -> tuple[str, ...]:
@@ -118,7 +119,8 @@ class Judge(Evaluator):
                                   retries, budget, structured,
                                   (Path(cache_dir) if cache_dir else harness_cache() / "judge") if cache else None,
                                   max_wait_s=max_wait_s)
-        self.baseline: list[str] | None = None
+        # eval set name -> its step-0 answers, what that set's later answers are judged against
+        self.baselines: dict[str, list[str]] = {}
 
     @property
     def artifacts(self) -> dict[str, str]:
@@ -176,12 +178,18 @@ class Judge(Evaluator):
         return EvalResult(metrics, table=table)
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
-        baseline = self.baseline if self.pairwise else None
+        baseline = self.baselines.get(ctx.eval_set)
         result = self.judge([s.prompt for s in ctx.samples], [s.reference for s in ctx.samples], ctx.predictions,
                             baseline)
-        if self.baseline is None:
-            self.baseline = list(ctx.predictions)  # the first evaluation (step 0) is what later ones are judged against
+        if self.pairwise and baseline is None:
+            self.baselines[ctx.eval_set] = list(ctx.predictions)  # the set's first evaluation: step 0
         return result
+
+    def state_dict(self) -> dict | None:
+        return {"baselines": self.baselines} if self.pairwise else None
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baselines = {name: list(answers) for name, answers in state["baselines"].items()}
 
     def close(self) -> None:
         self.client.close()

@@ -152,6 +152,57 @@ def test_win_rate_asks_both_orders_to_cancel_position_bias(server, judge_cache):
     assert same.metrics["win_rate"] == 50.0  # ties count half
 
 
+class _Scripted:
+    """A generation backend whose answers the test sets before each evaluation, so the judge's inputs are known."""
+
+    name = "scripted"
+
+    def __init__(self):
+        self.answers: list[str] = []
+
+    def sync_weights(self, model) -> None:
+        pass
+
+    def generate(self, prompt_ids, params):
+        from harness.core.generation import Completion
+
+        return [Completion([a], 1) for a in self.answers]
+
+
+def test_pairwise_judging_keeps_one_baseline_per_eval_set(server, judge_cache):
+    """Two named eval sets of different sizes share one judge (one server): each set's win rate is against its own
+    step-0 answers, and a judge restored from state_dict (what a checkpoint saves) judges as the original does."""
+    from harness.core.generation import GenParams
+    from harness.core.records import EvalSample
+    from harness.training.inloop import EvalSuite, Evaluation
+
+    def suite(judge):
+        return EvalSuite({name: Evaluation([judge], [EvalSample(f"{name}{i}", p, r) for i, (p, r) in
+                                                     enumerate(zip(PROMPTS[lo:hi], REFS[lo:hi], strict=True))],
+                                           backends[name], None, GenParams(), prompt_ids=[[1]] * (hi - lo),
+                                           eval_set=name)
+                          for name, (lo, hi) in {"a": (0, 3), "b": (3, 4)}.items()})
+
+    judge = _judge(server, "longer", judge_cache)
+    backends = {"a": _Scripted(), "b": _Scripted()}
+    backends["a"].answers, backends["b"].answers = ["x", "y", "z"], ["a long answer"]
+    step0 = suite(judge).run(None, 0)
+    assert "eval/a/judge/win_rate" not in step0.metrics and "eval/b/judge/win_rate" not in step0.metrics
+    assert judge.state_dict() == {"baselines": {"a": ["x", "y", "z"], "b": ["a long answer"]}}
+    # longer than a's own baseline, shorter than b's: a wins every sample and b none (the "longer" judge)
+    backends["a"].answers, backends["b"].answers = ["x+1", "y+1", "z"], ["short"]
+    step1 = suite(judge).run(None, 1)
+    assert step1.metrics["eval/a/judge/win_rate"] == 100 * (1 + 1 + 0.5) / 3
+    assert step1.metrics["eval/b/judge/win_rate"] == 0.0
+    assert step1.sets["b"].evaluator_tables["judge"]["baseline"] == ["a long answer"]
+    restored = _judge(server, "longer", judge_cache)
+    restored.load_state_dict(json.loads(json.dumps(judge.state_dict())))  # through JSON, as the checkpoint keeps it
+    again = suite(restored).run(None, 1)
+    assert {k: v for k, v in again.metrics.items() if k.endswith("win_rate")} == {
+        "eval/a/judge/win_rate": step1.metrics["eval/a/judge/win_rate"], "eval/b/judge/win_rate": 0.0}
+    assert _judge(server, "longer", judge_cache, pairwise=False).state_dict() is None  # no state: none saved
+
+
 def test_responses_are_cached_across_runs_and_partial_writes_are_ignored(server, judge_cache, tmp_path):
     first = _judge(server, "ok-6", judge_cache, pairwise=False).judge(PROMPTS, REFS, REFS)
     again = _judge(server, "ok-6", judge_cache, pairwise=False).judge(PROMPTS, REFS, REFS)

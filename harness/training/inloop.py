@@ -54,11 +54,14 @@ class Evaluation:
     """Runs the evaluators on one fixed eval set with one generation backend."""
 
     def __init__(self, evaluators: list[Evaluator], samples: list[EvalSample], backend: GenerationBackend,
-                 tokenizer, params: GenParams, prompt_ids: list[list[int]] | None = None, system_prompt: str = ""):
+                 tokenizer, params: GenParams, prompt_ids: list[list[int]] | None = None, system_prompt: str = "",
+                 eval_set: str = ""):
         """`prompt_ids`: the samples' prompts as checked against the model's context (and truncated when asked) by
         harness.training.runner.fit_eval_prompts; by default rendered here as they are, after the `system_prompt`
-        message when one is given (see harness.core.prompts.render_prompt)."""
+        message when one is given (see harness.core.prompts.render_prompt). `eval_set`: the set's name, under which
+        evaluators shared by several sets keep each set's state apart."""
         self.evaluators = evaluators
+        self.eval_set = eval_set
         self.samples = samples
         self.backend = backend
         self.tokenizer = tokenizer
@@ -80,7 +83,7 @@ class Evaluation:
         # a bar over the evaluation's parts (generation, then each evaluator), on a terminal only
         progress = console.bar(len(self.evaluators) + generates, f"eval step {step}", "part", leave=False)
         ctx = EvalContext(self.samples, backend=self.backend, prompt_ids=self.prompt_ids, tokenizer=self.tokenizer,
-                          model=model)
+                          model=model, eval_set=self.eval_set)
         metrics: dict[str, float] = {}
         table: dict[str, list] = {
             "id": [s.id for s in self.samples],
