@@ -133,7 +133,7 @@ def test_run_shows_harness_lines_and_logs_library_output(tmp_path, tiny_model_di
 
 
 def test_a_failed_run_still_logs_its_library_output(tmp_path, monkeypatch, capfd):
-    from harness.training.tracking import mlflow_run
+    from harness.training.tracking.runs import mlflow_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -237,7 +237,7 @@ def test_reward_accuracy_scores_held_out_pairs(chatml_tokenizer):
 def test_compare_pairs_runs_set_by_set(tmp_path, monkeypatch):
     """Two runs with named sets: compare pairs each set's final table with the same set of the first run."""
     from harness.commands.compare import compare
-    from harness.training.tracking import mlflow_run
+    from harness.training.tracking.runs import mlflow_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     ids = []

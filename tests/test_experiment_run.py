@@ -199,7 +199,7 @@ def test_code_experiment_logs_pass_at_1_and_the_sample_table(tmp_path, tiny_mode
 
 
 def test_ctrl_c_during_a_store_call_lands_after_it_so_no_transaction_is_cut():
-    from harness.training.tracking import _retrying
+    from harness.training.tracking.retries import retrying
 
     finished = []
 
@@ -211,7 +211,7 @@ def test_ctrl_c_during_a_store_call_lands_after_it_so_no_transaction_is_cut():
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see the test above)
     try:
         with pytest.raises(KeyboardInterrupt):
-            _retrying(write)
+            retrying(write)
         assert finished == [True]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
@@ -220,7 +220,8 @@ def test_ctrl_c_during_a_store_call_lands_after_it_so_no_transaction_is_cut():
 
 @pytest.mark.slow
 def test_a_long_run_logs_every_table_past_mlflows_tag_limit(tmp_path, monkeypatch):
-    from harness.training.tracking import TAG_VALUE_LIMIT, mlflow_run
+    from harness.training.tracking.runs import mlflow_run
+    from harness.training.tracking.tracker import TAG_VALUE_LIMIT
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

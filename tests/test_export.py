@@ -25,7 +25,7 @@ from harness.paths import REPO_ROOT
 from harness.training import lineage
 from harness.training.overrides import apply_overrides
 from harness.training.runner import run_experiment
-from harness.training.tracking import RunRecord, load_table
+from harness.training.tracking.queries import RunRecord, load_table
 
 MAX_NEW_TOKENS = 12
 # perplexity picks the checkpoint, rouge makes the engine generate
@@ -175,6 +175,10 @@ def test_run_references_that_name_no_checkpoint_are_refused_clearly(tmp_path, mo
     best.mkdir(parents=True)
     (best / "selection.json").write_text('{"metric": "eval/rouge/rougeL", "mode": "max", "step": 4, "value": 70.5}')
     client.set_tag(run_id, "best_checkpoint", str(best))
+    with pytest.raises(ConfigError, match=f"{run_id} \\(RUNNING: not FINISHED; name it as run:{run_id}"):
+        lineage.find_checkpoint("run:latest:sft_qwen")  # still training: its best can change
+    assert lineage.find_checkpoint(f"run:{run_id}").step == 4
+    client.set_terminated(run_id)
     found = lineage.find_checkpoint("run:latest:sft_qwen")
     assert (found.path, found.step, found.value, found.adapter) == (best, 4, 70.5, False)
 

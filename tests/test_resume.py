@@ -18,7 +18,6 @@ from experiments.sft_qwen import SftQwen
 from harness.core.errors import ConfigError
 from harness.paths import REPO_ROOT
 from harness.training import resume as resume_mod
-from harness.training import tracking
 from harness.training.resume import (
     COMPLETE,
     CheckpointKeeper,
@@ -29,6 +28,7 @@ from harness.training.resume import (
     mark_complete,
     resumed_experiment,
 )
+from harness.training.tracking import queries
 
 RUN = ["run", "sft_qwen", "backend=hf", "max_steps=8", "eval_every=2", "save_every=2", "eval_limit=4",
        "max_new_tokens=4", "max_length=64", "batch_size=2"]
@@ -71,9 +71,9 @@ def stored_run(monkeypatch):
     """A run of sft_qwen as the store would hold it (params as mlflow_run logs them), without a store."""
     params = {k: v if isinstance(v, str) else json.dumps(v)
               for k, v in SftQwen(max_steps=8, eval_every=2, save_every=2).params().items()}
-    state = tracking.RunState("abc123", "sft_qwen", "KILLED", params)
-    monkeypatch.setattr(tracking, "run_state", lambda run_id: state if run_id == "abc123" else None)
-    monkeypatch.setattr(tracking, "latest_run_id", lambda name: "abc123")
+    state = queries.RunState("abc123", "sft_qwen", "KILLED", params)
+    monkeypatch.setattr(queries, "run_state", lambda run_id: state if run_id == "abc123" else None)
+    monkeypatch.setattr(queries, "newest_run", lambda name, refusal, ref: state)
     return state
 
 
@@ -91,8 +91,8 @@ def test_resume_takes_the_runs_configuration_and_refuses_a_different_one(stored_
 
 
 def test_a_finished_run_is_not_resumed(stored_run, monkeypatch):
-    finished = tracking.RunState("abc123", "sft_qwen", "FINISHED", stored_run.params)
-    monkeypatch.setattr(tracking, "run_state", lambda run_id: finished)
+    finished = queries.RunState("abc123", "sft_qwen", "FINISHED", stored_run.params)
+    monkeypatch.setattr(queries, "run_state", lambda run_id: finished)
     with pytest.raises(ConfigError, match="already FINISHED"):
         resume_mod.resolve_run("sft_qwen", "abc123")
 

@@ -206,7 +206,7 @@ def test_sample_writes_best_and_worst_and_resumes_after_kill(tiny_model_dir, vll
     killed after its first prompt resumes without repeating one, and the pairs pass the project's format check."""
     from harness.commands.cli import main
     from harness.rl.rewards import rouge_l
-    from harness.training import tracking
+    from harness.training.tracking.queries import run_state
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -251,7 +251,7 @@ def test_sample_writes_best_and_worst_and_resumes_after_kill(tiny_model_dir, vll
         assert row["scores"] == pytest.approx(rouge_l(row["samples"], [by_id[row["id"]]["reference"]] * 4))
     runs = list(dict.fromkeys(r["sample_run"] for r in done))
     assert runs[1] == summary["mlflow_run"] and len(runs) == 2  # the killed run's and the resumed run's
-    assert tracking.run_state(runs[0]).status == "KILLED"  # ended by the resumed sampling
+    assert run_state(runs[0]).status == "KILLED"  # ended by the resumed sampling
 
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(pairs) + summary["skipped"] == len(rows) and pairs
@@ -265,7 +265,7 @@ def test_sample_writes_best_and_worst_and_resumes_after_kill(tiny_model_dir, vll
     assert main(["data", "check", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["formats"] == {"preference": len(pairs)}
 
-    state = tracking.run_state(summary["mlflow_run"])
+    state = run_state(summary["mlflow_run"])
     assert state.experiment == "sample/pairs" and state.status == "FINISHED"
     assert state.params["scorer"] == "rouge_l" and state.params["n"] == "4"
     from mlflow.tracking import MlflowClient

@@ -1,4 +1,4 @@
-"""The MLflow SQLite store under concurrency and after crashes (tracking.py): fresh stores opened by several
+"""The MLflow SQLite store under concurrency and after crashes (tracking/store.py): fresh stores opened by several
 processes at once, stores an interrupted schema upgrade left half-done, and where a SQLite store's artifacts go."""
 
 import os
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # each test creates a real MLflow store (seconds)
 WORKER = r"""
 import os, sys, time
 from pathlib import Path
-from harness.training.tracking import mlflow_run
+from harness.training.tracking.runs import mlflow_run
 tmp, me, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 for i in range(rounds):
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / f'round{i}' / 'mlflow.db'}"
@@ -89,7 +89,8 @@ def _store_copy(fresh_store, directory, *statements):
 
 
 def test_case1_a_half_migrated_store_is_reported_with_the_way_out(tmp_path, monkeypatch, fresh_store):
-    from harness.training.tracking import TrackingStoreError, mlflow_run
+    from harness.training.tracking.runs import mlflow_run
+    from harness.training.tracking.store import TrackingStoreError
 
     def open_run():
         with mlflow_run("half", {}, {}) as tracker:
@@ -125,7 +126,8 @@ def test_case1_a_half_migrated_store_is_reported_with_the_way_out(tmp_path, monk
 
 
 def test_case10_sqlite_store_keeps_artifacts_beside_its_file(tmp_path, monkeypatch):
-    from harness.training.tracking import mlflow_run, sqlite_path
+    from harness.training.tracking.runs import mlflow_run
+    from harness.training.tracking.store import sqlite_path
 
     store, elsewhere, source = tmp_path / "store", tmp_path / "elsewhere", tmp_path / "source"
     elsewhere.mkdir()
@@ -151,7 +153,7 @@ def test_case1_first_opening_of_a_store_waits_for_its_lock(tmp_path, monkeypatch
     import fcntl
     import threading
 
-    from harness.training.tracking import mlflow_run
+    from harness.training.tracking.runs import mlflow_run
 
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")

@@ -26,7 +26,7 @@ from harness.core.errors import ConfigError, TrackingUnavailable
 from harness.core.files import free_port
 from harness.paths import REPO_ROOT
 from harness.training.outbox import FLUSH_TIMEOUT_ENV, Outbox, flush_timeout, read_items, redact, server_answers
-from harness.training.tracking import UNDELIVERED_FILE, Tracker
+from harness.training.tracking.tracker import UNDELIVERED_FILE, Tracker
 
 
 class _Recorder(BaseHTTPRequestHandler):

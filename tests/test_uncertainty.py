@@ -294,7 +294,7 @@ def test_summary_marks_each_change_significant_or_not(capsys):
 
 def test_compare_gives_the_paired_difference_of_two_runs(tmp_path, monkeypatch):
     from harness.commands.compare import compare
-    from harness.training.tracking import mlflow_run
+    from harness.training.tracking.runs import mlflow_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     samples, before, after = _samples_and_outputs()

@@ -167,7 +167,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _mlflow_send(args: argparse.Namespace) -> int:
     from harness.training.outbox import sent_path
-    from harness.training.tracking import send_undelivered, shown_tracking_uri
+    from harness.training.tracking.runs import send_undelivered
+    from harness.training.tracking.store import shown_tracking_uri
 
     path = Path(args.file)
     if not path.is_file():

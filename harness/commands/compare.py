@@ -18,7 +18,8 @@ from harness.core.eval_data import metric_key, parse_eval_data
 from harness.core.files import check_writable_dir, check_writable_file
 from harness.paths import REPO_ROOT
 from harness.training.inloop import is_quality_metric
-from harness.training.tracking import RunRecord, existing_run, load_runs, load_table
+from harness.training.tracking.queries import RunRecord, load_runs, load_table
+from harness.training.tracking.runs import existing_run
 
 DEFAULT_DIR = REPO_ROOT / "outputs" / "compare"
 PARENT = "parent_run"  # the param a chained stage logs (harness.training.runner): the run it started from

@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 
 from harness.core.files import atomic_directory, check_writable_dir
-from harness.training import tracking
 from harness.training.inloop import is_quality_metric
 from harness.training.lineage import RunCheckpoint, find_checkpoint, write_merged
+from harness.training.tracking.runs import existing_run
+from harness.training.tracking.store import shown_tracking_uri
 
 
 def default_destination(ckpt: RunCheckpoint, merge: bool) -> Path:
@@ -21,7 +22,7 @@ def default_destination(ckpt: RunCheckpoint, merge: bool) -> Path:
 
 def metrics_at(ckpt: RunCheckpoint) -> dict[str, float]:
     """The run's in-loop eval scores (eval/<evaluator>/<metric>) logged at the checkpoint's step."""
-    histories = tracking.existing_run(ckpt.run_id).histories("eval/")
+    histories = existing_run(ckpt.run_id).histories("eval/")
     return {k: v for k, points in histories.items() if is_quality_metric(k) for s, v in points if s == ckpt.step}
 
 
@@ -45,7 +46,7 @@ def model_card(ckpt: RunCheckpoint, merged: bool, metrics: dict[str, float]) -> 
                 " transformers loads it with peft installed and the base model at that path or hub name")
     lines = [f"# {ckpt.experiment}: run {ckpt.run_id}, best checkpoint", "",
              f"Exported by `python -m harness export` from MLflow run `{ckpt.run_id}` (experiment "
-             f"`{ckpt.experiment}`, store {tracking.shown_tracking_uri()}): the checkpoint kept by `{ckpt.metric}` "
+             f"`{ckpt.experiment}`, store {shown_tracking_uri()}): the checkpoint kept by `{ckpt.metric}` "
              f"({ckpt.mode}), saved at step {ckpt.step} with value {ckpt.value:.6g}. Form: {form}.", "",
              f"## In-loop evaluation at step {ckpt.step}", "",
              "Scored during training on the generations of the in-loop engine (greedy decoding) at this step.", "",

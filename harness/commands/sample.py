@@ -272,7 +272,7 @@ def score_summary(done: list[dict]) -> dict[str, float]:
 def run_sample(cfg: SampleConfig, engine=None) -> dict:
     """Sample, score and write (see the module docstring); returns a summary. `engine`: an open VLLMBackend for the
     model to reuse (it is not closed); by default one is opened for `cfg.ref` and closed at the end."""
-    from harness.training import tracking
+    from harness.training.tracking.runs import end_runs, mlflow_run
 
     records = _check_prompts(cfg)
     out = Path(cfg.out)
@@ -292,7 +292,7 @@ def run_sample(cfg: SampleConfig, engine=None) -> dict:
     experiment, tags = f"sample/{out.name.removesuffix('.jsonl')}", {"command": "sample", "out": str(out.resolve())}
     # a sampling of this OUT that was killed left its MLflow run RUNNING: it ended then, as KILLED (before a judge
     # server starts, so that a store failure here leaves no server behind)
-    tracking.end_runs("KILLED", experiment=experiment, tags=tags)
+    end_runs("KILLED", experiment=experiment, tags=tags)
     scorer = Scorer(cfg)  # a reward model or a judge server loads here, before the MLflow run opens
     params = {**{k: v for k, v in vars(cfg).items() if k not in ("judge_url", "judge_model", "reward_model")},
               **model.describe(), "resumed_prompts": len(done)}
@@ -306,7 +306,7 @@ def run_sample(cfg: SampleConfig, engine=None) -> dict:
     try:
         if own_engine and todo:
             engine = open_engine(model, prompt_ids, cfg.max_new_tokens, cfg.seed)
-        with tracking.mlflow_run(experiment, params, tags) as tracker:
+        with mlflow_run(experiment, params, tags) as tracker:
             gen = GenParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             n=cfg.n, seed=cfg.seed)
             for start in range(0, len(todo), cfg.batch):

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from harness.training.tracking import Tracker
+from harness.training.tracking.tracker import Tracker
 
 PLOTS = {
     "optimization_history": "plot_optimization_history",

@@ -39,7 +39,8 @@ from harness.core.errors import ConfigError
 from harness.paths import REPO_ROOT
 from harness.training.experiment import Experiment
 from harness.training.overrides import apply_overrides, field_types, parse_overrides
-from harness.training.tracking import end_runs, existing_run, mlflow_run, shown_tracking_uri
+from harness.training.tracking.runs import end_runs, existing_run, mlflow_run
+from harness.training.tracking.store import shown_tracking_uri
 
 PRUNERS = ("median", "hyperband", "none")
 # Heartbeats and PartialFixedSampler are marked experimental by Optuna; their warnings would repeat every trial.

@@ -26,7 +26,7 @@ from harness.sweeps.study import fail_trial, make_pruner, make_storage
 from harness.training.inloop import EvalReport, selection_value
 from harness.training.overrides import apply_overrides
 from harness.training.runner import RunHooks, run_experiment
-from harness.training.tracking import Tracker
+from harness.training.tracking.tracker import Tracker
 
 
 class StopSignal:

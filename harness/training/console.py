@@ -119,7 +119,7 @@ class LibraryLog:
     def __init__(self, prefix: str = "library-"):
         self.prefix = prefix
         self.path: Path | None = None
-        self.tracker = None  # the MLflow run (harness.training.tracking.Tracker) the file is logged to at the end
+        self.tracker = None  # the MLflow run (tracking.tracker.Tracker) the file is logged to at the end
         self.temporary = True  # still in the temporary file: move_to not called
         self._saved_fd: int | None = None
         self._stdout: IO | None = None

@@ -17,8 +17,10 @@ from harness.core.errors import ConfigError
 from harness.core.files import atomic_directory
 from harness.core.models import ADAPTER_CONFIG, resolve_model
 from harness.paths import REPO_ROOT
-from harness.training import tracking
 from harness.training.experiment import Experiment
+from harness.training.tracking.queries import RunState, newest_run, run_state
+from harness.training.tracking.registry import LoggedModel, log_model
+from harness.training.tracking.store import shown_tracking_uri
 
 RUN_PREFIX = "run:"
 LATEST_PREFIX = "latest:"
@@ -61,25 +63,37 @@ def is_run_ref(model: str) -> bool:
     return model.startswith(RUN_PREFIX)
 
 
-def resolve_run_id(ref: str) -> str:
-    """The run id `ref` names: `RUN_ID`, `run:RUN_ID`, `latest:EXPERIMENT` or `run:latest:EXPERIMENT` (that
-    MLflow experiment's newest run, as resume=latest picks it). ConfigError when there is no such run."""
+def _run_of(ref: str) -> RunState:
+    """The run `ref` names: `RUN_ID`, `run:RUN_ID`, `latest:EXPERIMENT` or `run:latest:EXPERIMENT`.
+    ConfigError when there is no such run."""
     body = ref.removeprefix(RUN_PREFIX).strip()
     if body.startswith(LATEST_PREFIX):
         experiment = body.removeprefix(LATEST_PREFIX).strip()
         if not experiment:
             raise ConfigError(f"{ref}: name the experiment, as run:latest:EXPERIMENT (e.g. run:latest:sft_qwen)")
-        run_id = tracking.latest_run_id(experiment)
-        if run_id is None:
-            raise ConfigError(f"{ref}: the MLflow experiment '{experiment}' has no run in "
-                              f"{tracking.shown_tracking_uri()}")
-        return run_id
+        return newest_run(experiment, _not_a_finished_model, ref)
     if not body:
         raise ConfigError(f"{ref!r}: name a run, as RUN_ID, run:RUN_ID or run:latest:EXPERIMENT")
-    return body
+    state = run_state(body)
+    if state is None:
+        raise ConfigError(f"{ref}: no run {body} in {shown_tracking_uri()} (set MLFLOW_TRACKING_URI to the store the "
+                          "run was logged to)")
+    return state
 
 
-def _checkpoint_dir(state: tracking.RunState) -> Path:
+def _not_a_finished_model(state: RunState) -> str | None:
+    """Why `run:latest:EXPERIMENT` passes over a run: "the newest model" of a stage is its newest run that ended
+    FINISHED with a complete best checkpoint. A RUNNING run's best can still change (or its process died); a
+    FAILED or KILLED one stopped before the training it was set up for. Such a run is used only when named by its
+    id."""
+    if state.status != "FINISHED":
+        return f"not FINISHED; name it as run:{state.run_id} to use its best checkpoint anyway"
+    if not (_checkpoint_dir(state) / SELECTION).is_file():
+        return f"no best checkpoint in {_checkpoint_dir(state)}"
+    return None
+
+
+def _checkpoint_dir(state: RunState) -> Path:
     """Where the run's best checkpoint is: its best_checkpoint tag, else OUTPUT_DIR/EXPERIMENT/RUN_ID/best."""
     if tagged := state.tags.get("best_checkpoint"):
         return Path(tagged)
@@ -88,13 +102,11 @@ def _checkpoint_dir(state: tracking.RunState) -> Path:
 
 
 def find_checkpoint(ref: str) -> RunCheckpoint:
-    """The best checkpoint of the run `ref` names (see resolve_run_id). ConfigError, naming the run and the store
-    or the directory, for an unknown run or one without a complete best checkpoint."""
-    run_id = resolve_run_id(ref)
-    state = tracking.run_state(run_id)
-    if state is None:
-        raise ConfigError(f"{ref}: no run {run_id} in {tracking.shown_tracking_uri()} (set MLFLOW_TRACKING_URI to "
-                          "the store the run was logged to)")
+    """The best checkpoint of the run `ref` names (see _run_of; `run:latest:EXPERIMENT` is the experiment's newest
+    FINISHED run with a best checkpoint). ConfigError, naming the run and the store or the directory, for an
+    unknown run or one without a complete best checkpoint."""
+    state = _run_of(ref)
+    run_id = state.run_id
     path = _checkpoint_dir(state)
     selection = path / SELECTION
     if not selection.is_file():
@@ -251,10 +263,10 @@ def reward_model_path(reward_model: str) -> str:
     return str(reward_model_checkpoint(reward_model).path) if is_run_ref(reward_model) else reward_model
 
 
-def log_best_model(run_id: str, directory: Path, register_as: str = "") -> tracking.LoggedModel:
+def log_best_model(run_id: str, directory: Path, register_as: str = "") -> LoggedModel:
     """Logs the best checkpoint in `directory` (a run's best/) as the MLflow model of run `run_id`, and registers it
     under `register_as` when given; its selection (metric, mode, step, value) becomes the model version's tags."""
     chosen = json.loads((directory / SELECTION).read_text())
     tags = {"select_metric": chosen["metric"], "select_mode": chosen["mode"], "select_step": str(chosen["step"]),
             "select_value": repr(float(chosen["value"])), "run_id": run_id}
-    return tracking.log_model(run_id, directory, (directory / ADAPTER_CONFIG).is_file(), tags, register_as)
+    return log_model(run_id, directory, (directory / ADAPTER_CONFIG).is_file(), tags, register_as)

@@ -20,10 +20,12 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from harness.core.errors import ConfigError
-from harness.training import tracking
 from harness.training.experiment import Experiment
 from harness.training.inloop import EvalReport
 from harness.training.overrides import _evaluator_option, apply_overrides, field_types
+from harness.training.tracking import queries
+from harness.training.tracking.store import shown_tracking_uri
+from harness.training.tracking.tracker import Tracker
 
 COMPLETE = "COMPLETE"  # the marker file, written last
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
@@ -94,23 +96,28 @@ def claim_run_dir(out_dir: Path):
 
 
 def _param(value) -> str:
-    """A value as MLflow holds the run's params (see tracking.mlflow_run)."""
+    """A value as MLflow holds the run's params (see tracking.runs.mlflow_run)."""
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def resolve_run(name: str, resume: str) -> tracking.RunState:
-    """The run `resume` names (an id, or `latest`: the experiment's newest run), checked to be resumable."""
-    run_id = tracking.latest_run_id(name) if resume == "latest" else resume
-    if run_id is None:
-        raise ConfigError(f"resume=latest: the MLflow experiment '{name}' has no run in "
-                          f"{tracking.shown_tracking_uri()}")
-    state = tracking.run_state(run_id)
+def _not_resumable(state: queries.RunState) -> str | None:
+    """Why a run cannot be resumed: a FINISHED one is done. RUNNING (its process killed), KILLED and FAILED runs
+    continue from their last complete checkpoint; one whose process still lives is refused by its run.lock."""
+    return "already FINISHED; start a new run instead" if state.status == "FINISHED" else None
+
+
+def resolve_run(name: str, resume: str) -> queries.RunState:
+    """The run `resume` names (an id, or `latest`: the experiment's newest run that is not FINISHED), checked to be
+    resumable."""
+    if resume == "latest":
+        return queries.newest_run(name, _not_resumable, "resume=latest")
+    state = queries.run_state(resume)
     if state is None:
-        raise ConfigError(f"resume={resume}: no run {run_id} in {tracking.shown_tracking_uri()}")
+        raise ConfigError(f"resume={resume}: no run {resume} in {shown_tracking_uri()}")
     if state.experiment != name:
-        raise ConfigError(f"resume={resume}: run {run_id} belongs to experiment '{state.experiment}', not '{name}'")
-    if state.status == "FINISHED":
-        raise ConfigError(f"resume={resume}: run {run_id} already FINISHED; start a new run instead")
+        raise ConfigError(f"resume={resume}: run {resume} belongs to experiment '{state.experiment}', not '{name}'")
+    if why := _not_resumable(state):
+        raise ConfigError(f"resume={resume}: run {resume} {why}")
     return state
 
 
@@ -147,7 +154,7 @@ class ResumeState:
     train_logged_through: int  # the last step train/* metrics were logged at; -1 = none
 
 
-def load_resume(tracker: tracking.Tracker, out_dir: Path) -> ResumeState:
+def load_resume(tracker: Tracker, out_dir: Path) -> ResumeState:
     """What a resumed run continues from: its last complete checkpoint (half-written ones are deleted), the eval
     steps and train steps MLflow already has."""
     ckpt_dir = out_dir / "checkpoints"
@@ -159,7 +166,7 @@ def load_resume(tracker: tracking.Tracker, out_dir: Path) -> ResumeState:
     reports = []
     for i, step in enumerate(steps):
         metrics = {k: v for k, hist in evals.items() for s, v in hist if s == step}
-        table = ((tracking.load_table(tracker.run_id, f"eval_samples/step_{step:06d}.json") or {})
+        table = ((queries.load_table(tracker.run_id, f"eval_samples/step_{step:06d}.json") or {})
                  if i in (0, len(steps) - 1) else {})
         reports.append(EvalReport(step, metrics, table, {}))
     losses = tracker.histories("train/")

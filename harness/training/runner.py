@@ -58,7 +58,10 @@ from harness.training.lineage import (
 )
 from harness.training.outbox import redact
 from harness.training.resume import CheckpointKeeper, claim_run_dir, load_resume, restore_best
-from harness.training.tracking import UNDELIVERED_FILE, Tracker, TrainMetricsLogger, mlflow_run, shown_tracking_uri
+from harness.training.tracking.runs import mlflow_run
+from harness.training.tracking.store import shown_tracking_uri
+from harness.training.tracking.tracker import UNDELIVERED_FILE, Tracker
+from harness.training.tracking.train_metrics import TrainMetricsLogger
 
 
 @dataclass(frozen=True)
