@@ -1,6 +1,7 @@
 """A tracking server that goes down during a run: writes queue in order, arrive when it is back, and a server that
 stays down leaves them in a file that `mlflow-send` delivers. The fast tests use a port where nothing listens (a
-real refused connection); the slow one stops a real `mlflow server` for 20 s in the middle of a training run."""
+real refused connection); the slow ones stop a real `mlflow server` for 20 s in the middle of a training run, and
+make a resume's run lookup fail for a moment through a proxy in front of one."""
 
 from __future__ import annotations
 
@@ -247,4 +248,83 @@ def test_a_run_whose_server_is_stopped_for_20_s_ends_finished_with_every_eval_st
     finally:
         if run.poll() is None:
             run.kill()
+        _stop_server(server)
+
+
+class _FlakyProxy(BaseHTTPRequestHandler):
+    """In front of a real MLflow server on 127.0.0.1: forwards every request, except that it answers the next
+    `server.failing_lookups` run lookups (GET .../runs/get) with 503, as a server restarting or overloaded does."""
+
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if "/runs/get" in self.path and self.server.failing_lookups > 0:
+            self.server.failing_lookups -= 1
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        answer = requests.request(self.command, self.server.upstream + self.path, data=body or None,
+                                  headers=headers, timeout=60)
+        self.send_response(answer.status_code)
+        for k, v in answer.headers.items():  # requests has undone the transfer and content encodings
+            if k.lower() not in ("transfer-encoding", "content-encoding", "content-length", "connection"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(answer.content)))
+        self.end_headers()
+        self.wfile.write(answer.content)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.slow  # starts a real MLflow server
+def test_a_resume_whose_run_lookup_fails_for_a_moment_continues_that_run_not_a_new_one(tmp_path, monkeypatch):
+    from harness.training.tracking.queries import LOOKUP_ATTEMPTS
+    from harness.training.tracking.runs import mlflow_run
+
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):  # the client settings a run uses (outbox.py)
+        monkeypatch.setenv(key, value)
+    port = free_port()
+    server = _start_server(tmp_path, port)
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    proxy.upstream, proxy.failing_lookups = f"http://127.0.0.1:{port}", 0
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{proxy.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(FLUSH_TIMEOUT_ENV, "30")
+    try:
+        with mlflow_run("resumable", {"max_steps": 8}, {}) as first:
+            first.log_metrics({"train/loss": 1.0}, 2)
+        client = MlflowClient(uri)
+        client.set_terminated(first.run_id, "KILLED")
+
+        # one lookup failing past the client's own retries (3 answers of 503): the same run is reopened
+        proxy.failing_lookups = 3
+        with mlflow_run("resumable", {"max_steps": 8}, {}, resume_run_id=first.run_id) as resumed:
+            resumed.log_metrics({"train/loss": 0.5}, 4)
+        assert proxy.failing_lookups == 0 and resumed.run_id == first.run_id
+        experiment = client.get_experiment_by_name("resumable").experiment_id
+        assert [r.info.run_id for r in client.search_runs([experiment])] == [first.run_id]
+        assert [m.step for m in client.get_metric_history(first.run_id, "train/loss")] == [2, 4]
+
+        # a store that keeps failing: an error naming the run and the store, and still no new run
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        proxy.failing_lookups = LOOKUP_ATTEMPTS
+        with pytest.raises(TrackingUnavailable, match=rf"could not look up run {first.run_id} in {uri} "
+                                                      rf"\({LOOKUP_ATTEMPTS} tries over 7 s\): .*503"):
+            with mlflow_run("resumable", {"max_steps": 8}, {}, resume_run_id=first.run_id):
+                pass
+        assert len(client.search_runs([experiment])) == 1
+
+        # the store's definite "no such run" (a run of another store): a new run, as before
+        with mlflow_run("resumable", {"max_steps": 8}, {}, resume_run_id="0" * 32) as fresh:
+            pass
+        assert fresh.run_id != first.run_id and len(client.search_runs([experiment])) == 2
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
         _stop_server(server)

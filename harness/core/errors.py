@@ -16,4 +16,5 @@ class TrainingDiverged(RuntimeError):
 
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking server did not take all of a run's writes by its end (down past the wait, or refused):
-    names the file that keeps them."""
+    names the file that keeps them. Also a store that kept failing when asked for a run (a resume's): names the
+    run and the store."""
