@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from datasets import Dataset
 
+from harness.core.models import autocasts_bf16, master_adapter_weights, training_device
+
 
 def auto_warmup_steps(training_steps: int) -> int:
     """The warm-up of `warmup_steps=-1`: min(5, a tenth of the training steps)."""
@@ -19,14 +21,15 @@ def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_siz
                 max_grad_norm: float = 1.0, save_every: int = 0) -> dict:
     """Trainer arguments every method shares: the trainer saves a resumable checkpoint every `save_every` steps
     (0 = never; the harness keeps the best checkpoint itself and rotates these: harness.training.resume), no
-    built-in reporting (the harness logs to MLflow), fp32 on CPU; `deepspeed` is a DeepSpeed JSON config
+    built-in reporting (the harness logs to MLflow), bf16 autocast over fp32 master weights on a GPU
+    (harness.core.models.training_precision), fp32 on CPU; `deepspeed` is a DeepSpeed JSON config
     (the ranks are started by harness.training.distributed). `batch_size` is per process.
 
     The length is `max_steps`, or with max_steps=0 `num_train_epochs` passes over the data (check_settings makes
     sure exactly one is set). Warm-up: `warmup_ratio` (> 0) as a fraction of the training steps, else
     `warmup_steps`, or with -1 auto_warmup_steps (worked out here for max_steps; for epochs, where the step count
     is known only once the trainer has the data, by make_config)."""
-    on_gpu = torch.cuda.is_available()
+    device = training_device()
     if warmup_ratio > 0:
         warmup = warmup_ratio  # transformers reads a warmup_steps in (0, 1) as a fraction of the training steps
     elif warmup_steps >= 0:
@@ -39,7 +42,8 @@ def common_args(output_dir: str, max_steps: int, learning_rate: float, batch_siz
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
         gradient_checkpointing=gradient_checkpointing, seed=seed, data_seed=seed, logging_steps=1,
         save_strategy="steps" if save_every > 0 else "no", save_steps=save_every if save_every > 0 else 500,
-        save_total_limit=None, report_to="none", disable_tqdm=True, bf16=on_gpu, use_cpu=not on_gpu,
+        save_total_limit=None, report_to="none", disable_tqdm=True, bf16=autocasts_bf16(device),
+        use_cpu=device != "cuda",
         lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, dataloader_num_workers=0, deepspeed=deepspeed,
         # a NaN/inf loss is logged as such (transformers would log the running average in its place, 0.0 at first)
@@ -60,8 +64,12 @@ def make_config(config_cls, method_args: dict, args: dict):
 def _build(config_cls, trainer_cls, model, tokenizer, rows: list[dict], callbacks: list, method_args: dict,
            args: dict, **trainer_kwargs):
     config = make_config(config_cls, method_args, args)
-    return trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                       callbacks=callbacks, **trainer_kwargs)
+    trainer = trainer_cls(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          callbacks=callbacks, **trainer_kwargs)
+    # TRL casts a 4-bit model's adapter to bf16 (the QLoRA paper's choice), where an update near lr 1e-5 rounds
+    # away; the optimizer is made at train(), so casting back here gives it fp32 master weights
+    master_adapter_weights(trainer.model)
+    return trainer
 
 
 def simpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, gamma: float,
