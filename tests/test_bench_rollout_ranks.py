@@ -3,7 +3,8 @@ itself is run by hand, `BENCH_RANKS_TINY=1 make bench PARTS=rollout_ranks`)."""
 
 import pytest
 
-from harness.commands import bench
+from harness.commands.bench import rollout_ranks as part
+from harness.commands.bench.__main__ import main
 
 
 def _rank(rank: int, steps: list[tuple[float, float, int]], engine: bool, rss: float) -> dict:
@@ -27,8 +28,8 @@ def _launches() -> dict:
 
 
 def test_summary_takes_medians_over_every_step_of_every_launch():
-    size = bench.RankRolloutSize(rounds=2, repeats=2)
-    r = bench.summarise_rank_rollouts(size, _launches())
+    size = part.RankRolloutSize(rounds=2, repeats=2)
+    r = part.summarise_rank_rollouts(size, _launches())
     shared, own = r["shared"], r["own"]
     assert (r["prompts_per_rank"], r["rounds"], r["repeats"], r["ranks"]) == (32, 2, 2, 2)
     assert shared["step_s"] == 3.0  # median of 2, 4, 3, 3
@@ -43,8 +44,8 @@ def test_summary_takes_medians_over_every_step_of_every_launch():
 
 
 def test_verdict_names_the_faster_design(capsys):
-    size = bench.RankRolloutSize(rounds=2, repeats=2)
-    bench.print_rollout_ranks(bench.summarise_rank_rollouts(size, _launches()))
+    size = part.RankRolloutSize(rounds=2, repeats=2)
+    part.print_rollout_ranks(part.summarise_rank_rollouts(size, _launches()))
     out = capsys.readouterr().out
     assert "own/shared step time = 2.00x, own engines hold +1.10 GiB more" in out
     assert "favour rank 0 generating for all ranks: 2.00x faster per step" in out
@@ -53,11 +54,11 @@ def test_verdict_names_the_faster_design(capsys):
     for pair in swapped["shared"]:  # the shared side reports its gather/scatter bytes
         for rank in pair:
             rank.update(prompt_bytes=1, completion_bytes=1)
-    bench.print_rollout_ranks(bench.summarise_rank_rollouts(size, swapped))
+    part.print_rollout_ranks(part.summarise_rank_rollouts(size, swapped))
     assert ("favour each rank its own engine: 2.00x faster per step, at the price of a second engine's start "
             "(4.0s) and -1.10 GiB") in capsys.readouterr().out
 
 
 def test_unknown_part_lists_rollout_ranks():
     with pytest.raises(SystemExit, match="choose from .*ppo, rollout_ranks"):
-        bench.main(["rollout_rank"])
+        main(["rollout_rank"])

@@ -75,9 +75,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_name: str | None = None,
                resume_run_id: str | None = None) -> Iterator[Tracker]:
     """Open a run, or reopen `resume_run_id` when the store still has it (then params, which MLflow keeps
-    immutable, are not logged again); it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
-    Logged data stays. With a tracking server, writes it did not take during an outage are delivered first
-    (Tracker.end)."""
+    immutable, are not logged again; a store that cannot be asked raises TrackingUnavailable, see find_run); it
+    ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM. Logged data stays. With a tracking server,
+    writes it did not take during an outage are delivered first (Tracker.end)."""
     uri = tracking_uri()
     client = open_client(uri)
     flush_timeout()  # a bad HARNESS_MLFLOW_FLUSH_TIMEOUT stops here, before the run opens, not at its end
