@@ -31,12 +31,22 @@ def bleu_statistics(predictions: list[str], references: list[str]) -> tuple[list
     return [[int(x) for x in row] for row in metric._extract_corpus_statistics(predictions, [references])], tokenize
 
 
-_SCORER = sacrebleu.metrics.BLEU()  # its defaults are corpus_bleu's; the tokenizer plays no part in scoring stats
-
-
 def bleu_from_totals(totals: np.ndarray) -> np.ndarray:
-    """Corpus BLEU from summed sufficient statistics (bleu_statistics), one score per row of `totals`."""
-    return np.array([_SCORER._compute_score_from_stats(row).score for row in np.atleast_2d(totals)])
+    """Corpus BLEU from summed sufficient statistics (bleu_statistics), one score per row of `totals`: sacreBLEU's
+    `compute_bleu` with corpus_bleu's defaults (exp smoothing, 4-grams, no effective order), on all rows at once (a
+    paired test scores 10,000 rows; sacreBLEU's per-row loop took a quarter second)."""
+    totals = np.atleast_2d(np.asarray(totals, dtype=np.float64))
+    sys_len, ref_len = totals[:, 0], totals[:, 1]
+    correct, total = totals[:, 2:6], totals[:, 6:10]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        brevity = np.where(sys_len < ref_len, np.where(sys_len > 0, np.exp(1 - ref_len / sys_len), 0.0), 1.0)
+        counted = np.cumprod(total > 0, axis=1).astype(bool)  # sacreBLEU stops at the first order with no n-grams
+        unmatched = counted & (correct == 0)
+        smoothing = 2.0 ** np.cumsum(unmatched, axis=1)  # exp smoothing halves again at each order with no match
+        precision = np.where(counted, np.where(unmatched, 100 / (smoothing * total), 100 * correct / total), 0.0)
+        logs = np.where(precision > 0, np.log(np.where(precision > 0, precision, 1.0)), -9999999999.0)
+    score = brevity * np.exp(logs.sum(axis=1) / 4)
+    return np.where(correct.any(axis=1), score, 0.0)
 
 
 def char_bleu4(prediction: str, reference: str) -> float:

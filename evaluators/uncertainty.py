@@ -4,22 +4,33 @@ A score here is either a mean over samples (ROUGE, char BLEU-4, answer accuracy:
 corpus metric computed from per-sample sufficient statistics summed over the samples (sacreBLEU corpus BLEU:
 n-gram matches and lengths; corpus perplexity: NLL and token counts). Both are handled the same way: a
 `Statistic` is the per-sample statistics (one row per sample) plus the function that turns their column sums into
-the score (for a mean: the sum over n). Resampling samples and recomputing the score on each resample is then
-sacreBLEU's bootstrap (`sacrebleu/significance.py`), which we follow step for step:
+the score (for a mean: the sum over n).
 
-- indices: `numpy.random.default_rng(seed).choice(n, size=(n_resamples, n), replace=True)`, seed 12345 and 1000
-  resamples by default (sacreBLEU's `SACREBLEU_SEED` default and its `bs` default), the same indices for every
-  metric and both sides of a paired test;
-- 95% interval: the sorted resampled scores at positions `n_resamples // 40` and `n_resamples - n_resamples // 40
-  - 1` (the 26th and 975th of 1000), as sacreBLEU's `estimate_ci` (which reports their half-width around the
-  bootstrap mean; we report the two ends);
-- paired p-value: with `d` the observed difference (new - base) and `d_i` the difference on resample i,
-  `p = (#{i : |d_i| - mean_j |d_j| > |d|} + 1) / (n_resamples + 1)`, sacreBLEU's `_paired_bs_test`. One departure:
-  when every resampled difference is exactly 0 (the two sides agree on every sample) p is 1, where sacreBLEU's
-  formula gives 1 / (n_resamples + 1) and would call two identical systems different.
+One score's error bars follow sacreBLEU's bootstrap (`sacrebleu/significance.py`) step for step: indices
+`numpy.random.default_rng(seed).choice(n, size=(n_resamples, n), replace=True)`, seed 12345 and 1000 resamples
+(sacreBLEU's defaults); the 95% interval is the sorted resampled scores at positions `n_resamples // 40` and
+`n_resamples - n_resamples // 40 - 1`. A mean also gets its standard error, stdev / sqrt(n) (n - 1 in the stdev); a
+corpus metric the standard deviation of its bootstrap scores.
 
-A per-sample mean also gets its standard error, stdev / sqrt(n) (n - 1 in the stdev); a corpus metric gets the
-standard deviation of its bootstrap scores instead (the bootstrap estimate of its standard error).
+A change between two evaluations of the same samples is tested by paired approximate randomization, sacreBLEU's `ar`
+test: under "the two systems are equally good" each sample's two statistics rows are exchangeable, so each of
+10,000 trials swaps every sample's rows with probability 1/2 (`default_rng(seed).integers(2, size=(trials, n),
+dtype=bool)`, sacreBLEU's draw) and recomputes the difference; p = (#{trials with |difference| >= |observed|} + 1) /
+(trials + 1). That p-value is valid whatever the metric (a mean, BLEU, a ratio such as corpus perplexity): tests in
+tests/test_uncertainty.py measure its false-positive rate by simulation. sacreBLEU's own paired bootstrap p-value
+(`|d_i| - mean|d_i| > |d|`) is NOT used: folding the resampled differences before centring them shrinks the null
+distribution, and equal systems were called different 13% of the time at alpha 0.05. One departure from sacreBLEU's
+`ar`: a trial counts when its difference is >= the observed one (sacreBLEU counts only >): with 0/100 scores many
+trials tie with the observed difference, and counting ties is what keeps the rejection rate at or under alpha (two
+identical systems get p = 1, where sacreBLEU's rule gives 1 / (trials + 1)).
+
+The interval of a paired difference is the difference plus or minus the test's critical value: the smallest
+|difference| the randomization test calls significant at alpha. So the 95% interval excludes 0 exactly when p < 0.05:
+the interval and the verdict cannot disagree. (It is the interval obtained by inverting the test under a shift of
+the difference; it is conservative when there is a real difference, because the swapped trials then spread wider.)
+Several metrics tested at once are one family: `holm` adjusts their p-values (Holm's step-down method), and the
+verdict uses the adjusted p-value; the raw p-value is shown beside it.
+
 Values that are not finite (a judge answer that did not parse, None in a logged table) are left out of a mean; a
 paired test of means keeps the samples with a value on both sides.
 """
@@ -29,15 +40,17 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-N_RESAMPLES = 1000  # sacreBLEU's default for its paired bootstrap
+N_RESAMPLES = 1000  # sacreBLEU's default for its bootstrap
+N_TRIALS = 10_000  # sacreBLEU's default for its approximate randomization test
 SEED = 12345  # sacreBLEU's default seed (SACREBLEU_SEED)
-ALPHA = 0.05  # a paired difference with p < ALPHA is called significant
+ALPHA = 0.05  # a paired difference with (Holm-adjusted) p < ALPHA is called significant
+_TIES = 1e-9  # relative: a trial's |difference| this close to the observed one is a tie (the same value, rounded)
 SUFFIXES = ("_se", "_ci_low", "_ci_high")  # eval/<evaluator>/<metric><suffix>: the error bars of a logged metric
 STATS_SUFFIX = "_stats"  # per-sample table column <evaluator>/<metric>_stats: a corpus metric's sufficient statistics
 
@@ -129,7 +142,8 @@ def bootstrap_interval(stat: Statistic, n_resamples: int = N_RESAMPLES, seed: in
 
 @dataclass(frozen=True)
 class Paired:
-    """new - base on the same samples: the difference, its 95% bootstrap interval and the paired p-value."""
+    """new - base on the same samples: the difference, its 95% interval, the randomization test's p-value and, once
+    `holm` has adjusted it within a family of tests, the adjusted p-value and the family's size."""
 
     base: float
     new: float
@@ -138,33 +152,130 @@ class Paired:
     high: float
     p_value: float
     n: int  # samples compared
+    p_adjusted: float | None = None
+    family: int = 1
+    open_interval: bool = False  # its ends excluded: shown as (low, high) when an end is 0 and the change significant
 
     @property
     def significant(self) -> bool:
-        return self.p_value < ALPHA
+        return (self.p_value if self.p_adjusted is None else self.p_adjusted) < ALPHA
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the 95% interval leaves out 0: exactly when the raw p-value is under 0.05."""
+        return (self.low >= 0 or self.high <= 0) if self.open_interval else (self.low > 0 or self.high < 0)
 
     def describe(self, digits: int = 3) -> str:
-        """`+18.750, 95% CI [+9.375, +28.125], p=0.001, significant`"""
+        """`+18.750, 95% CI [+9.375, +28.125], p=0.001 (Holm p=0.004 over 4 metrics), significant`"""
         verdict = "significant" if self.significant else "not significant"
-        return (f"{self.delta:+.{digits}f}, 95% CI [{self.low:+.{digits}f}, {self.high:+.{digits}f}], "
-                f"p={self.p_value:.3f}, {verdict}")
+        holm = f" (Holm p{_p(self.p_adjusted)} over {self.family} metrics)" if self.p_adjusted is not None else ""
+        left, right = "()" if self.open_interval else "[]"
+        return (f"{self.delta:+.{digits}f}, 95% CI {left}{self.low:+.{digits}f}, {self.high:+.{digits}f}{right}, "
+                f"p{_p(self.p_value)}{holm}, {verdict}")
 
 
-def paired_bootstrap(base: Statistic, new: Statistic, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> Paired:
-    """sacreBLEU's paired bootstrap of two systems on the same samples (rows of `base` and `new` aligned): the same
-    resamples for both, the interval of the resampled differences, and sacreBLEU's p-value (module docstring)."""
+def _p(p: float) -> str:
+    """`=0.047`, or `<0.001` where three decimals would show a p-value of 0 (10,000 trials resolve 1e-4)."""
+    return "<0.001" if p < 0.001 else f"={p:.3f}"
+
+
+@lru_cache(maxsize=8)
+def _swaps(n: int, n_trials: int, seed: int) -> np.ndarray:
+    """Which samples keep their own side in each randomization trial: sacreBLEU's `ar` draw."""
+    keep = np.random.default_rng(seed).integers(2, size=(n_trials, n), dtype=bool)
+    keep.flags.writeable = False
+    return keep
+
+
+def randomized_differences(base: Statistic, new: Statistic, n_trials: int = N_TRIALS,
+                           seed: int = SEED) -> np.ndarray:
+    """new - base on each randomization trial, where each sample's two rows of statistics are swapped or kept."""
+    keep = _swaps(base.n, n_trials, seed)
+    diffs = np.empty(n_trials)
+    for start in range(0, n_trials, 1000):  # chunks keep the (trials x samples) matrix small for large eval sets
+        k = keep[start:start + 1000].astype(np.float64)
+        base_side = k @ base.stats + (1 - k) @ new.stats
+        new_side = (1 - k) @ base.stats + k @ new.stats
+        diffs[start:start + 1000] = new.score(new_side) - base.score(base_side)
+    return diffs
+
+
+def _sizes(differences: np.ndarray) -> np.ndarray:
+    """|difference| of each trial, sorted, with values equal up to rounding (within _TIES) made exactly equal: the
+    same difference reached by two summation orders is one value, for the p-value and the margin alike."""
+    size = np.sort(np.abs(differences))
+    if len(size) < 2:
+        return size
+    starts = np.concatenate([[True], np.diff(size) > _TIES * np.maximum(size[1:], 1e-300)])
+    return size[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
+
+
+def _mid_p(sizes: np.ndarray, observed: float) -> float:
+    tie = abs(observed) * _TIES
+    above = len(sizes) - int(np.searchsorted(sizes, abs(observed) + tie, side="right"))
+    ties = len(sizes) - above - int(np.searchsorted(sizes, abs(observed) - tie, side="left"))
+    return (above + (ties + 1) / 2) / (len(sizes) + 1)
+
+
+def randomization_p_value(differences: np.ndarray, observed: float) -> float:
+    """The two-sided mid-p value of `observed` among the trials' differences: (#{|trial| > |observed|} + (#{|trial|
+    = |observed|} + 1) / 2) / (trials + 1), the observed assignment counted as one more trial; 1 for no difference.
+    Counting ties by half (the mid-p of the McNemar test) keeps 0/100 scores, whose trials tie often, near alpha:
+    counting them whole rejected equal systems 2.9% of the time at alpha 0.05, half 3.6-4.3% (simulated)."""
+    return 1.0 if observed == 0 else _mid_p(_sizes(differences), observed)
+
+
+def critical_difference(differences: np.ndarray, alpha: float = ALPHA) -> tuple[float, bool]:
+    """The margin m and whether it is open: `randomization_p_value` calls a difference significant exactly when its
+    size is above m (open: at or above m), so the interval observed +- m, with its ends excluded when open, excludes
+    0 exactly when p < alpha. The p-value falls as |difference| grows and is lower at a value some trial reached than
+    just under it: where it first drops under alpha at such a value, that value is significant and the interval open."""
+    sizes = _sizes(differences)
+    atoms = np.unique(sizes[sizes > 0])
+    if not len(atoms):
+        return 0.0, False
+    trials = len(sizes) + 1
+    beyond = len(sizes) - np.searchsorted(sizes, atoms, side="right")
+    at_atom = (beyond + (np.searchsorted(sizes, atoms, side="right") - np.searchsorted(sizes, atoms, side="left")
+                         + 1) / 2) / trials  # _mid_p at each atom
+    kept = np.flatnonzero(at_atom >= alpha)
+    if not len(kept):  # even the smallest difference a trial reached is significant
+        return float(atoms[0]), True
+    k = kept[-1]
+    if (beyond[k] + 0.5) / trials < alpha or k + 1 == len(atoms):  # p between this atom and the next
+        return float(atoms[k]), False
+    return float(atoms[k + 1]), True
+
+
+def paired_randomization(base: Statistic, new: Statistic, n_trials: int = N_TRIALS, seed: int = SEED) -> Paired:
+    """The paired approximate randomization test of two systems on the same samples (rows of `base` and `new`
+    aligned), with the interval that agrees with it (module docstring)."""
     if base.n != new.n:
         raise ValueError(f"a paired test needs the same samples on both sides ({base.n} vs {new.n})")
-    counts = _counts(base.n, n_resamples, seed)
-    diffs = new.resampled(counts) - base.resampled(counts)
     b, v = base.value(), new.value()
-    low, high = percentile_interval(diffs)
-    if not np.any(diffs):
-        p = 1.0
-    else:
-        sample_diffs = np.abs(diffs)
-        p = (int(np.sum(sample_diffs - sample_diffs.mean() > abs(v - b))) + 1) / (n_resamples + 1)
-    return Paired(b, v, v - b, low, high, p, base.n)
+    diffs = randomized_differences(base, new, n_trials, seed)
+    margin, is_open = critical_difference(diffs)
+    touches_zero = abs(abs(v - b) - margin) <= _TIES * margin  # only then do the excluded ends change the reading
+    return Paired(b, v, v - b, v - b - margin, v - b + margin, randomization_p_value(diffs, v - b), base.n,
+                  open_interval=is_open and touches_zero)
+
+
+def method_line(samples: int | None = None) -> str:
+    """How a block of paired tests was computed and what its verdict means, for the summary and `harness compare`."""
+    over = f" over the {samples} eval samples" if samples else " over the same eval samples"
+    return (f"paired approximate randomization{over}, {N_TRIALS} trials, seed {SEED}; the interval excludes 0 "
+            f"exactly when p < {ALPHA}; significant: Holm-adjusted p < {ALPHA} over the metrics tested together")
+
+
+def holm(tests: Mapping[Any, Paired]) -> dict[Any, Paired]:
+    """The tests with Holm-adjusted p-values over the family they form (step-down: the i-th smallest p times the
+    number of hypotheses not yet rejected, kept monotone, capped at 1)."""
+    order = sorted(tests, key=lambda key: tests[key].p_value)
+    adjusted, running = {}, 0.0
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * tests[key].p_value))
+        adjusted[key] = replace(tests[key], p_adjusted=running, family=len(order))
+    return {key: adjusted[key] for key in tests}
 
 
 # ---- scores of an evaluation's per-sample table ----
@@ -240,10 +351,10 @@ def aligned_rows(base: Mapping[str, Sequence], new: Mapping[str, Sequence]) -> t
 
 
 def paired_tests(evaluators: Mapping[str, Any], base: Mapping[str, Sequence], new: Mapping[str, Sequence],
-                 n_resamples: int = N_RESAMPLES, seed: int = SEED) -> dict[str, Paired]:
-    """"eval/<evaluator>/<metric>" -> the paired bootstrap of new - base, for every metric of `evaluators` (name ->
-    class) whose per-sample values both tables hold, on the samples they share (paired by id); {} when the tables
-    hold different samples."""
+                 n_trials: int = N_TRIALS, seed: int = SEED) -> dict[str, Paired]:
+    """"eval/<evaluator>/<metric>" -> the paired randomization test of new - base, for every metric of `evaluators`
+    (name -> class) whose per-sample values both tables hold, on the samples they share (paired by id); {} when the
+    tables hold different samples."""
     rows = aligned_rows(base, new)
     if rows is None:
         return {}
@@ -257,9 +368,9 @@ def paired_tests(evaluators: Mapping[str, Any], base: Mapping[str, Sequence], ne
             pairs = [(a[i], b[j]) for i, j in zip(base_rows, new_rows, strict=True)
                      if _is_finite(a[i]) and _is_finite(b[j])]
             if len(pairs) >= 2:
-                tests[f"eval/{name}/{metric}"] = paired_bootstrap(
+                tests[f"eval/{name}/{metric}"] = paired_randomization(
                     mean_statistic([float(x) for x, _ in pairs]), mean_statistic([float(y) for _, y in pairs]),
-                    n_resamples, seed)
+                    n_trials, seed)
         for metric in evaluator.corpus_metrics:
             a, b = (_column(base, f"{name}/{metric}{STATS_SUFFIX}"), _column(new, f"{name}/{metric}{STATS_SUFFIX}"))
             if a is None or b is None:
@@ -267,5 +378,5 @@ def paired_tests(evaluators: Mapping[str, Any], base: Mapping[str, Sequence], ne
             sa = _corpus(evaluator, metric, [a[i] for i in base_rows])
             sb = _corpus(evaluator, metric, [b[j] for j in new_rows])
             if sa is not None and sb is not None and sa.n >= 2:
-                tests[f"eval/{name}/{metric}"] = paired_bootstrap(sa, sb, n_resamples, seed)
+                tests[f"eval/{name}/{metric}"] = paired_randomization(sa, sb, n_trials, seed)
     return tests

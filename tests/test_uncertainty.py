@@ -17,10 +17,13 @@ from evaluators.answer import answer_scores, contains_answer, extract_answer, la
 from evaluators.bleu import Bleu, bleu_statistics, corpus_bleu
 from evaluators.uncertainty import (
     N_RESAMPLES,
+    N_TRIALS,
+    Paired,
     Statistic,
     bootstrap_interval,
+    holm,
     mean_statistic,
-    paired_bootstrap,
+    paired_randomization,
     paired_tests,
     percentile_interval,
     resample_indices,
@@ -79,24 +82,125 @@ def test_bleu_interval_matches_sacrebleu_bootstrap():
     assert ours.se == pytest.approx(np.std([s.score for s in resampled], ddof=1), abs=0.01)
 
 
-def test_paired_bootstrap_matches_sacrebleu_paired_bs():
+def test_bleu_from_totals_equals_sacrebleus_compute_bleu_on_every_kind_of_row():
+    rng = np.random.default_rng(0)
+    total = rng.integers(0, 30, (5000, 4)) * (rng.random((5000, 4)) < 0.85)  # orders with no n-grams at all
+    correct = np.minimum(total, rng.integers(0, 30, (5000, 4))) * (rng.random((5000, 4)) < 0.7)  # and no matches
+    rows = np.column_stack([rng.integers(0, 60, 5000), rng.integers(0, 60, 5000), correct, total]).astype(float)
+    scorer = BLEU()
+    expected = [scorer._compute_score_from_stats(list(row)).score for row in rows]
+    assert np.max(np.abs(Bleu.corpus_score("bleu", rows) - expected)) < 1e-9
+    assert sum(e > 0 for e in expected) > 1000 and sum(e == 0 for e in expected) > 1000
+
+
+def test_paired_randomization_p_values_equal_sacrebleus_ar():
     refs, base, new = _systems()
     (stats_a, tokenize), (stats_b, _) = bleu_statistics(base, refs), bleu_statistics(new, refs)
-    ours = paired_bootstrap(_bleu(stats_a), _bleu(stats_b))
-    _, scores = PairedTest([("base", base), ("new", new)], {"BLEU": BLEU(tokenize=tokenize)}, [refs],
-                           test_type="bs", n_samples=N_RESAMPLES)()
-    baseline, system = scores["BLEU"]
-    assert ours.base == pytest.approx(baseline.score, abs=0.01) and ours.new == pytest.approx(system.score, abs=0.01)
-    assert ours.delta == pytest.approx(system.score - baseline.score, abs=0.01)
-    assert ours.p_value == pytest.approx(system.p_value, abs=0.01)
-    assert ours.p_value < 0.05 and ours.significant and 0 < ours.low < ours.delta < ours.high
-    # a difference sacreBLEU does not call significant is not called significant here either
     half = [*new[:32], *base[32:]]
-    ours = paired_bootstrap(_bleu(stats_a), _bleu(bleu_statistics(half, refs)[0]))
-    _, scores = PairedTest([("base", base), ("half", half)], {"BLEU": BLEU(tokenize=tokenize)}, [refs],
-                           test_type="bs", n_samples=N_RESAMPLES)()
-    assert ours.p_value == pytest.approx(scores["BLEU"][1].p_value, abs=0.01)
-    assert ours.significant == (scores["BLEU"][1].p_value < 0.05)
+    for system, stats in (("new", stats_b), ("half", bleu_statistics(half, refs)[0])):
+        ours = paired_randomization(_bleu(stats_a), _bleu(stats))
+        _, scores = PairedTest([("base", base), (system, new if system == "new" else half)],
+                               {"BLEU": BLEU(tokenize=tokenize)}, [refs], test_type="ar", n_samples=N_TRIALS)()
+        baseline, result = scores["BLEU"]
+        assert ours.delta == pytest.approx(result.score - baseline.score, abs=1e-9)
+        # the same 10,000 swaps (sacreBLEU's draw and seed); no trial ties the observed BLEU difference, so the only
+        # departure is the observed assignment counted as half a trial (mid-p) instead of one
+        assert ours.p_value == pytest.approx(result.p_value - 0.5 / (N_TRIALS + 1), abs=1e-12)
+    assert paired_randomization(_bleu(stats_a), _bleu(stats_b)).significant
+
+
+# ---- calibration, by simulation: equal systems are called different alpha of the time ----
+
+_N, _PAIRS = 64, 1000
+
+
+def _rejections(pairs) -> tuple[float, int]:
+    """The share of pairs called significant at 0.05, and how often interval and verdict disagreed."""
+    tests = [paired_randomization(a, b) for a, b in pairs]
+    return sum(t.significant for t in tests) / len(tests), sum(t.significant != t.excludes_zero for t in tests)
+
+
+def test_equal_systems_with_0_100_scores_are_called_different_about_5_percent_of_the_time():
+    rng = np.random.default_rng(1)
+
+    def pair():
+        p = rng.uniform(0.1, 0.9, _N)  # each sample has its own difficulty, the same for both systems
+        return mean_statistic((rng.random(_N) < p) * 100.0), mean_statistic((rng.random(_N) < p) * 100.0)
+
+    rate, disagreements = _rejections(pair() for _ in range(_PAIRS))
+    assert 0.03 <= rate <= 0.07 and disagreements == 0
+
+
+def test_equal_systems_with_continuous_scores_are_called_different_about_5_percent_of_the_time():
+    rng = np.random.default_rng(2)
+
+    def pair():
+        mu = rng.uniform(20, 80, _N)
+        return tuple(mean_statistic(np.clip(mu + rng.normal(0, 15, _N), 0, 100)) for _ in range(2))
+
+    rate, disagreements = _rejections(pair() for _ in range(_PAIRS))
+    assert 0.03 <= rate <= 0.07 and disagreements == 0
+
+
+def test_equal_systems_by_corpus_bleu_are_called_different_about_5_percent_of_the_time():
+    rng = np.random.default_rng(3)
+    vocab = [f"w{i}" for i in range(60)]
+    refs = [" ".join(rng.choice(vocab, rng.integers(8, 20))) for _ in range(_N)]
+
+    def noisy(ref: str) -> str:
+        words = ref.split()
+        for _ in range(rng.integers(0, 6)):
+            words[rng.integers(len(words))] = rng.choice(vocab)
+        return " ".join(words)
+
+    # 12 candidate outputs per sample from one noisy system; each null pair draws both sides' outputs from them
+    pool = np.array([bleu_statistics([noisy(r) for r in refs], refs)[0] for _ in range(12)], dtype=float)
+
+    def pair():
+        return tuple(_bleu(pool[rng.integers(12, size=_N), np.arange(_N)]) for _ in range(2))
+
+    rate, disagreements = _rejections(pair() for _ in range(_PAIRS))
+    assert 0.03 <= rate <= 0.07 and disagreements == 0
+
+
+def test_equal_systems_by_corpus_perplexity_a_ratio_are_called_different_about_5_percent_of_the_time():
+    rng = np.random.default_rng(4)
+    perplexity = EVALUATORS["perplexity"]
+
+    def pair():
+        tokens, nll = rng.integers(5, 40, _N), rng.uniform(1, 3, _N)  # per-token NLL and length vary by sample
+        return tuple(Statistic(np.column_stack([(nll + rng.normal(0, 0.5, _N)).clip(0.05) * tokens, tokens]),
+                               lambda t: perplexity.corpus_score("perplexity", t)) for _ in range(2))
+
+    rate, disagreements = _rejections(pair() for _ in range(_PAIRS))
+    assert 0.03 <= rate <= 0.07 and disagreements == 0
+
+
+def test_a_real_difference_of_50_to_80_percent_on_64_samples_is_found_at_least_80_percent_of_the_time():
+    rng = np.random.default_rng(5)
+    pairs = ((mean_statistic((rng.random(_N) < 0.5) * 100.0), mean_statistic((rng.random(_N) < 0.8) * 100.0))
+             for _ in range(_PAIRS))
+    rate, disagreements = _rejections(pairs)
+    assert rate >= 0.8 and disagreements == 0
+
+
+def test_interval_and_verdict_agree_at_the_edge_of_significance():
+    # k of 64 samples flip from 0 to 100, none the other way: the first k called significant is a tie-heavy edge
+    for k in range(12):
+        test = paired_randomization(mean_statistic([0.0] * 64), mean_statistic([100.0] * k + [0.0] * (64 - k)))
+        assert test.significant == test.excludes_zero == (k >= 5), (k, test.describe())
+    edge = paired_randomization(mean_statistic([0.0] * 64), mean_statistic([100.0] * 5 + [0.0] * 59))
+    assert edge.open_interval and edge.low == pytest.approx(0) and "95% CI (+0.000, +15.625)" in edge.describe()
+
+
+def test_holm_adjusts_a_family_of_p_values_step_down():
+    tests = {k: Paired(0, 1, 1, 0, 2, p, 64) for k, p in {"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}.items()}
+    adjusted = holm(tests)
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> kept monotone: 0.06 for the last
+    assert {k: round(t.p_adjusted, 10) for k, t in adjusted.items()} == {"d": 0.02, "a": 0.03, "c": 0.06, "b": 0.06}
+    assert [adjusted[k].significant for k in "abcd"] == [True, False, False, True]
+    assert all(t.family == 4 for t in adjusted.values()) and tests["c"].significant  # 0.03 alone would be
+    assert "p=0.030 (Holm p=0.060 over 4 metrics), not significant" in adjusted["c"].describe()
 
 
 # ---- means ----
@@ -115,9 +219,11 @@ def test_standard_error_and_interval_of_a_mean_by_direct_computation():
 def test_paired_mean_difference_and_identical_systems():
     base = [0.0] * 20 + [100.0] * 4
     new = [100.0] * 12 + [0.0] * 8 + [100.0] * 4
-    result = paired_bootstrap(mean_statistic(base), mean_statistic(new))
+    result = paired_randomization(mean_statistic(base), mean_statistic(new))
     assert result.delta == pytest.approx(50.0) and result.significant and result.low > 0
-    same = paired_bootstrap(mean_statistic(base), mean_statistic(base))  # sacreBLEU's formula would give p=1/1001
+    # 12 flips all one way: the only swaps as extreme are the 2 of 4096 sign patterns with all 12 the same way
+    assert result.p_value == pytest.approx(2 / 4096, abs=0.0015)
+    same = paired_randomization(mean_statistic(base), mean_statistic(base))  # sacreBLEU's `ar` would give 1/10001
     assert same.delta == 0 and same.p_value == 1.0 and not same.significant and same.low == same.high == 0
 
 
@@ -286,9 +392,11 @@ def test_summary_marks_each_change_significant_or_not(capsys):
     print_summary(RunSummary("rid", "sqlite:///x", "exp", reports, None, None, None, 1.0, 2, "eval/answer/exact"))
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip().startswith("eval/")}
-    assert "paired bootstrap over the 64 eval samples, 1000 resamples, seed 12345" in out
-    assert "95% CI [" in lines["eval/answer/exact"] and "p=0.001, significant)" in lines["eval/answer/exact"]
-    assert "95% CI [" in lines["eval/bleu/bleu"]
+    assert "paired approximate randomization over the same eval samples, 10000 trials, seed 12345" in out
+    assert "Holm-adjusted p < 0.05" in out
+    assert ("+62.500, 95% CI [+40.625, +84.375], p<0.001 (Holm p<0.001 over 5 metrics), significant)"
+            in lines["eval/answer/exact"])
+    assert "95% CI [+13.129, +28.871]" in lines["eval/bleu/bleu"]
     assert "significant" in lines["eval/answer/numeric"] and "samples with a value" in lines["eval/answer/numeric"]
 
 
@@ -311,7 +419,7 @@ def test_compare_gives_the_paired_difference_of_two_runs(tmp_path, monkeypatch):
     assert f"({ids[0][:8]})" in header
     (exact,) = [line for line in table.splitlines() if line.strip().startswith("eval/answer/exact ") and "CI" in line]
     assert "95% CI [" in exact and exact.rstrip().endswith(", significant)")
-    assert any(line.strip().startswith("eval/bleu/bleu ") and "p=" in line for line in table.splitlines())
+    assert any(line.strip().startswith("eval/bleu/bleu ") and ", p<0.001 (Holm" in line for line in table.splitlines())
     assert "_se" not in table  # the error-bar keys are not listed as metrics
 
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from evaluators import EVALUATORS
-from evaluators.uncertainty import ALPHA, N_RESAMPLES, SEED, aligned_rows, paired_tests
+from evaluators.uncertainty import Paired, aligned_rows, holm, method_line, paired_tests
 from harness.core.errors import ConfigError
 from harness.core.eval_data import metric_key, parse_eval_data
 from harness.core.files import check_writable_dir, check_writable_file
@@ -70,27 +70,42 @@ def final_tables(run: RunRecord) -> dict[str, dict[str, list] | None]:
 def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, dict[str, list] | None]]) -> list[str]:
     """Each run after the first against the first, at their final evaluations and eval set by eval set (`tables`:
     run id -> final_tables): the paired difference of every metric with per-sample values, its 95% interval and
-    p-value (evaluators/uncertainty.py), when both runs were evaluated on the same samples (same ids and prompts)."""
+    p-value (evaluators/uncertainty.py), when both runs were evaluated on the same samples (same ids and prompts).
+    The metrics of one run over all its sets are one family for Holm's correction."""
     base = runs[0]
+    base_tables = tables.get(base.run_id, {"": None})
+    notes: dict[tuple[str, str], str] = {}
+    families: dict[str, dict[tuple[str, str], Paired]] = {}  # run id -> (set, metric key) -> test
+    for run in runs[1:]:
+        family: dict[tuple[str, str], Paired] = {}
+        for set_name, base_table in base_tables.items():
+            where = f" for eval set {set_name}" if set_name else ""
+            table = tables.get(run.run_id, {}).get(set_name)
+            if base_table is None:
+                continue
+            if table is None:
+                notes[run.run_id, set_name] = f"  {_label(run)}: no per-sample table{where} at step {final_step(run)}"
+            elif aligned_rows(base_table, table) is None:
+                notes[run.run_id, set_name] = (f"  {_label(run)}: not evaluated on the same samples{where} (ids or "
+                                               f"prompts differ): not paired")
+            else:
+                family.update({(set_name, metric_key(k, set_name)): t for k, t in
+                               paired_tests(EVALUATORS, base_table, table).items()})
+        families[run.run_id] = holm(family)
     lines = [f"paired difference vs {_label(base)} at each run's final evaluation",
-             f"  (paired bootstrap over the same eval samples, {N_RESAMPLES} resamples, seed {SEED}; significant: "
-             f"p < {ALPHA})"]
-    for set_name, base_table in tables.get(base.run_id, {"": None}).items():
+             f"  ({method_line()}: one block = one run against the base, all its eval sets)"]
+    for set_name, base_table in base_tables.items():
         where = f" for eval set {set_name}" if set_name else ""
         if base_table is None:
             lines.append(f"  {_label(base)} logged no per-sample table{where} at step {final_step(base)}: nothing "
                          f"to pair")
             continue
         for run in runs[1:]:
-            table = tables.get(run.run_id, {}).get(set_name)
-            if table is None:
-                lines.append(f"  {_label(run)}: no per-sample table{where} at step {final_step(run)}")
+            if (run.run_id, set_name) in notes:
+                lines.append(notes[run.run_id, set_name])
                 continue
-            if aligned_rows(base_table, table) is None:
-                lines.append(f"  {_label(run)}: not evaluated on the same samples{where} (ids or prompts differ): "
-                             f"not paired")
-                continue
-            tests = {metric_key(k, set_name): t for k, t in paired_tests(EVALUATORS, base_table, table).items()}
+            table = tables[run.run_id][set_name]
+            tests = {key: t for (name, key), t in families[run.run_id].items() if name == set_name}
             if not tests:
                 lines.append(f"  {_label(run)}: no metric with per-sample values in both tables{where}")
                 continue
