@@ -124,6 +124,9 @@ def score_completions(problems: list[dict], completions: list[tuple[str, str]], 
 class HumanEval(Evaluator):
     name = "humaneval"
     metrics = ("pass_at_1", "passed", "failed", "timed_out", "errored")
+    diagnostic_metrics = ("passed", "failed", "timed_out", "errored")  # completions by outcome: pass@k is the score
+    mean_metrics = ("pass_at_1",)  # a problem's pass@1 is its share of passing samples: the mean of its rows
+    unit_column = "task_id"
     needs_generation = False  # it generates from its own problems, n samples each
 
     @classmethod
@@ -181,6 +184,7 @@ class HumanEval(Evaluator):
                        for p, out in zip(self.problems, outputs, strict=True) for text in out.texts]
         metrics, rows = score_completions(self.problems, completions, self.sandbox, self.ks)
         table = {key: [r[key] for r in rows] for key in ("task_id", "completion", "status", "error")}
+        table["pass_at_1"] = [100.0 * r["passed"] for r in rows]
         table["sample"] = [i % self.n for i in range(len(rows))]
         return EvalResult(metrics, table=table)
 

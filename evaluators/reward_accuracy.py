@@ -20,6 +20,8 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], batch_size:
 class RewardAccuracy(Evaluator):
     name = "reward_accuracy"
     metrics = ("accuracy", "margin")
+    mean_metrics = metrics  # over the pairs: their own rows, one per pair
+    unit_column = "pair"
     needs_generation = False
     needs_model = True  # scores the live reward model itself (ctx.model)
 
@@ -49,7 +51,8 @@ class RewardAccuracy(Evaluator):
             model.train(was_training)
         margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
         wins = [100.0 * (m > 0) for m in margins]
-        table = {"prompt": [r["prompt"][-1]["content"] for r in rows],
+        table = {"pair": list(range(len(rows))), "accuracy": wins, "margin": margins,
+                 "prompt": [r["prompt"][-1]["content"] for r in rows],
                  "chosen": [r["chosen"][-1]["content"] for r in rows],
                  "rejected": [r["rejected"][-1]["content"] for r in rows],
                  "score_chosen": chosen, "score_rejected": rejected, "correct": [w > 0 for w in wins]}

@@ -350,33 +350,72 @@ def aligned_rows(base: Mapping[str, Sequence], new: Mapping[str, Sequence]) -> t
     return rows, new_rows
 
 
+def unit_table(evaluator, own: Mapping[str, Sequence] | None) -> dict[str, list] | None:
+    """An evaluator's own rows (EvalResult.table) as a per-sample table of its units (HumanEval's problems,
+    reward_accuracy's pairs): `id` = the unit (its `unit_column`), and `<evaluator>/<metric>` = the mean over the
+    unit's rows of the rows' `<metric>` column, for each of its mean_metrics (HumanEval's pass@1 of a problem with n
+    samples is its share of passing samples). The unit is what a bootstrap or a paired test resamples: n samples of
+    one problem are not n independent problems. None when `own` lacks the columns."""
+    units = _column(own or {}, evaluator.unit_column) if evaluator.unit_column else None
+    if units is None:
+        return None
+    table: dict[str, list] = {"id": list(dict.fromkeys(str(u) for u in units))}
+    position = {unit: i for i, unit in enumerate(table["id"])}
+    for metric in evaluator.mean_metrics:
+        values = _column(own, metric)
+        if values is None:
+            continue
+        sums, counts = np.zeros(len(position)), np.zeros(len(position))
+        for unit, value in zip(units, values, strict=True):
+            if _is_finite(value):
+                sums[position[str(unit)]] += float(value)
+                counts[position[str(unit)]] += 1
+        with np.errstate(invalid="ignore"):
+            table[f"{evaluator.name}/{metric}"] = (sums / counts).tolist()  # NaN for a unit with no value: left out
+    return table
+
+
 def paired_tests(evaluators: Mapping[str, Any], base: Mapping[str, Sequence], new: Mapping[str, Sequence],
+                 base_own: Mapping[str, Mapping] | None = None, new_own: Mapping[str, Mapping] | None = None,
                  n_trials: int = N_TRIALS, seed: int = SEED) -> dict[str, Paired]:
     """"eval/<evaluator>/<metric>" -> the paired randomization test of new - base, for every metric of `evaluators`
-    (name -> class) whose per-sample values both tables hold, on the samples they share (paired by id); {} when the
-    tables hold different samples."""
+    (name -> class) whose per-sample values both tables hold, on the samples they share (paired by id); for an
+    evaluator with its own units, on its unit tables built from `base_own` / `new_own` (evaluator name -> its own
+    rows). A pair of tables that hold different samples (or units) gives no tests."""
+    tests = {}
+    for name, evaluator in evaluators.items():
+        if evaluator.unit_column:
+            tables = tuple(unit_table(evaluator, (own or {}).get(name)) for own in (base_own, new_own))
+        else:
+            tables = (base, new)
+        if tables[0] is not None and tables[1] is not None:
+            tests.update(_paired_tests_of(name, evaluator, *tables, n_trials, seed))
+    return tests
+
+
+def _paired_tests_of(name: str, evaluator, base: Mapping[str, Sequence], new: Mapping[str, Sequence],
+                     n_trials: int, seed: int) -> dict[str, Paired]:
     rows = aligned_rows(base, new)
     if rows is None:
         return {}
     base_rows, new_rows = rows
     tests = {}
-    for name, evaluator in evaluators.items():
-        for metric in evaluator.mean_metrics:
-            a, b = _column(base, f"{name}/{metric}"), _column(new, f"{name}/{metric}")
-            if a is None or b is None:
-                continue
-            pairs = [(a[i], b[j]) for i, j in zip(base_rows, new_rows, strict=True)
-                     if _is_finite(a[i]) and _is_finite(b[j])]
-            if len(pairs) >= 2:
-                tests[f"eval/{name}/{metric}"] = paired_randomization(
-                    mean_statistic([float(x) for x, _ in pairs]), mean_statistic([float(y) for _, y in pairs]),
-                    n_trials, seed)
-        for metric in evaluator.corpus_metrics:
-            a, b = (_column(base, f"{name}/{metric}{STATS_SUFFIX}"), _column(new, f"{name}/{metric}{STATS_SUFFIX}"))
-            if a is None or b is None:
-                continue
-            sa = _corpus(evaluator, metric, [a[i] for i in base_rows])
-            sb = _corpus(evaluator, metric, [b[j] for j in new_rows])
-            if sa is not None and sb is not None and sa.n >= 2:
-                tests[f"eval/{name}/{metric}"] = paired_randomization(sa, sb, n_trials, seed)
+    for metric in evaluator.mean_metrics:
+        a, b = _column(base, f"{name}/{metric}"), _column(new, f"{name}/{metric}")
+        if a is None or b is None:
+            continue
+        pairs = [(a[i], b[j]) for i, j in zip(base_rows, new_rows, strict=True)
+                 if _is_finite(a[i]) and _is_finite(b[j])]
+        if len(pairs) >= 2:
+            tests[f"eval/{name}/{metric}"] = paired_randomization(
+                mean_statistic([float(x) for x, _ in pairs]), mean_statistic([float(y) for _, y in pairs]),
+                n_trials, seed)
+    for metric in evaluator.corpus_metrics:
+        a, b = (_column(base, f"{name}/{metric}{STATS_SUFFIX}"), _column(new, f"{name}/{metric}{STATS_SUFFIX}"))
+        if a is None or b is None:
+            continue
+        sa = _corpus(evaluator, metric, [a[i] for i in base_rows])
+        sb = _corpus(evaluator, metric, [b[j] for j in new_rows])
+        if sa is not None and sb is not None and sa.n >= 2:
+            tests[f"eval/{name}/{metric}"] = paired_randomization(sa, sb, n_trials, seed)
     return tests

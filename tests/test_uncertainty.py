@@ -21,6 +21,7 @@ from evaluators.uncertainty import (
     Paired,
     Statistic,
     bootstrap_interval,
+    error_bars,
     holm,
     mean_statistic,
     paired_randomization,
@@ -28,6 +29,7 @@ from evaluators.uncertainty import (
     percentile_interval,
     resample_indices,
     standard_error,
+    unit_table,
 )
 from harness.core.errors import ConfigError, DataError
 from harness.core.eval_data import eval_set_samples
@@ -444,3 +446,25 @@ def test_in_loop_run_logs_error_bars_and_the_summary_tests_the_change(tmp_path, 
     (line,) = [x for x in stdout.splitlines() if x.strip().startswith("eval/bleu/bleu4 ")]
     assert "95% CI [" in line and ("not significant)" in line or ", significant)" in line)
     assert "±" in next(x for x in stdout.splitlines() if x.startswith("[eval] step 0:"))
+
+
+def test_evaluators_with_their_own_units_are_tested_over_units_not_rows():
+    humaneval, reward = EVALUATORS["humaneval"], EVALUATORS["reward_accuracy"]
+    # HumanEval, 2 samples of each of 12 problems: a problem's pass@1 is its share of passing samples
+    tasks = [f"HumanEval/{i}" for i in range(12) for _ in range(2)]
+    before = {"task_id": tasks, "pass_at_1": [0.0] * 24}
+    after = {"task_id": tasks, "pass_at_1": [100.0, 0.0] * 6 + [100.0] * 12}
+    units = unit_table(humaneval, after)
+    assert units["id"] == [f"HumanEval/{i}" for i in range(12)]
+    assert units["humaneval/pass_at_1"] == [50.0] * 6 + [100.0] * 6
+    (key, test), = paired_tests({"humaneval": humaneval}, {}, {}, {"humaneval": before}, {"humaneval": after}).items()
+    assert key == "eval/humaneval/pass_at_1" and test.n == 12 and test.delta == pytest.approx(75.0)
+    assert test.significant and test.p_value == pytest.approx(2 / 4096, abs=0.0015)  # 12 units all one way
+    assert set(error_bars(humaneval, units)) == {"pass_at_1_se", "pass_at_1_ci_low", "pass_at_1_ci_high"}
+    # reward accuracy over its pairs
+    before = {"pair": list(range(8)), "accuracy": [0.0] * 8, "margin": [-1.0] * 8}
+    after = {"pair": list(range(8)), "accuracy": [100.0] * 8, "margin": [0.5 + i for i in range(8)]}
+    tests = paired_tests({"reward_accuracy": reward}, {}, {}, {"reward_accuracy": before},
+                         {"reward_accuracy": after})
+    assert tests["eval/reward_accuracy/accuracy"].delta == pytest.approx(100.0)
+    assert tests["eval/reward_accuracy/margin"].delta == pytest.approx(5.0)
