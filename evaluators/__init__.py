@@ -12,4 +12,11 @@ from evaluators.rouge import RougeChinese
 EVALUATORS: dict[str, type[Evaluator]] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge,
                                                               RewardAccuracy, Answer)}
 
-__all__ = ["EVALUATORS", "EvalContext", "EvalResult", "Evaluator"]
+
+def is_diagnostic(key: str) -> bool:
+    """`key` (eval/[<set>/]<evaluator>/<metric>) is one of its evaluator's diagnostic_metrics."""
+    parts = key.split("/")
+    return len(parts) >= 3 and parts[-2] in EVALUATORS and parts[-1] in EVALUATORS[parts[-2]].diagnostic_metrics
+
+
+__all__ = ["EVALUATORS", "EvalContext", "EvalResult", "Evaluator", "is_diagnostic"]

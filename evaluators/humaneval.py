@@ -125,6 +125,7 @@ class HumanEval(Evaluator):
     name = "humaneval"
     metrics = ("pass_at_1", "passed", "failed", "timed_out", "errored")
     diagnostic_metrics = ("passed", "failed", "timed_out", "errored")  # completions by outcome: pass@k is the score
+    diagnostic_metrics = ("passed", "failed", "timed_out", "errored")  # completions by outcome: pass@k is the score
     mean_metrics = ("pass_at_1",)  # a problem's pass@1 is its share of passing samples: the mean of its rows
     unit_column = "task_id"
     needs_generation = False  # it generates from its own problems, n samples each

@@ -68,3 +68,33 @@ def test_case4_samples_file_with_bad_bytes_names_file_and_line(tmp_path, capsys)
     assert f"{samples} line 2: not UTF-8 text (unexpected end of data: byte 0xc3 at byte offset" in err
     samples.write_bytes(b"\xef\xbb\xbf" + row + b"\n")
     assert main(["score", "bleu", "--samples", str(samples)]) == 0
+
+
+def test_reward_accuracy_needs_a_reward_model_and_scores_the_pairs_with_it(tmp_path, tiny_model_dir, capsys):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from evaluators.reward_accuracy import reward_scores
+
+    rows = [json.loads(line) for line in (REPO_ROOT / "data" / "preference_eval.jsonl").read_text().splitlines()[:8]]
+    pairs = _write(tmp_path / "pairs.jsonl", rows)
+    # no model, and a language model (no score head): refused by name, before anything is loaded
+    assert main(["score", "reward_accuracy", "--samples", pairs]) == 2
+    assert "score reward_accuracy scores with a reward model: pass --model" in capsys.readouterr().err
+    assert main(["score", "reward_accuracy", "--samples", pairs, "--model", tiny_model_dir]) == 2
+    assert "is a Qwen2ForCausalLM, not a reward model" in capsys.readouterr().err
+    # a reward model: the embedded trunk with a seeded one-score head (what rm_qwen starts from)
+    torch.manual_seed(0)
+    reward_dir = tmp_path / "reward_model"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).eval()
+    model.save_pretrained(reward_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.save_pretrained(reward_dir)
+    metrics = _score(capsys, "reward_accuracy", "--samples", pairs, "--model", str(reward_dir))
+    with torch.no_grad():  # the same pairs scored here, directly
+        chats = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[side]}]
+                 for side in ("chosen", "rejected") for r in rows]
+        scores = reward_scores(model, tokenizer, chats)
+    margins = [c - r for c, r in zip(scores[:8], scores[8:], strict=True)]
+    assert metrics["accuracy"] == pytest.approx(100 * sum(m > 0 for m in margins) / 8)
+    assert metrics["margin"] == pytest.approx(sum(margins) / 8, abs=1e-4)

@@ -224,6 +224,11 @@ def _score(args: argparse.Namespace) -> int:
         print(json.dumps(score_judge_file(args.samples, args.base_url, args.judge_model, args.pairwise_with,
                                           api_key_env=args.api_key_env)))
         return 0
+    if args.evaluator == "reward_accuracy":
+        from harness.commands.score import score_reward_file
+
+        print(json.dumps(score_reward_file(args.samples, args.model).metrics))
+        return 0
     from harness.commands.score import score_file
 
     print(json.dumps(score_file(args.evaluator, args.samples, args.model).metrics))
@@ -386,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("evaluator", choices=sorted(EVALUATORS))
     score.add_argument("--samples", required=True,
                        help="JSONL: prompt, reference, prediction (humaneval: task_id, completion)")
-    score.add_argument("--model", help="perplexity: tiny-qwen2, smollm2, a local model directory or a .gguf file")
+    score.add_argument("--model", help="perplexity: tiny-qwen2, smollm2, a local model directory or a .gguf file; "
+                                       "reward_accuracy: a reward model, run:latest:rm_qwen or its directory")
     score.add_argument("--problems", help="humaneval: problems JSONL (default: the 164 shipped HumanEval problems)")
     score.add_argument("--k", type=_ks, default=[1, 10, 100], help="humaneval: pass@k values, e.g. 1,10")
     score.add_argument("--allow-weak-isolation", action="store_true",

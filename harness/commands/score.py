@@ -7,8 +7,9 @@ from pathlib import Path
 from evaluators import EVALUATORS, EvalContext, EvalResult
 from evaluators.humaneval import load_problems, score_completions, write_results
 from evaluators.judge import Judge
+from evaluators.reward_accuracy import RewardAccuracy
 from evaluators.sandbox import Sandbox
-from harness.core.errors import DataError
+from harness.core.errors import ConfigError, DataError
 from harness.core.prompts import render_prompt
 from harness.core.records import EvalSample, Record, eval_answer, read_records, require_text
 from harness.engines.hf_engine import HFBackend
@@ -55,6 +56,33 @@ def _score_with_model(evaluator, records: list[Record], model: str | None) -> Ev
             prompt_ids.append(render_prompt(tokenizer, require_text(r, "prompt")))
             samples.append(EvalSample(str(i), r.fields["prompt"], require_text(r, "reference")))
     return evaluator.evaluate(EvalContext(samples, backend=backend, prompt_ids=prompt_ids, tokenizer=tokenizer))
+
+
+def score_reward_file(samples_file: str, model: str | None, batch_size: int = 32) -> EvalResult:
+    """Reward accuracy of a reward model (a one-score sequence-classification head, as rm_qwen trains it: a run
+    reference or a checkpoint directory) over the preference pairs of `samples_file` (`prompt`, `chosen`,
+    `rejected`, or any preference format): how often it scores chosen above rejected, and the mean margin."""
+    # lazy: the reward model loads transformers; lineage reads the MLflow store
+    from harness.core.models import resolve_model
+    from harness.rl.rewards import RewardModel
+    from harness.training.lineage import is_run_ref, not_a_reward_model, reward_model_path
+
+    if not model:
+        raise ConfigError("score reward_accuracy scores with a reward model: pass --model, a run of rm_qwen "
+                          "(run:latest:rm_qwen, run:RUN_ID) or a reward model's checkpoint directory")
+    path = reward_model_path(model) if is_run_ref(model) else resolve_model(model)  # a run is checked there
+    if not Path(path).is_dir():
+        raise ConfigError(f"--model {model}: no such directory; pass a run of rm_qwen (run:latest:rm_qwen) or a "
+                          f"reward model's checkpoint directory")
+    if (what := not_a_reward_model(Path(path))) is not None:
+        raise ConfigError(f"--model {model}: {path} is {what}, not a reward model (a one-score sequence-"
+                          f"classification head, as rm_qwen trains): pass a run of rm_qwen (run:latest:rm_qwen) or "
+                          f"its checkpoint directory")
+    evaluator = RewardAccuracy(pairs=samples_file, limit=0, batch_size=batch_size)  # every pair of the file
+    if not evaluator.rows:
+        raise DataError(f"{samples_file}: no records")
+    scorer = RewardModel(path)
+    return evaluator.evaluate(EvalContext([], model=scorer.model, tokenizer=scorer.tokenizer))
 
 
 def score_humaneval_file(samples_file: str, problems_file: str | None, ks: list[int],

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainerCallback
 
-from evaluators import EvalContext, Evaluator
+from evaluators import EvalContext, Evaluator, is_diagnostic
 from evaluators.uncertainty import STATS_SUFFIX, error_bars, is_error_bar
 from harness.core import ranks
 from harness.core.eval_data import metric_key
@@ -31,10 +31,11 @@ class EvalReport:
 
 
 def is_quality_metric(key: str) -> bool:
-    """An evaluator's score ("eval/<evaluator>/<metric>"), as opposed to the timings and token counts, and to the
-    error bars logged beside a score (`_se`, `_ci_low`, `_ci_high`: evaluators/uncertainty.py)."""
+    """An evaluator's score ("eval/<evaluator>/<metric>"), as opposed to the timings and token counts, to the
+    error bars logged beside a score (`_se`, `_ci_low`, `_ci_high`: evaluators/uncertainty.py) and to an evaluator's
+    diagnostic_metrics (a judge's request counts)."""
     return (key.startswith("eval/") and not key.startswith(("eval/time/", "eval/generation/"))
-            and not is_error_bar(key))
+            and not is_error_bar(key) and not is_diagnostic(key))
 
 
 def selection_value(report: EvalReport, metric: str) -> float | None:
@@ -213,7 +214,8 @@ class InLoopEvaluation(TrainerCallback):
 
 
 def format_report(report: EvalReport) -> str:
-    """One line: every score, `±` its standard error where it has one (`bleu/bleu4=54.41±3.10`), and the timings."""
+    """One line: every score, `±` its standard error where it has one (`bleu/bleu4=54.41±3.10`), the evaluators'
+    diagnostics (`judge/requests=12`), and the timings."""
     m = report.metrics
 
     def score(key: str, value: float) -> str:
@@ -222,7 +224,9 @@ def format_report(report: EvalReport) -> str:
                                                              else "")
 
     scores = [score(k, v) for k, v in m.items() if is_quality_metric(k) and not math.isnan(v)]
+    diagnostics = " ".join(f"{k.removeprefix('eval/')}={v:g}" for k, v in m.items() if is_diagnostic(k))
     speed = f", {m['eval/generation/tokens_per_s']:.0f} tok/s" if "eval/generation/tokens_per_s" in m else ""
-    return (f"[eval] step {report.step}: {' '.join(scores)} | {m['eval/time/total_s']:.2f}s "
+    return (f"[eval] step {report.step}: {' '.join(scores)} | {diagnostics + ' | ' if diagnostics else ''}"
+            f"{m['eval/time/total_s']:.2f}s "
             f"(sync {m['eval/time/sync_s']:.2f}, generate {m['eval/time/generate_s']:.2f}, "
             f"score {m['eval/time/score_s']:.2f}{speed})")

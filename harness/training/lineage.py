@@ -206,23 +206,28 @@ def parent_run_id(exp: Experiment) -> str | None:
 REWARD_MODEL_FIELD = "reward_model"  # the RL experiments' field (grpo_qwen, rloo_qwen, ppo_qwen)
 
 
+def not_a_reward_model(directory: Path) -> str | None:
+    """None when `directory` holds a reward model: full weights of a *ForSequenceClassification model with one
+    label, or a sequence-classification (SEQ_CLS) adapter, as rm_qwen writes them; else what it holds instead."""
+    if (directory / ADAPTER_CONFIG).is_file():
+        task = json.loads((directory / ADAPTER_CONFIG).read_text()).get("task_type")
+        return None if task == "SEQ_CLS" else f"a {task or 'untyped'} adapter"
+    config_file = directory / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    architectures = config.get("architectures") or []
+    labels = len(config.get("id2label") or {})  # transformers writes one entry per label
+    if labels == 1 and any(a.endswith("ForSequenceClassification") for a in architectures):
+        return None
+    return f"a {', '.join(architectures) or 'model of unnamed architecture'}" + (
+        f" with {labels} labels" if labels > 1 else "")
+
+
 def reward_model_checkpoint(ref: str) -> RunCheckpoint:
     """The best checkpoint of the run `ref` names (see find_checkpoint), refused unless it is a reward model: full
     weights of a *ForSequenceClassification model with one label, or a sequence-classification (SEQ_CLS) adapter,
     as rm_qwen writes them."""
     ckpt = find_checkpoint(ref)
-    if ckpt.adapter:
-        task = ckpt.adapter_task
-        is_reward, what = task == "SEQ_CLS", f"a {task or 'untyped'} adapter"
-    else:
-        config_file = ckpt.path / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        architectures = config.get("architectures") or []
-        labels = len(config.get("id2label") or {})  # transformers writes one entry per label
-        is_reward = labels == 1 and any(a.endswith("ForSequenceClassification") for a in architectures)
-        what = f"a {', '.join(architectures) or 'model of unnamed architecture'}" + (
-            f" with {labels} labels" if labels > 1 else "")
-    if not is_reward:
+    if (what := not_a_reward_model(ckpt.path)) is not None:
         raise ConfigError(f"{REWARD_MODEL_FIELD}={ref}: run {ckpt.run_id} of experiment '{ckpt.experiment}' is not a "
                           f"reward model (its best checkpoint {ckpt.path} is {what}, not a one-score head): name a "
                           "run of rm_qwen, e.g. reward_model=run:latest:rm_qwen")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from evaluators import EVALUATORS
+from evaluators import EVALUATORS, is_diagnostic
 from harness.core.errors import ConfigError
 from harness.core.eval_data import SPLIT, metric_key, parse_eval_data
 from harness.core.prompts import read_chat_template
@@ -124,10 +124,12 @@ def _range_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
 def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
     unknown = [e for e in exp.evaluators if e not in EVALUATORS]
     sets, set_rules = _eval_set_rules(exp)
-    selectable = [metric_key(f"eval/{e}/{m}", name) for name, _ in sets for e in exp.evaluators if e in EVALUATORS
-                  for m in EVALUATORS[e].metric_names(exp.evaluator_kwargs(e))]
+    produced = [metric_key(f"eval/{e}/{m}", name) for name, _ in sets for e in exp.evaluators if e in EVALUATORS
+                for m in EVALUATORS[e].metric_names(exp.evaluator_kwargs(e))]
+    selectable = [key for key in produced if not is_diagnostic(key)]
     rules = [
         *set_rules,
+        *_unchosen_option_rules(exp),
         (exp.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
         (exp.select_mode in ("max", "min"), "select_mode", "must be 'max' or 'min'"),
         (exp.register_as == exp.register_as.strip() and not any(c in exp.register_as for c in "/:"), "register_as",
@@ -150,7 +152,8 @@ def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
          "which trains the same adapter on full-precision weights"),
         (not unknown, "evaluators", f"unknown {unknown}; known: {', '.join(sorted(EVALUATORS))}"),
         (exp.select_metric in selectable or bool(unknown), "select_metric",
-         f"is not produced by the chosen evaluators; choose one of: {', '.join(selectable)}"),
+         ("is a diagnostic (how the evaluation went, not how good the model is)" if exp.select_metric in produced
+          else "is not produced by the chosen evaluators") + f"; choose one of: {', '.join(selectable)}"),
     ]
     if exp.needs_rollouts:
         rules.append((exp.backend == "vllm", "",
@@ -161,6 +164,20 @@ def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
                       f"a reward model has no language-model head, so it can only be evaluated by reward_accuracy "
                       f"with backend=hf (got evaluators={exp.evaluators}, backend={exp.backend})"))
     return rules
+
+
+def _unchosen_option_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
+    """An option of an evaluator that `evaluators` does not choose would be dropped without a word: refused when it
+    is given on the command line (evaluator_options) or when the experiment's `<evaluator>_<option>` field is set
+    away from its default."""
+    defaults = type(exp)()
+    given = [(e, option) for e in EVALUATORS if e not in exp.evaluators for option in EVALUATORS[e].resolved_options()
+             if option in exp.evaluator_options.get(e, {})
+             or getattr(exp, f"{e}_{option}", None) != getattr(defaults, f"{e}_{option}", None)]
+    return [(False, f"{e}_{option}", f"is an option of the {e} evaluator, which evaluators={','.join(exp.evaluators)} "
+                                     f"does not choose, so it would be ignored: add {e} to evaluators, or drop "
+                                     f"{e}_{option}")
+            for e, option in given]
 
 
 def _eval_set_rules(exp: Experiment) -> tuple[list[tuple[str, str]], list[tuple[bool, str, str]]]:
