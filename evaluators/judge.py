@@ -118,7 +118,7 @@ class Judge(Evaluator):
         self.client = JudgeClient(base_url, model, api_key_env, temperature, max_tokens, max_concurrency, timeout_s,
                                   retries, budget, structured,
                                   (Path(cache_dir) if cache_dir else harness_cache() / "judge") if cache else None,
-                                  max_wait_s=max_wait_s)
+                                  max_wait_s=max_wait_s, server_identity="local" if self.server else "")
         # eval set name -> its step-0 answers, what that set's later answers are judged against
         self.baselines: dict[str, list[str]] = {}
 

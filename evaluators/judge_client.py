@@ -102,8 +102,11 @@ class JudgeClient:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0,
                  max_tokens: int = 256, max_concurrency: int = 8, timeout_s: float = 30.0, retries: int = 4,
                  budget: int = 10_000, structured: bool = True, cache_dir: Path | None = None,
-                 max_wait_s: float = 30.0, sleep: Callable[[float], None] = time.sleep):
+                 max_wait_s: float = 30.0, sleep: Callable[[float], None] = time.sleep, server_identity: str = ""):
         self.base_url = base_url.rstrip("/")
+        # what cached answers are keyed by besides the request: the base URL, unless the caller names the server
+        # otherwise (the harness's own local judge server gets a new port every run, but serves the same model)
+        self.server_identity = server_identity or self.base_url
         self.model = model
         self.api_key_env = api_key_env
         self.temperature = temperature
@@ -113,14 +116,18 @@ class JudgeClient:
         self.budget = budget
         self.max_wait_s = max_wait_s  # the longest wait between two tries, whatever Retry-After asks
         self.structured = structured
-        self.cache = ResponseCache(cache_dir) if cache_dir else None
+        # Greedy answers only: an answer sampled at temperature > 0 is one draw of the judge's verdict, and replaying
+        # it would make every later evaluation repeat that draw (a seed or sample index in the key would too, across
+        # steps and runs) instead of sampling afresh as asked.
+        self.cache = ResponseCache(cache_dir) if cache_dir and temperature == 0 else None
         self.stats = JudgeStats()
         self._sleep = sleep
         self._http = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=max_concurrency))
 
     def _cache_key(self, request: JudgeRequest) -> str:
-        payload = {"model": self.model, "messages": request.messages, "schema": request.schema,
-                   "temperature": self.temperature, "max_tokens": self.max_tokens, "structured": self.structured}
+        # the server too: another server may serve another model (or another version of it) under the same name
+        payload = {"server": self.server_identity, "model": self.model, "messages": request.messages,
+                   "schema": request.schema, "max_tokens": self.max_tokens, "structured": self.structured}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def _body(self, request: JudgeRequest) -> dict:

@@ -216,6 +216,24 @@ def test_responses_are_cached_across_runs_and_partial_writes_are_ignored(server,
     assert cache.get("ab" * 32) == "x" and cache.get("cd" * 32) is None
 
 
+def test_cached_answers_are_kept_per_server_and_only_when_greedy(server, judge_cache):
+    other = FaultServer()  # another server that serves a model of the same name
+    try:
+        first = _judge(server, "ok-6", judge_cache, pairwise=False).judge(PROMPTS, REFS, REFS)
+        elsewhere = _judge(other, "ok-6", judge_cache, pairwise=False).judge(PROMPTS, REFS, REFS)
+        assert first.metrics["requests"] == 4 and elsewhere.metrics["requests"] == 4  # asked, not replayed
+        assert elsewhere.metrics["cache_hits"] == 0 and len(other.requests) == 4
+        again = _judge(server, "ok-6", judge_cache, pairwise=False).judge(PROMPTS, REFS, REFS)
+        assert again.metrics["cache_hits"] == 4 and again.metrics["requests"] == 0  # greedy: each server's own
+        # sampled verdicts are draws: never stored, never replayed
+        sampled = [_judge(server, "ok-3", judge_cache, pairwise=False, temperature=0.7).judge(PROMPTS, REFS, REFS)
+                   for _ in range(2)]
+        assert [(r.metrics["requests"], r.metrics["cache_hits"]) for r in sampled] == [(4, 0), (4, 0)]
+        assert sum(1 for _ in Path(judge_cache).rglob("*.json")) == 8  # the two servers' greedy answers only
+    finally:
+        other.close()
+
+
 def test_budget_caps_requests(server, judge_cache):
     result = _judge(server, "ok-9", judge_cache, pairwise=False, budget=3).judge(PROMPTS, REFS, REFS)
     assert result.metrics["requests"] == 3 and result.metrics["failed"] == 1 and result.metrics["score"] == 9.0
