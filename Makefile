@@ -41,7 +41,8 @@ TIMEOUT ?=
 DASHBOARD_PORT ?= 8080
 SWEEP_OPTS = --storage "$(STORAGE)" --study "$(STUDY)" --pruner $(PRUNER) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
-.PHONY: setup bubblewrap experiment show list sweep sweep-worker dashboard compare export test test-fast lint bench ui judge-server serve chat sample data \
+.PHONY: setup bubblewrap experiment show list sweep sweep-worker dashboard compare export test test-fast lint bench gpu-check ui \
+	judge-server serve chat sample data \
 	services services-stop services-status postgresql clean-cache clean
 
 setup: $(STAMP)
@@ -114,6 +115,12 @@ lint: setup
 
 bench: setup
 	$(PY) -m harness.commands.bench $(PARTS)
+
+# On a machine with a GPU (DEVICE=gpu install): the GPU path end to end in a few minutes, PASS/FAIL per check
+# (engine build and weight sync, greedy parity with HF, a full, a LoRA and a QLoRA step, in-loop evaluation);
+# exit status 1 when one fails, 77 on a machine without a GPU
+gpu-check: setup
+	$(PY) -m harness gpu-check
 
 ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host $(HOST) --port $(PORT)

@@ -235,6 +235,12 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_check(args: argparse.Namespace) -> int:
+    from harness.commands.gpu_check import main as gpu_check
+
+    return gpu_check([])
+
+
 def _judge_server(args: argparse.Namespace) -> int:
     from evaluators.judge_server import LocalJudgeServer
 
@@ -403,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--api-key-env", default="OPENAI_API_KEY", help="judge: environment variable with the API key")
     score.set_defaults(func=_score)
     services.add_parser(sub)
+    sub.add_parser("gpu-check", help="the GPU path end to end in a few minutes: engine and weight sync, greedy parity "
+                                     "with HF, a full, a LoRA and a QLoRA step, in-loop evaluation (PASS/FAIL each; "
+                                     "exit 77 without a GPU)").set_defaults(func=_gpu_check)
     server = sub.add_parser("judge-server", help="serve a local model as an OpenAI-compatible judge on 127.0.0.1")
     server.add_argument("--model", default="tiny-qwen2",
                         help="tiny-qwen2, smollm2, a model directory or a .gguf file; also the served model name")
