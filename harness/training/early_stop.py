@@ -35,6 +35,14 @@ class EarlyStop(TrainerCallback):
         else:
             self.since_best += 1
 
+    def state_dict(self) -> dict:
+        """The best value, its step and the count without improvement: saved into every checkpoint, so that a resumed
+        run decides as the uninterrupted one would (harness.training.resume)."""
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step, self.since_best = state["best"], state["best_step"], state["since_best"]
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.stopped_at is not None or self.since_best < self.patience:
             return

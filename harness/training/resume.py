@@ -5,6 +5,9 @@ A checkpoint is the trainer's own `checkpoint-N` directory (weights or adapter, 
 state with the step). The trainer writes it in place, so a kill while saving leaves a half-written one: a directory
 counts as complete only once CheckpointKeeper has written COMPLETE into it, after the trainer wrote every file
 (transformers calls on_save after _save_checkpoint returns). Incomplete ones are never resumed from.
+
+What the run carries outside the trainer goes into the same directory, before the marker: STATE_FILE holds the
+state of every stateful evaluator (the pairwise judge's step-0 answers, per eval set) and of early stopping.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from transformers import TrainerCallback
 
@@ -28,6 +33,7 @@ from harness.training.tracking.store import shown_tracking_uri
 from harness.training.tracking.tracker import Tracker
 
 COMPLETE = "COMPLETE"  # the marker file, written last
+STATE_FILE = "harness_state.json"  # evaluator and early-stopping state, written just before the marker
 CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
 
 
@@ -53,28 +59,58 @@ def discard_incomplete(directory: Path) -> list[Path]:
     return gone
 
 
-def mark_complete(checkpoint: Path, step: int) -> None:
-    """Writes the marker atomically (temporary name, fsync, rename), so it exists only whole."""
-    tmp = checkpoint / f".{COMPLETE}.tmp"
+def _write_json_atomically(path: Path, obj) -> None:
+    """Temporary name, fsync, rename: the file exists only whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump({"step": step}, f)
+        json.dump(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, checkpoint / COMPLETE)
+    os.replace(tmp, path)
+
+
+def mark_complete(checkpoint: Path, step: int) -> None:
+    """Writes the marker atomically, so it exists only whole."""
+    _write_json_atomically(checkpoint / COMPLETE, {"step": step})
+
+
+class Stateful(Protocol):
+    """A part of the run that carries state from one evaluation to the next (an Evaluator, EarlyStop)."""
+
+    def state_dict(self) -> dict | None: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def stateful_parts(evaluators: list, early_stop: Stateful | None = None) -> dict[str, Stateful]:
+    """The parts whose state a checkpoint saves, by their key in STATE_FILE: each evaluator that carries state
+    (Evaluator.state_dict is not None) and early stopping, when the run has it."""
+    parts = {f"evaluator/{e.name}": e for e in evaluators if e.state_dict() is not None}
+    if early_stop is not None:
+        parts["early_stop"] = early_stop
+    return parts
+
+
+def save_state(checkpoint: Path, step: int, parts: dict[str, Stateful]) -> None:
+    """STATE_FILE of a checkpoint: each part's state as of `step`, the checkpoint's step."""
+    _write_json_atomically(checkpoint / STATE_FILE,
+                           {"step": step, "state": {key: part.state_dict() for key, part in parts.items()}})
 
 
 class CheckpointKeeper(TrainerCallback):
-    """After each periodic save: marks the new checkpoint complete, then keeps the newest `limit` complete ones and
-    deletes the older ones (the trainer's own save_total_limit is off: it would delete the previous complete
-    checkpoint before the new one is marked, leaving a window with none)."""
+    """After each periodic save: writes the state of the run's stateful `parts` into it and marks it complete, then
+    keeps the newest `limit` complete ones and deletes the older ones (the trainer's own save_total_limit is off: it
+    would delete the previous complete checkpoint before the new one is marked, leaving a window with none)."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, parts: dict[str, Stateful] | None = None):
         self.limit = limit
+        self.parts = parts or {}
 
     def on_save(self, args, state, control, **kwargs):
         directory = Path(args.output_dir)
         saved = directory / f"checkpoint-{state.global_step}"
         if saved.is_dir():
+            save_state(saved, state.global_step, self.parts)
             mark_complete(saved, state.global_step)
         complete = [p for _, p, ok in checkpoints(directory) if ok]
         for old in complete[: -self.limit]:
@@ -146,12 +182,49 @@ def check_same_config(exp: Experiment, run_params: dict[str, str]) -> None:
                           "started with: drop these overrides, or start a new run")
 
 
+def check_restorable(directory: Path, evaluators: list) -> None:
+    """Before a resumed run reopens: a stateful evaluator's state (the pairwise judge's step-0 answers) comes only
+    from the checkpoint the run resumes from, the newest complete one under `directory`, so that checkpoint must
+    exist and hold STATE_FILE (a checkpoint of an older harness does not). Early stopping needs neither: without
+    its saved state it replays the evaluations MLflow has (restore_state)."""
+    stateful = [e.name for e in evaluators if e.state_dict() is not None]
+    if not stateful:
+        return
+    checkpoint = last_complete(directory)
+    if checkpoint is None:
+        why = f"there is no complete checkpoint under {directory} (save_every=0, or killed before the first save)"
+    elif not (checkpoint / STATE_FILE).is_file():
+        why = f"{checkpoint / STATE_FILE} does not exist (written by a harness that did not save evaluator state)"
+    else:
+        return
+    raise ConfigError(f"resume: {why}, so the state of the evaluator(s) {', '.join(stateful)} (the pairwise judge's "
+                      "step-0 answers) cannot be restored and later win rates would be against another baseline; "
+                      "start a new run")
+
+
 @dataclass
 class ResumeState:
     checkpoint: Path | None  # the checkpoint the trainer resumes from; None = from step 0
     eval_steps: set[int]  # steps already evaluated and logged
     reports: list[EvalReport]  # their reports (tables of the first and last only), for the summary
     train_logged_through: int  # the last step train/* metrics were logged at; -1 = none
+    state: dict[str, dict]  # the checkpoint's STATE_FILE: part key -> its state; {} = none saved
+    state_step: int  # the step that state is as of; -1 = none
+
+
+def restore_state(resumed: ResumeState, parts: dict[str, Stateful],
+                  listeners: list[Callable[[EvalReport, object], None]]) -> None:
+    """Gives each part its state saved with the checkpoint, then replays to `listeners` (early stopping) the reports
+    MLflow has from after that step: a run killed after logging an evaluation but before the next checkpoint does
+    not evaluate that step again, yet the uninterrupted run's early stopping counted it. Without a saved state they
+    are all replayed, the step-0 baseline included."""
+    for key, part in parts.items():
+        if key in resumed.state:
+            part.load_state_dict(resumed.state[key])
+    for report in resumed.reports:
+        if report.step > resumed.state_step:
+            for listener in listeners:
+                listener(report, None)
 
 
 def load_resume(tracker: Tracker, out_dir: Path) -> ResumeState:
@@ -174,7 +247,10 @@ def load_resume(tracker: Tracker, out_dir: Path) -> ResumeState:
     where = f"{checkpoint.name}" if checkpoint else "step 0 (no complete checkpoint)"
     print(f"[resume] run {tracker.run_id}: continuing from {where}; evaluated before at steps "
           f"{', '.join(map(str, steps)) or 'none'} (not evaluated again)", flush=True)
-    return ResumeState(checkpoint, set(steps), reports, logged)
+    saved = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint and (checkpoint / STATE_FILE).is_file() \
+        else {"step": -1, "state": {}}
+    return ResumeState(checkpoint, set(steps), reports, logged, saved["state"], saved["step"])
+
 
 
 def restore_best(best, directory: Path) -> None:
@@ -183,4 +259,3 @@ def restore_best(best, directory: Path) -> None:
     if selection.is_file():
         data = json.loads(selection.read_text())
         best.step, best.value = data["step"], data["value"]
-

@@ -57,7 +57,15 @@ from harness.training.lineage import (
     reward_model_run_id,
 )
 from harness.training.outbox import redact
-from harness.training.resume import CheckpointKeeper, claim_run_dir, load_resume, restore_best
+from harness.training.resume import (
+    CheckpointKeeper,
+    check_restorable,
+    claim_run_dir,
+    load_resume,
+    restore_best,
+    restore_state,
+    stateful_parts,
+)
 from harness.training.tracking.runs import mlflow_run
 from harness.training.tracking.store import shown_tracking_uri
 from harness.training.tracking.tracker import UNDELIVERED_FILE, Tracker
@@ -293,6 +301,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
     if ranks.launched():
         tags.update({"distributed.world_size": str(ranks.world_size()),
                      "distributed.launcher": os.environ.get(distributed.LAUNCHER_ENV, "unknown")})
+    if exp.resume:  # the run's id here (resumed_experiment)
+        check_restorable(output_root(exp) / exp.resume / "checkpoints", evaluators)
     with mlflow_run(name, params, tags, run_name=hooks.run_name, resume_run_id=exp.resume or None) as tracker:
         print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {shown_tracking_uri()}", flush=True)
         if hooks.on_open is not None:
@@ -314,7 +324,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
         generation = GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed)
         evaluation = EvalSuite({s.name: Evaluation(evaluators, s.samples, backend, tokenizer, generation,
-                                                   prompt_ids=s.prompt_ids, system_prompt=exp.system_prompt)
+                                                   prompt_ids=s.prompt_ids, system_prompt=exp.system_prompt,
+                                                   eval_set=s.name)
                                 for s in eval_sets})
         best = BestCheckpoint(out_dir / "best", exp.select_metric, exp.select_mode, tokenizer, tracker)
         if resumed:
@@ -333,13 +344,15 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         stoppers = [EarlyStop(exp.select_metric, exp.select_mode, exp.early_stop_patience, tracker)
                     ] if exp.early_stop_patience else []
         in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, guard, best, *stoppers, *hooks.monitors])
+        parts = stateful_parts(evaluators, *stoppers)  # saved with each checkpoint (harness.training.resume)
         if resumed:
             in_loop.done, in_loop.reports = set(resumed.eval_steps), list(resumed.reports)
+            restore_state(resumed, parts, stoppers)
         # monitors come after in_loop: a decision made on a step's report takes effect at that same step's end
         callbacks = [in_loop, *stoppers, *hooks.monitors,
                      TrainMetricsLogger(tracker, logged_through=resumed.train_logged_through if resumed else -1), guard]
         if exp.save_every:
-            callbacks.append(CheckpointKeeper(exp.save_total_limit))
+            callbacks.append(CheckpointKeeper(exp.save_total_limit, parts))
         extra = {"backend": backend} if exp.needs_rollouts else {}
         trainer = _train(exp, model, tokenizer, rows, callbacks, str(out_dir / "checkpoints"),
                          resumed.checkpoint if resumed else None, **extra)
