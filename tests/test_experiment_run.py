@@ -86,31 +86,73 @@ def test_simpo_run_logs_in_loop_evals_tables_and_best_checkpoint(store):
     assert f"best checkpoint: {best}" in out.stdout
 
 
-def test_ctrl_c_ends_the_run_killed_and_keeps_what_was_logged(store):
+def test_ctrl_c_ends_the_run_killed_and_keeps_what_was_logged(store, monkeypatch, capfd):
+    """Ctrl-C while vLLM computes the prompt logprobs of the step-2 evaluation, sent from inside vLLM's engine loop
+    so that it certainly lands there: the evaluation finishes and is logged, and the run stops there, KILLED, with
+    exit status 130 and no traceback (a KeyboardInterrupt raised in vLLM came out as its UnboundLocalError)."""
+    import vllm
+
+    from harness.engines.vllm_engine import VLLMBackend
+    from harness.training.inloop import Evaluation
+
     env, client, tmp = store
-    # A shell's background job (`make test &`) inherits SIGINT ignored, and Python then keeps it ignored; a user's
-    # Ctrl-C reaches a run started from a terminal, so the run starts with the default disposition here.
-    proc = subprocess.Popen([sys.executable, "-m", "harness", "run", "simpo_qwen", "max_steps=2000", "eval_every=2",
-                             f"output_dir={tmp / 'outputs'}"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    state = {"step": None, "armed": False, "sent": 0}
+    score, logprobs, run_engine = Evaluation.score, VLLMBackend.logprobs, vllm.LLM._run_engine
+
+    def scoring(self, model, step, *args, **kwargs):
+        state["step"] = step
+        return score(self, model, step, *args, **kwargs)
+
+    def prompt_logprobs(self, *args, **kwargs):
+        state["armed"] = state["step"] == 2 and not state["sent"]
+        return logprobs(self, *args, **kwargs)
+
+    def engine_loop(self, *args, **kwargs):
+        if state["armed"]:
+            state["armed"], state["sent"] = False, state["sent"] + 1
+            os.kill(os.getpid(), signal.SIGINT)  # its handler runs here, inside LLM.generate
+        return run_engine(self, *args, **kwargs)
+
+    monkeypatch.setattr(Evaluation, "score", scoring)
+    monkeypatch.setattr(VLLMBackend, "logprobs", prompt_logprobs)
+    monkeypatch.setattr(vllm.LLM, "_run_engine", engine_loop)
+    # a shell's background job (`make test &`) inherits SIGINT ignored; a user's Ctrl-C reaches a run from a terminal
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        while time.time() < deadline:
-            exp = client.get_experiment_by_name("simpo_qwen")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            if runs and len(_steps(client, runs[0].info.run_id, "eval/rouge/rougeL")) >= 2:
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(1)
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
+        code = main(["run", "simpo_qwen", "max_steps=2000", "eval_every=2", f"output_dir={tmp / 'outputs'}"])
     finally:
-        proc.kill()
-    assert proc.returncode == 130, output[-3000:]
+        signal.signal(signal.SIGINT, inherited)
+    out, err = capfd.readouterr()
+    assert state["sent"] == 1
     run = _only_run(client)
+    for key in ("eval/perplexity/perplexity", "eval/rouge/rougeL"):  # the interrupted evaluation was logged whole
+        assert _steps(client, run.info.run_id, key) == [0, 2], key
+    assert _steps(client, run.info.run_id, "train/loss") == [1, 2]  # and no step trained after it
+    assert code == 130, err[-3000:]
     assert run.info.status == "KILLED"
-    assert _steps(client, run.info.run_id, "eval/rouge/rougeL")[:2] == [0, 2]
+    assert "interrupted" in err and "Traceback" not in out + err
+    assert "Traceback" not in (tmp / "outputs" / "simpo_qwen" / run.info.run_id / "library.log").read_text()
+    assert "stopping after the current training step or evaluation" in out
+
+
+def test_a_signal_waits_for_a_boundary_and_a_second_one_forces():
+    from harness.training import interrupts
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="signal 15"), interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run: the signal is recorded, nothing raised
+            with pytest.raises(KeyboardInterrupt, match="a second one"):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            # leaving deferred() with the first signal still recorded raises it
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with interrupts.deferred():
+            interrupts.check()  # nothing recorded: no raise
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 class _Boom(TrainerCallback):

@@ -16,7 +16,7 @@ from harness.core.eval_data import metric_key
 from harness.core.generation import GenerationBackend, GenParams
 from harness.core.prompts import render_sample
 from harness.core.records import EvalSample
-from harness.training import console, distributed
+from harness.training import console, distributed, interrupts
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,9 @@ class InLoopEvaluation(TrainerCallback):
         if step in self.done:
             self.last_step = step
             return
+        # a signal during the step: stop before a new evaluation (one during an evaluation stops the run at the next
+        # step's start, once the trainer has logged this step too)
+        interrupts.check()
         start = time.perf_counter()
         with distributed.full_parameters(model):
             if self.evaluation is not None:

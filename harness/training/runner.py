@@ -35,7 +35,7 @@ from harness.core.prompts import render_sample
 from harness.engines.hf_engine import HFBackend
 from harness.engines.vllm_engine import VLLMBackend
 from harness.paths import REPO_ROOT
-from harness.training import console, distributed
+from harness.training import console, distributed, interrupts
 from harness.training.checkpoints import BestCheckpoint
 from harness.training.early_stop import EarlyStop
 from harness.training.experiment import Experiment
@@ -303,7 +303,9 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
                      "distributed.launcher": os.environ.get(distributed.LAUNCHER_ENV, "unknown")})
     if exp.resume:  # the run's id here (resumed_experiment)
         check_restorable(output_root(exp) / exp.resume / "checkpoints", evaluators)
-    with mlflow_run(name, params, tags, run_name=hooks.run_name, resume_run_id=exp.resume or None) as tracker:
+    # signals wait for a step or evaluation boundary (harness.training.interrupts), then end the run KILLED
+    with (mlflow_run(name, params, tags, run_name=hooks.run_name, resume_run_id=exp.resume or None) as tracker,
+          interrupts.deferred()):
         print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {shown_tracking_uri()}", flush=True)
         if hooks.on_open is not None:
             hooks.on_open(tracker)
@@ -349,7 +351,7 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
             in_loop.done, in_loop.reports = set(resumed.eval_steps), list(resumed.reports)
             restore_state(resumed, parts, stoppers)
         # monitors come after in_loop: a decision made on a step's report takes effect at that same step's end
-        callbacks = [in_loop, *stoppers, *hooks.monitors,
+        callbacks = [interrupts.StopAtBoundary(), in_loop, *stoppers, *hooks.monitors,
                      TrainMetricsLogger(tracker, logged_through=resumed.train_logged_through if resumed else -1), guard]
         if exp.save_every:
             callbacks.append(CheckpointKeeper(exp.save_total_limit, parts))
