@@ -252,7 +252,6 @@ def load_resume(tracker: Tracker, out_dir: Path) -> ResumeState:
     return ResumeState(checkpoint, set(steps), reports, logged, saved["state"], saved["step"])
 
 
-
 def restore_best(best, directory: Path) -> None:
     """The best checkpoint's step and value from its selection.json, so later evaluations compete with it."""
     selection = directory / "selection.json"
