@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from harness.core.formats import convert
 from harness.core.models import load_model, resolve_model
 from harness.training.experiment import Experiment, help_field
-from harness.training.methods import distill_trainer
+from harness.training.methods import check_teacher_vocabulary, distill_trainer
 
 
 @dataclass
@@ -29,11 +29,14 @@ class DistillQwen(Experiment):
                 "kd_alpha": trial.suggest_float("kd_alpha", 0.1, 0.9),
                 "kd_temperature": trial.suggest_float("kd_temperature", 1.0, 4.0)}
 
+    def check_models(self, model_path: str) -> None:
+        check_teacher_vocabulary(self.teacher, resolve_model(self.teacher), self.model, model_path,
+                                 self.trust_remote_code)
+
     def train_rows(self, records):
         return convert(records, self.data_format, "sft")
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir):
-        # the teacher must share the student's tokenizer
         teacher = load_model(resolve_model(self.teacher), trust_remote_code=self.trust_remote_code)
         return distill_trainer(model, tokenizer, rows, callbacks, teacher=teacher, alpha=self.kd_alpha,
                                temperature=self.kd_temperature, **self.trainer_args(output_dir))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from harness.core.formats import convert
 from harness.training.experiment import Experiment, help_field
-from harness.training.methods import dpo_trainer
+from harness.training.methods import dpo_loss_types, dpo_trainer
 
 
 @dataclass
@@ -14,8 +14,13 @@ class DpoQwen(Experiment):
     """DPO (sigmoid loss against a frozen copy of the starting model) on the embedded tiny Qwen2."""
 
     beta: float = help_field(0.1, "strength of the KL anchor to the reference")
-    loss_type: str = help_field("sigmoid", "any of TRL's DPO losses: sigmoid, ipo, hinge, robust, ...")
+    loss_type: str = help_field("sigmoid", "any of TRL's DPO losses: sigmoid, ipo, hinge, robust, ... (an unknown "
+                                           "one is refused with the list)")
     learning_rate: float = help_field(1e-5, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
+
+    def rules(self) -> list[tuple[bool, str, str]]:
+        losses = dpo_loss_types()
+        return [(self.loss_type in losses, "loss_type", f"is not one of TRL's DPO losses: {', '.join(losses)}")]
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-6, 1e-4, log=True),

@@ -9,7 +9,7 @@ from harness.core.formats import convert
 from harness.core.models import load_model, resolve_model
 from harness.rl.rollouts import VLLMRollout
 from harness.training.experiment import Experiment, help_field
-from harness.training.methods import gkd_trainer
+from harness.training.methods import check_teacher_vocabulary, gkd_trainer
 
 
 @dataclass
@@ -40,11 +40,14 @@ class GkdQwen(Experiment):
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True),
                 "beta": trial.suggest_float("beta", 0.0, 1.0)}
 
+    def check_models(self, model_path: str) -> None:
+        check_teacher_vocabulary(self.teacher, resolve_model(self.teacher), self.model, model_path,
+                                 self.trust_remote_code)
+
     def train_rows(self, records):
         return convert(records, self.data_format, "messages")  # GKD's collator renders messages itself
 
     def build_trainer(self, model, tokenizer, rows, callbacks, output_dir, backend=None):
-        # the teacher must share the student's tokenizer
         teacher = load_model(resolve_model(self.teacher), trust_remote_code=self.trust_remote_code)
         rollout = VLLMRollout(backend, tokenizer, self.max_new_tokens, self.temperature, self.seed,
                               each_rank=self.rollout_engines == "each_rank")

@@ -3,6 +3,8 @@ trainers take are the synced policy's (sampling logprobs checked against the pol
 test_generation_parity). Whole runs, with in-loop evaluation, rewards and GKD's coin, are in test_distributed_rl
 (two processes: the same trainers, plus the cross-rank rollout)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,3 +67,41 @@ def test_gkd_and_rloo_check_their_fields():
         apply_overrides(load_class("gkd_qwen"), ["backend=hf"])
     with pytest.raises(ConfigError, match="batch_size must be a multiple of num_generations"):
         apply_overrides(load_class("rloo_qwen"), ["batch_size=6", "num_generations=4"])
+
+
+@pytest.mark.parametrize("name", ["gkd_qwen", "distill_qwen"])
+def test_a_teacher_with_another_vocabulary_is_refused_before_the_run(name, tiny_model_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    """The KL compares teacher and student token by token: a teacher with another vocabulary crashed mid-run.
+    Refused before any MLflow run, naming both models and their vocabulary sizes (or, same size, their tokenizers)."""
+    import json
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from harness.commands.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    student_size = json.loads((Path(tiny_model_dir) / "config.json").read_text())["vocab_size"]
+    wider = tmp_path / "wider-teacher"
+    wider.mkdir()
+    config = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**config, "vocab_size": student_size + 64}))
+    args = ["max_steps=1", f"output_dir={tmp_path / 'outputs'}"]
+    assert main(["run", name, f"teacher={wider}", *args]) == 2
+    err = capsys.readouterr().err
+    assert (f"teacher {wider} ({wider}) has a vocabulary of {student_size + 64} tokens (vocab_size) and the student "
+            f"tiny-qwen2 ({tiny_model_dir}) {student_size}") in err
+
+    # the same logits width, but another tokenizer: the same id is another token
+    renamed = tmp_path / "renamed-teacher"
+    shutil.copytree(tiny_model_dir, renamed, ignore=shutil.ignore_patterns("*.safetensors"))  # no weights needed
+    vocab = json.loads((renamed / "tokenizer.json").read_text())
+    model = vocab["model"]["vocab"]
+    first, second = sorted(model, key=model.get)[100:102]
+    model[first], model[second] = model[second], model[first]
+    (renamed / "tokenizer.json").write_text(json.dumps(vocab))
+    assert main(["run", name, f"teacher={renamed}", *args]) == 2
+    assert "have" in (err := capsys.readouterr().err) and "different tokenizers" in err and str(renamed) in err
+    assert MlflowClient(uri).get_experiment_by_name(name) is None  # refused before any run opened

@@ -144,9 +144,33 @@ def test_early_stopping_is_refused_in_a_sweep_and_under_a_launcher():
 
 
 def test_a_sweep_over_epochs_gets_a_pruner():
+    """Hyperband's resource is the training step: from the first evaluation (or the warm-up, if later) up to
+    max_steps, or, training for epochs (max_steps=0), up to what Optuna learns from the first trials ("auto")."""
+    import optuna
+
     from harness.sweeps.study import make_pruner
 
-    make_pruner("hyperband", warmup_steps=0, startup_trials=1, eval_every=2, max_steps=0)
+    epochs = make_pruner("hyperband", warmup_steps=0, startup_trials=1, eval_every=2, max_steps=0)
+    assert type(epochs) is optuna.pruners.HyperbandPruner
+    assert (epochs._min_resource, epochs._max_resource) == (2, "auto")
+    steps = make_pruner("hyperband", warmup_steps=6, startup_trials=1, eval_every=2, max_steps=40)
+    assert (steps._min_resource, steps._max_resource) == (6, 40)
+    median = make_pruner("median", warmup_steps=3, startup_trials=2, eval_every=2, max_steps=0)
+    assert type(median) is optuna.pruners.MedianPruner
+    assert (median._n_startup_trials, median._n_warmup_steps) == (2, 3)
+    assert type(make_pruner("none", warmup_steps=0, startup_trials=1, eval_every=2, max_steps=0)) is \
+        optuna.pruners.NopPruner
+
+
+def test_an_unknown_dpo_loss_type_is_refused_listing_trls_losses():
+    from experiments.dpo_qwen import DpoQwen
+
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(DpoQwen, ["loss_type=sigmod"])
+    # the list is the installed TRL's (DPOConfig documents it), not a copy kept here
+    assert "dpo_qwen: field 'loss_type' = 'sigmod' is not one of TRL's DPO losses: sigmoid, hinge, ipo" in str(e.value)
+    assert str(e.value).endswith(", discopop, sft, sigmoid_norm")
+    assert apply_overrides(DpoQwen, ["loss_type=ipo"]).loss_type == "ipo"
 
 
 # --- trust_remote_code, chat_template, system_prompt

@@ -162,6 +162,10 @@ class Experiment:
         the others by harness.training.settings.check_settings."""
         return []
 
+    def check_models(self, model_path: str) -> None:
+        """Checks that need the resolved model (`model_path`), such as a teacher's vocabulary against the student's;
+        run with the inputs, before the MLflow run opens. Raises ConfigError."""
+
     def deepspeed_config(self) -> str | None:
         """The path of the DeepSpeed config the trainer gets, or None without DeepSpeed."""
         path = deepspeed_config(self.deepspeed)

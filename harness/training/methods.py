@@ -3,9 +3,12 @@ so that a TRL upgrade that moves them touches this one file."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 from datasets import Dataset
 
+from harness.core.errors import ConfigError
 from harness.core.models import autocasts_bf16, master_adapter_weights, training_device
 
 
@@ -98,6 +101,14 @@ def orpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: f
                   dict(beta=beta, max_length=max_length), args)
 
 
+def dpo_loss_types() -> tuple[str, ...]:
+    """The values of DPO's `loss_type`, as the installed TRL's DPOConfig documents them (TRL keeps no list of its
+    own: its trainer raises on any other only at the first training step, after the run opened)."""
+    from trl import DPOConfig
+
+    return tuple(re.findall(r"`'(\w+)'`", DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]))
+
+
 def dpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, beta: float, loss_type: str,
                 max_length: int, **args):
     """DPO against a frozen reference: a copy of the starting model, or the base weights under a LoRA adapter."""
@@ -164,6 +175,32 @@ def grpo_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, rollout
                   dict(num_generations=num_generations, max_completion_length=max_new_tokens, temperature=temperature,
                        beta=beta, reward_weights=reward_weights), args,
                   reward_funcs=reward_funcs, rollout_func=rollout)
+
+
+def check_teacher_vocabulary(teacher: str, teacher_path: str, student: str, student_path: str,
+                             trust_remote_code: bool = False) -> None:
+    """Distillation (KD, GKD) compares the teacher's and the student's next-token distributions token by token, so
+    both must have the same vocabulary: the same logits width (config vocab_size) and the same tokens at the same
+    ids. Otherwise a ConfigError naming both models and their sizes, before the run opens (the KL would fail, or
+    silently compare unrelated tokens, mid-run)."""
+    from transformers import AutoConfig
+
+    from harness.core.models import load_tokenizer
+
+    def vocab_size(path: str) -> int:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+
+    sizes = vocab_size(teacher_path), vocab_size(student_path)
+    fix = "choose a teacher that shares the student's tokenizer (the same model family)"
+    if sizes[0] != sizes[1]:
+        raise ConfigError(f"teacher {teacher} ({teacher_path}) has a vocabulary of {sizes[0]} tokens (vocab_size) and "
+                          f"the student {student} ({student_path}) {sizes[1]}: distillation compares their "
+                          f"distributions token by token; {fix}")
+    vocabs = [load_tokenizer(p, trust_remote_code=trust_remote_code).get_vocab() for p in (teacher_path, student_path)]
+    if vocabs[0] != vocabs[1]:
+        raise ConfigError(f"teacher {teacher} ({teacher_path}, {len(vocabs[0])} tokens) and the student {student} "
+                          f"({student_path}, {len(vocabs[1])} tokens) have {sizes[0]} logits each but different "
+                          f"tokenizers: the same id is another token in each; {fix}")
 
 
 def distill_trainer(model, tokenizer, rows: list[dict], callbacks: list, *, teacher, alpha: float,

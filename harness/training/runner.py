@@ -221,6 +221,7 @@ def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list[Eva
             for name, path, samples, _ in loaded))
     model_path = resolve_experiment_model(exp)  # model=run:...: another run's best checkpoint (training/lineage.py)
     resolve_reward_model(exp)  # reward_model=run:...: a reward model run's best checkpoint, pinned to its id
+    exp.check_models(model_path)  # e.g. a distillation teacher's vocabulary against the student's
     tokenizer, context = _tokenizer(exp, model_path), model_context(exp, model_path)
     eval_sets = [EvalSet(name, samples, fit_eval_prompts(exp, tokenizer, context, samples, sources))
                  for name, _, samples, sources in loaded]
