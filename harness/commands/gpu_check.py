@@ -5,8 +5,8 @@ trainer's bf16 autocast over fp32 master weights, bitsandbytes' 4-bit base.
 Checks, each printed PASS or FAIL with its numbers: the vLLM engine builds in bf16 and takes a weight sync; in
 float32 its greedy output equals HF generate's token for token; one full fine-tuning run (sft_qwen, 2 steps at
 lr 1e-5) trains fp32 weights under bf16 autocast and changes them; one LoRA and one QLoRA run do the same for their
-adapters over a frozen bf16 / 4-bit base; the full run's in-loop evaluations (step 0 and the last step) give finite
-scores.
+adapters over a frozen bf16 / 4-bit base; a QLoRA model synced into the engine generates as HF does on it; the full
+run's in-loop evaluations (step 0 and the last step) give finite scores.
 Exit status 0 when all pass, 1 when one fails, NO_GPU without a GPU (nothing checked)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import TrainerCallback
@@ -84,15 +85,16 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _run(peft: str, work_dir: str, watch: _WeightWatch):
+def _run(peft: str, work_dir: str, watch: _WeightWatch, backend: str):
     """sft_qwen on the embedded model for STEPS steps at LEARNING_RATE, evaluated at step 0 and the end, through
     the runner (and its checks) as `harness run` does it; tracked in `work_dir`'s own MLflow store."""
     from experiments import load_class
     from harness.training.overrides import apply_overrides
     from harness.training.runner import RunHooks, run_experiment
 
-    overrides = [f"peft={peft}", f"max_steps={STEPS}", f"learning_rate={LEARNING_RATE}", "warmup_steps=0",
-                 f"eval_every={STEPS}", "eval_limit=16", "max_new_tokens=16", "batch_size=4", f"output_dir={work_dir}"]
+    overrides = [f"peft={peft}", f"backend={backend}", f"max_steps={STEPS}", f"learning_rate={LEARNING_RATE}",
+                 "warmup_steps=0", f"eval_every={STEPS}", "eval_limit=16", "max_new_tokens=16", "batch_size=4",
+                 f"output_dir={work_dir}"]
     exp = apply_overrides(load_class("sft_qwen"), overrides)
     return run_experiment(exp, RunHooks(run_name=f"gpu-check-{peft}", tags={"gpu_check": "1"}, monitors=[watch]))
 
@@ -102,7 +104,8 @@ def training_check(peft: str, work_dir: str) -> list[Check]:
     as harness.core.models.training_precision has it (none, bf16, 4-bit); for the full run, also its in-loop
     evaluations."""
     watch = _WeightWatch()
-    summary = _run(peft, work_dir, watch)
+    # QLoRA's evaluations through HF generate: its weight sync into the engine is a check of its own (engine_checks)
+    summary = _run(peft, work_dir, watch, "hf" if peft == "qlora" else "vllm")
     name = {"none": "full fine-tuning step", "lora": "LoRA step", "qlora": "QLoRA step"}[peft]
     frozen_expected = {"none": set(), "lora": {"torch.bfloat16"}, "qlora": {"torch.uint8"}}[peft]
     moved, detail = watch.result or (False, "training ended without the monitor seeing it")
@@ -126,8 +129,10 @@ def _inloop_check(summary) -> Check:
                  f"evaluated at steps {steps} (expected [0, {STEPS}]); last: {shown or 'no scores'}")
 
 
-def _engine_run(model_dir: str, dtype: str, model, prompt_ids: list[list[int]], params) -> dict:
-    """A fresh engine as a run builds it, in `dtype`: its greedy outputs before and after a sync of `model`."""
+def _engine_run(model_dir: str, dtype: str, model, prompt_ids: list[list[int]], params,
+                then: Callable | None = None) -> dict:
+    """A fresh engine as a run builds it, in `dtype`: its greedy outputs before and after a sync of `model`; and
+    `then`'s check (on the same engine, so that it costs no engine build)."""
     from harness.engines.vllm_engine import VLLMBackend
 
     started = time.time()
@@ -139,6 +144,8 @@ def _engine_run(model_dir: str, dtype: str, model, prompt_ids: list[list[int]], 
         engine.sync_weights(model)
         result["sync_s"] = time.time() - started
         result["after"] = [c.texts for c in engine.generate(prompt_ids, params)]
+        if then is not None:
+            result["then"] = _guarded("QLoRA weight sync", lambda: [then(engine)])
     finally:
         engine.close()
     return result
@@ -176,7 +183,9 @@ def engine_checks() -> list[Check]:
         hf.sync_weights(copy.deepcopy(model).to(getattr(torch, default)))
         expected[default] = [c.texts for c in hf.generate(prompt_ids, params)]
     dtypes = dict.fromkeys((default, "float32"))  # one engine on CPU, where the default is float32
-    runs = {dtype: _engine_run(model_dir, dtype, model, prompt_ids, params) for dtype in dtypes}
+    qlora = partial(_qlora_sync, model_dir=model_dir, tokenizer=tokenizer, prompt_ids=prompt_ids, params=params)
+    runs = {dtype: _engine_run(model_dir, dtype, model, prompt_ids, params, qlora if dtype == "bfloat16" else None)
+            for dtype in dtypes}
     n = len(prompt_ids)
     run = runs[default]
     changed = sum(a != b for a, b in zip(run["after"], run["before"], strict=True))
@@ -188,7 +197,26 @@ def engine_checks() -> list[Check]:
                   f"generate's on the same {default} weights"),
             Check("greedy parity with HF", exact == n,
                   f"float32 engine: {exact}/{n} prompts give HF generate's greedy text exactly (all needed), "
-                  f"{params.max_new_tokens} new tokens")]
+                  f"{params.max_new_tokens} new tokens"), *run.get("then", [])]
+
+
+def _qlora_sync(engine, model_dir: str, tokenizer, prompt_ids: list[list[int]], params) -> Check:
+    """A QLoRA model (4-bit NF4 base, adapter) synced into the bf16 engine as the in-loop evaluation of a
+    peft=qlora run does it: the engine's greedy outputs against HF generate's on the QLoRA model itself. The two
+    compute differently (weights dequantized once vs on the fly), so the bar is half the prompts: a sync that loaded
+    wrong weights agrees on almost none."""
+    from harness.core.models import load_model
+    from harness.engines.hf_engine import HFBackend
+
+    model = load_model(model_dir, peft="qlora").eval()
+    engine.sync_weights(model)
+    got = [c.texts for c in engine.generate(prompt_ids, params)]
+    hf = HFBackend(tokenizer)
+    hf.sync_weights(model)
+    agree = sum(a == e for a, e in zip(got, [c.texts for c in hf.generate(prompt_ids, params)], strict=True))
+    return Check("QLoRA weight sync", agree >= len(prompt_ids) / 2,
+                 f"{agree}/{len(prompt_ids)} greedy outputs of the bf16 engine equal HF generate's on the QLoRA "
+                 f"model (at least half needed)")
 
 
 def _guarded(name: str, check: Callable[[], list[Check]]) -> list[Check]:
