@@ -82,6 +82,13 @@ class Evaluator:
         return []
 
     @classmethod
+    def own_prompts(cls, options: dict[str, Any] | None, tokenizer) -> list[tuple[str, int, int]]:
+        """(id, prompt tokens, most new tokens) of each prompt an evaluator that generates by itself (HumanEval's
+        problems) sends to the backend when built with `options`: checked against the model's context before the run
+        opens, and the vLLM engine's context is sized for them. Default: none."""
+        return []
+
+    @classmethod
     def corpus_score(cls, metric: str, totals: np.ndarray) -> np.ndarray:
         """The corpus metric `metric` from its sufficient statistics summed over samples, for each row of `totals`
         (one row per bootstrap resample): what a bootstrap recomputes. Needed for every name in corpus_metrics."""

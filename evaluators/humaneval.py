@@ -73,6 +73,13 @@ def program(problem: dict, completion: str) -> str:
     return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})\n"
 
 
+def prompt_ids(problems: list[dict], tokenizer, prompt_style: str) -> list[list[int]]:
+    """What the model is given for each problem: its prompt as is (completion), or in the chat template (chat)."""
+    if prompt_style == "chat":
+        return [render_prompt(tokenizer, f"{CHAT_INSTRUCTION}```python\n{p['prompt']}```") for p in problems]
+    return [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in problems]
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), computed stably."""
     if n - c < k:
@@ -169,15 +176,17 @@ class HumanEval(Evaluator):
         self.seed = seed
         self.sandbox = Sandbox(Limits(timeout_s=timeout_s), allow_weak_isolation=allow_weak_isolation)
 
-    def _prompt_ids(self, tokenizer) -> list[list[int]]:
-        if self.prompt_style == "chat":
-            return [render_prompt(tokenizer, f"{CHAT_INSTRUCTION}```python\n{p['prompt']}```") for p in self.problems]
-        return [tokenizer(p["prompt"], add_special_tokens=False)["input_ids"] for p in self.problems]
+    @classmethod
+    def own_prompts(cls, options: dict | None, tokenizer) -> list[tuple[str, int, int]]:
+        o = cls.resolved_options(options)
+        problems = load_problems(o["problems"], o["limit"], o["seed"])
+        return [(p["task_id"], len(ids), o["max_new_tokens"])
+                for p, ids in zip(problems, prompt_ids(problems, tokenizer, o["prompt_style"]), strict=True)]
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         params = GenParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                            n=self.n, seed=self.seed, stop=() if self.prompt_style == "chat" else STOP_SEQUENCES)
-        outputs = ctx.backend.generate(self._prompt_ids(ctx.tokenizer), params)
+        outputs = ctx.backend.generate(prompt_ids(self.problems, ctx.tokenizer, self.prompt_style), params)
         completions = [(p["task_id"], extract_completion(p["prompt"], text, p["entry_point"]))
                        for p, out in zip(self.problems, outputs, strict=True) for text in out.texts]
         metrics, rows = score_completions(self.problems, completions, self.sandbox, self.ks)

@@ -119,3 +119,37 @@ def test_case10_results_path_that_is_a_directory_is_named(tmp_path):
     with pytest.raises(ConfigError, match="s.jsonl_results.jsonl is a directory"):
         write_results(tmp_path / "s.jsonl", [row])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.jsonl_results.jsonl"]  # no temporary file left
+
+
+def test_the_engine_is_sized_for_humaneval_prompts_and_their_new_tokens(tiny_model_dir):
+    from experiments.sft_code_qwen import SftCodeQwen
+    from harness.core.models import load_tokenizer
+    from harness.training.overrides import apply_overrides
+    from harness.training.runner import engine_max_model_len
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    longest = max(len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"])
+                  for p in load_problems("data/code_eval.jsonl"))
+    exp = apply_overrides(SftCodeQwen, ["humaneval_max_new_tokens=240"])
+    assert longest + 240 > 256 and engine_max_model_len(exp, tokenizer) == longest + 240
+    assert engine_max_model_len(apply_overrides(SftCodeQwen, []), tokenizer) == 256  # the eval prompts' 128 + 48
+
+
+def test_a_humaneval_prompt_over_the_context_stops_before_the_run_naming_the_problem(tmp_path, tiny_model_dir):
+    from experiments.sft_code_qwen import SftCodeQwen
+    from harness.core.models import load_tokenizer
+    from harness.training.overrides import apply_overrides
+    from harness.training.runner import prepare
+
+    long_prompt = 'def f(x):\n    """' + "Return x unchanged, as the example shows. " * 40 + '"""\n'
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in [
+        {"task_id": "Short/0", "prompt": "def g(x):\n", "test": "def check(c):\n    pass\n", "entry_point": "g"},
+        {"task_id": "Long/1", "prompt": long_prompt, "test": "def check(c):\n    pass\n", "entry_point": "f"}]))
+    n = len(load_tokenizer(tiny_model_dir)(long_prompt, add_special_tokens=False)["input_ids"])
+    exp = apply_overrides(SftCodeQwen, [f"humaneval_problems={problems}", f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(DataError) as err:  # prepare runs before any MLflow run (or engine) exists
+        prepare(exp, verbose=False)
+    assert str(err.value) == (f"humaneval problem Long/1: the prompt is {n} tokens; with humaneval_max_new_tokens=32 "
+                              f"that is {n + 32} tokens, over the model's context of 256 (vllm backend): lower "
+                              f"humaneval_max_new_tokens, or leave the problem out of humaneval_problems")

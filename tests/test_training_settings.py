@@ -206,7 +206,7 @@ def test_trust_remote_code_reaches_every_load_and_the_run_warns(monkeypatch, cap
     for trust in (False, True):
         exp = apply_overrides(SftQwen, [f"trust_remote_code={trust}"])
         runner._load(exp, "some/model")
-        runner.model_context(exp, "some/model")
+        runner.model_context(exp, "some/model", None)
         runner.make_backend(exp, "some/model", None)
         assert seen == dict.fromkeys(("tokenizer", "model", "config", "vllm"), trust)
     warning = models.remote_code_warning("org/model")

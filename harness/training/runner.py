@@ -102,24 +102,46 @@ class RunHooks:
 def make_backend(exp: Experiment, model_path: str, tokenizer):
     if exp.backend == "vllm":
         lora_rank = exp.lora_rank if exp.lora_serving == "request" else None
-        return VLLMBackend(model_path, seed=exp.seed, max_model_len=engine_max_model_len(exp),
+        return VLLMBackend(model_path, seed=exp.seed, max_model_len=engine_max_model_len(exp, tokenizer),
                            dtype=exp.generation_dtype, lora_rank=lora_rank, trust_remote_code=exp.trust_remote_code)
     return HFBackend(tokenizer)
 
 
-def engine_max_model_len(exp: Experiment) -> int:
-    """The in-loop vLLM engine's context: prompt + generated tokens it accepts."""
-    return max(256, exp.max_length + exp.max_new_tokens)
+def engine_max_model_len(exp: Experiment, tokenizer) -> int:
+    """The in-loop vLLM engine's context: prompt + generated tokens it accepts, for the eval prompts and for the
+    longest prompt an evaluator generates from by itself (HumanEval's, with humaneval_max_new_tokens)."""
+    return max(256, exp.max_length + exp.max_new_tokens, *(p + n for _, _, p, n in evaluator_prompts(exp, tokenizer)))
 
 
-def model_context(exp: Experiment, model_path: str) -> int | None:
+def evaluator_prompts(exp: Experiment, tokenizer) -> list[tuple[str, str, int, int]]:
+    """(evaluator, id, prompt tokens, most new tokens) of the prompts the chosen evaluators generate from by
+    themselves (Evaluator.own_prompts)."""
+    return [(e, *prompt) for e in exp.evaluators if e in EVALUATORS
+            for prompt in EVALUATORS[e].own_prompts(exp.evaluator_kwargs(e), tokenizer)]
+
+
+def check_evaluator_prompts(exp: Experiment, tokenizer, context: int | None) -> None:
+    """A prompt an evaluator generates from by itself (a HumanEval problem) that leaves no room for its new tokens
+    in the model's `context` is a DataError naming the problem and the lengths (not a vLLM error once the run is
+    open); such prompts are never cut, since a cut problem is another problem."""
+    if context is None:
+        return
+    for evaluator, prompt_id, prompt, new in evaluator_prompts(exp, tokenizer):
+        if prompt + new > context:
+            raise DataError(f"{evaluator} problem {prompt_id}: the prompt is {prompt} tokens; with "
+                            f"{evaluator}_max_new_tokens={new} that is {prompt + new} tokens, over the model's context "
+                            f"of {context} ({exp.backend} backend): lower {evaluator}_max_new_tokens, or leave the "
+                            f"problem out of {evaluator}_problems")
+
+
+def model_context(exp: Experiment, model_path: str, tokenizer) -> int | None:
     """Tokens in-loop generation can hold: the model's positions (max_position_embeddings) and, with vLLM, the
     engine's max_model_len; None when the model's config names no limit (HF generate then has none)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=exp.trust_remote_code)
     positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-    limits = [n for n in (positions, engine_max_model_len(exp) if exp.backend == "vllm" else None) if n]
+    limits = [n for n in (positions, engine_max_model_len(exp, tokenizer) if exp.backend == "vllm" else None) if n]
     return min(limits) if limits else None
 
 
@@ -222,9 +244,11 @@ def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list[Eva
     model_path = resolve_experiment_model(exp)  # model=run:...: another run's best checkpoint (training/lineage.py)
     resolve_reward_model(exp)  # reward_model=run:...: a reward model run's best checkpoint, pinned to its id
     exp.check_models(model_path)  # e.g. a distillation teacher's vocabulary against the student's
-    tokenizer, context = _tokenizer(exp, model_path), model_context(exp, model_path)
+    tokenizer = _tokenizer(exp, model_path)
+    context = model_context(exp, model_path, tokenizer)
     eval_sets = [EvalSet(name, samples, fit_eval_prompts(exp, tokenizer, context, samples, sources))
                  for name, _, samples, sources in loaded]
+    check_evaluator_prompts(exp, tokenizer, context)
     return rows, eval_sets, model_path
 
 
