@@ -108,6 +108,20 @@ def test_a_large_seeded_rollout_batch_completes_and_repeats_exactly(vllm_backend
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
 
 
+def test_each_prompt_samples_from_its_own_seed_and_a_rerun_repeats(vllm_backend, tiny_model_dir, prompt_ids):
+    """One seed for every request of a batch gave identical prompts identical samples (and correlated all the
+    others): each prompt's seed now follows (seed, step, its index), so copies of a prompt sample apart, the same
+    seed and step repeat exactly, and a prompt's samples follow its index, not the batch around it."""
+    vllm_backend.sync_weights(load_model(tiny_model_dir))  # the same weights whichever test ran before
+    params = GenParams(max_new_tokens=24, temperature=1.0, seed=7, sample_logprobs=True)
+    batch = [prompt_ids[0]] * 8 + [prompt_ids[1]]
+    first = [c.token_ids[0] for c in vllm_backend.generate(batch, params)]
+    assert len({tuple(t) for t in first[:8]}) > 1
+    assert [c.token_ids[0] for c in vllm_backend.generate(batch, params)] == first
+    assert vllm_backend.generate([prompt_ids[0]], params, indices=[2])[0].token_ids[0] == first[2]
+    assert [c.token_ids[0] for c in vllm_backend.generate(batch, params, step=1)] != first
+
+
 def test_closing_a_second_engine_leaves_the_first_one_working(vllm_backend, tiny_model_dir, prompt_ids):
     """Two engines in one process share vLLM's parallel groups, which an engine's shutdown destroys: an in-process
     run closing its engine broke every later use of this shared one ("pipeline model parallel group is not

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -109,6 +110,14 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+def request_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of one prompt's request: a hash of (run seed, training step, the prompt's index), so every
+    prompt of a batch gets a stream of its own (one seed for all made two identical prompts sample the same text,
+    and correlated the samples of all the others) and a rerun with the same seed repeats it exactly."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: a torch generator's seed range
+
+
 class VLLMBackend:
     """One vLLM engine for the whole run; `sync_weights` copies live weights into it in memory."""
 
@@ -166,13 +175,24 @@ class VLLMBackend:
         runner.reload_weights(weights_iterator=iter(inference_weights(model).items()))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
-    def generate(self, prompt_ids: list[list[int]], params: GenParams) -> list[Completion]:
+    def generate(self, prompt_ids: list[list[int]], params: GenParams, step: int = 0,
+                 indices: Sequence[int] | None = None) -> list[Completion]:
+        """Sampling (temperature > 0) seeds each prompt's request with request_seed(params.seed, `step`, its index):
+        `indices` (default 0, 1, ...) name the prompts stably, e.g. by their place in a prompt file, so that a
+        prompt's samples do not depend on which others share its batch."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                            max_tokens=params.max_new_tokens, seed=params.seed if params.temperature > 0 else None,
-                            stop=list(params.stop) or None, logprobs=0 if params.sample_logprobs else None)
+        common = dict(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                      max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
+                      logprobs=0 if params.sample_logprobs else None)
+        if params.temperature > 0:
+            indices = range(len(prompt_ids)) if indices is None else indices
+            sp = [SamplingParams(**common, seed=request_seed(params.seed, step, i)) for i in indices]
+            if len(sp) != len(prompt_ids):
+                raise ValueError(f"{len(sp)} prompt indices for {len(prompt_ids)} prompts")
+        else:
+            sp = SamplingParams(**common)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sp, use_tqdm=False,
                                  lora_request=self.lora_request)
         if not params.sample_logprobs:

@@ -319,10 +319,11 @@ class PPOTrainer(Trainer):
         s = self.settings
         tokenizer = self.processing_class
         prompt_ids = [render_prompt(tokenizer, r["prompt"]) for r in rows]
-        params = GenParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                           seed=s.seed + self.state.global_step, sample_logprobs=True)
+        params = GenParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, seed=s.seed,
+                           sample_logprobs=True)
         # the unwrapped policy: the engine loads its state dict, not a DDP or DeepSpeed wrapper's
-        completions, stats = sample_across_ranks(self.backend, self.model, prompt_ids, params, s.each_rank)
+        completions, stats = sample_across_ranks(self.backend, self.model, prompt_ids, params, s.each_rank,
+                                                 step=self.state.global_step)
         sequences = [p + c.token_ids[0] for p, c in zip(prompt_ids, completions, strict=True)]
         width = max(map(len, sequences))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -37,20 +37,23 @@ class RolloutStats:
 
 
 def _sync_and_generate(backend: VLLMBackend, model: torch.nn.Module, prompt_ids: list[list[int]],
-                       params: GenParams) -> tuple[list[Completion], float, float]:
-    """The engine synced with `model`, then its completions of `prompt_ids`, with the seconds of each part (PPO's
-    step breakdown reports them apart)."""
+                       params: GenParams, step: int, first_index: int = 0) -> tuple[list[Completion], float, float]:
+    """The engine synced with `model`, then its completions of `prompt_ids` (numbered from `first_index` for their
+    seeds, see VLLMBackend.generate), with the seconds of each part (PPO's step breakdown reports them apart)."""
     start = time.perf_counter()
     backend.sync_weights(model)
     synced = time.perf_counter()
-    completions = backend.generate(prompt_ids, params)
+    indices = range(first_index, first_index + len(prompt_ids))
+    completions = backend.generate(prompt_ids, params, step=step, indices=indices)
     return completions, synced - start, time.perf_counter() - synced
 
 
 def sample_across_ranks(backend: VLLMBackend | None, model: torch.nn.Module, prompt_ids: list[list[int]],
-                        params: GenParams, each_rank: bool = False) -> tuple[list[Completion], RolloutStats]:
+                        params: GenParams, each_rank: bool = False,
+                        step: int = 0) -> tuple[list[Completion], RolloutStats]:
     """`params.n` samples (with `params.sample_logprobs`, their logprobs) of every prompt in `prompt_ids` from the
-    engine, synced with `model` first. Every rank must call it at the same point with its own prompts: rank 0
+    engine, synced with `model` first; each prompt seeded by (params.seed, `step`, its place in the batch of all
+    ranks). Every rank must call it at the same point with its own prompts: rank 0
     passes the engine, the others None (see the module's docstring). In one process, or with `each_rank` (every
     rank passes its own engine), it is a sync and a generate of this rank's prompts."""
     distributed = ranks.world_size() > 1 and torch.distributed.is_initialized()
@@ -58,7 +61,9 @@ def sample_across_ranks(backend: VLLMBackend | None, model: torch.nn.Module, pro
         if backend is None:
             raise RuntimeError(f"rank {ranks.rank()} has no rollout engine (rollout_engines=each_rank builds one on "
                                f"every rank)")
-        completions, sync_s, generate_s = _sync_and_generate(backend, model, prompt_ids, params)
+        # with each_rank, rank r's prompts are numbered after the lower ranks' (equal shares), as when gathered
+        first = ranks.rank() * len(prompt_ids) if distributed else 0
+        completions, sync_s, generate_s = _sync_and_generate(backend, model, prompt_ids, params, step, first)
         return completions, RolloutStats(sum(len(c.texts) for c in completions), 1, sync_s, generate_s)
     gathered = [None] * ranks.world_size() if ranks.is_main() else None
     torch.distributed.gather_object(prompt_ids, gathered, dst=0)
@@ -67,7 +72,7 @@ def sample_across_ranks(backend: VLLMBackend | None, model: torch.nn.Module, pro
         if backend is None:
             raise RuntimeError("rank 0 has no rollout engine: it must pass the in-loop vLLM engine")
         completions, sync_s, generate_s = _sync_and_generate(
-            backend, model, [p for part in gathered for p in part], params)
+            backend, model, [p for part in gathered for p in part], params, step)
         stats = RolloutStats(sum(len(c.texts) for c in completions), len(gathered), sync_s, generate_s)
         parts, offset = [], 0
         for part in gathered:
@@ -120,11 +125,13 @@ class VLLMRollout:
         return self.sample(group_heads(prompt_ids, group), group, trainer)
 
     def sample(self, prompt_ids: list[list[int]], n: int, trainer) -> list[Completion]:
-        """`n` samples of each prompt from the engine synced with `trainer.model`, across ranks, with a fresh seed
-        every step (so each step's samples differ); the cost is added to the trainer's metrics. RLOO and GKD call
-        this from their own generation hooks (harness.training.methods)."""
-        params = GenParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, n=n,
-                           seed=self.seed + trainer.state.global_step, sample_logprobs=True)
-        completions, stats = sample_across_ranks(self.backend, trainer.model, prompt_ids, params, self.each_rank)
+        """`n` samples of each prompt from the engine synced with `trainer.model`, across ranks, each prompt seeded
+        by (seed, step, its index) (so each step's samples differ, and each prompt's from the others'); the cost is
+        added to the trainer's metrics. RLOO and GKD call this from their own generation hooks
+        (harness.training.methods)."""
+        params = GenParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, n=n, seed=self.seed,
+                           sample_logprobs=True)
+        completions, stats = sample_across_ranks(self.backend, trainer.model, prompt_ids, params, self.each_rank,
+                                                 step=trainer.state.global_step)
         log_stats(trainer, stats)
         return completions
