@@ -77,7 +77,7 @@ def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores, sweep_here
     env, storage, client, tmp = stores
     common = ["simpo_qwen", "max_steps=2", "eval_every=2", "eval_limit=8", "max_new_tokens=8", "beta=3.0", "backend=hf",
               "--seed", "0", "--study", "s1", "--pruner", "none"]
-    first, _ = sweep_here(*common, "--trials", "2")
+    first, stdout = sweep_here(*common, "--trials", "2")
 
     study = optuna.load_study(study_name="s1", storage=storage)
     trials = study.get_trials()
@@ -112,11 +112,17 @@ def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores, sweep_here
     summary_path = client.download_artifacts(parent.info.run_id, "sweep/summary.json", str(tmp))
     summary = json.loads(Path(summary_path).read_text())
     assert summary["best_params"] == best.params
+    # whether the best is real, from the trials' own tables (tests/test_sweep_report.py checks the numbers)
+    assert "paired over the same 8 eval samples" in stdout and f"  verdict: {first['verdict']}" in stdout
+    assert tags["sweep.verdict"] == summary["verdict"] == first["verdict"] and tags["sweep.verdict.tests"] == "3"
+    assert tags["sweep.runner_up.trial"] == str(1 - best.number) and "sweep.best_vs_baseline.p_holm" in tags
+    assert first["verdict"].startswith("the best trial is ")
 
     second, _ = sweep_here(*common, "--trials", "1")
     assert second["mlflow_parent_run_id"] == first["mlflow_parent_run_id"]
     assert second["trials"] == {"COMPLETE": 3} and second["steps_trained"] == 6
     (parent,), runs = _runs(client, "simpo_qwen")
+    assert parent.data.tags["sweep.verdict.tests"] == "4"  # the third trial joins the family
     assert sorted(runs) == [0, 1, 2] and parent.info.status == "FINISHED"
     assert runs[2].data.tags["mlflow.parentRunId"] == parent.info.run_id
 

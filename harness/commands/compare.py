@@ -14,11 +14,11 @@ from pathlib import Path
 from evaluators import EVALUATORS
 from evaluators.uncertainty import Paired, aligned_rows, holm, method_line, paired_tests
 from harness.core.errors import ConfigError
-from harness.core.eval_data import metric_key, parse_eval_data
+from harness.core.eval_data import metric_key
 from harness.core.files import check_writable_dir, check_writable_file
 from harness.paths import REPO_ROOT
 from harness.training.inloop import is_quality_metric
-from harness.training.tracking.queries import RunRecord, load_runs, load_table
+from harness.training.tracking.queries import RunRecord, eval_set_names, eval_tables, load_runs
 from harness.training.tracking.runs import existing_run
 
 DEFAULT_DIR = REPO_ROOT / "outputs" / "compare"
@@ -59,12 +59,8 @@ def final_tables(run: RunRecord) -> dict[str, dict[str, list] | None]:
     """Eval set name ("" for one unnamed set) -> the per-sample table the run logged for it at its last evaluation
     (eval_samples/[<set>/]step_NNNNNN.json), or None; the sets are those of the run's eval_data param."""
     step = final_step(run)
-    try:
-        names = [name for name, _ in parse_eval_data(run.params.get("eval_data", ""))]
-    except ConfigError:  # a param the harness did not write: read it as one unnamed set
-        names = [""]
-    return {name: None if step is None else load_table(
-        run.run_id, f"eval_samples/{name + '/' if name else ''}step_{step:06d}.json") for name in names}
+    eval_data = run.params.get("eval_data", "")
+    return dict.fromkeys(eval_set_names(eval_data)) if step is None else eval_tables(run.run_id, eval_data, step)
 
 
 def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, dict[str, list] | None]]) -> list[str]:

@@ -1,14 +1,17 @@
-"""What a sweep leaves in its MLflow parent run: best params and value, the trials table and the study's plots."""
+"""What a sweep leaves in its MLflow parent run: best params and value, whether the best trial is real (its paired
+difference from the baseline and the runner-up, harness.sweeps.winner), the trials table and the study's plots."""
 
 from __future__ import annotations
 
 import tempfile
+import textwrap
 import warnings
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from harness.sweeps.winner import Finisher, Verdict, judge_best
 from harness.training.tracking.tracker import Tracker
 
 PLOTS = {
@@ -34,10 +37,25 @@ def log_study(study: optuna.Study, parent: Tracker) -> dict:
         parent.set_tags({"best.trial": best.number, "best.run_id": best.user_attrs.get("mlflow_run_id", ""),
                          **{f"best.params.{k}": v for k, v in best.params.items()}})
     parent.log_metrics({f"sweep/trials_{k.lower()}": v for k, v in counts.items()}, len(finished))
+    verdict = judge_best(finishers(trials), study.user_attrs.get("objective", ""),
+                         "max" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "min")
+    if verdict is not None:
+        print(verdict.text(), flush=True)
+        summary["verdict"] = verdict.sentence
+        parent.set_tags(verdict.tags())
+        parent.log_text(verdict.text() + "\n", "sweep/verdict.txt")
     parent.log_dict(summary, "sweep/summary.json")
     parent.log_table(_trials_table(trials), "sweep/trials.json")
-    _log_plots(study, parent)
+    _log_plots(study, parent, verdict)
     return summary
+
+
+def finishers(trials: list[optuna.trial.FrozenTrial]) -> list[Finisher]:
+    """The completed trials with a run, as the verdict reads them: a value is the objective at the trial's last
+    report (harness.sweeps.trial), so its step is the trial's last step."""
+    return [Finisher(t.number, t.value, t.last_step, t.user_attrs["mlflow_run_id"], t.intermediate_values.get(0))
+            for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("mlflow_run_id")
+            and t.last_step is not None]
 
 
 def _trials_table(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list]:
@@ -51,7 +69,8 @@ def _trials_table(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list]:
     return table
 
 
-def _log_plots(study: optuna.Study, parent: Tracker) -> None:
+def _log_plots(study: optuna.Study, parent: Tracker, verdict: Verdict | None) -> None:
+    """Optuna's plots; the optimization history also shows the baseline (step 0) and the verdict."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +86,18 @@ def _log_plots(study: optuna.Study, parent: Tracker) -> None:
                 print(f"[sweep] plot {name} skipped: {e}", flush=True)
                 continue
             figure = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            if name == "optimization_history" and verdict is not None:
+                _mark_verdict(ax, verdict)
             path = Path(tmp) / f"{name}.png"
             figure.savefig(path, dpi=100, bbox_inches="tight")
             plt.close(figure)
             parent.log_artifact(str(path), "sweep/plots")
+
+
+def _mark_verdict(ax, verdict: Verdict) -> None:
+    if verdict.vs_baseline is not None:
+        ax.axhline(verdict.vs_baseline.base, color="grey", linestyle="--", label="baseline (step 0)")
+        ax.legend()
+    shown = [line.strip() for line in verdict.lines if line.startswith(("  vs ", "  verdict:"))]
+    ax.figure.text(0.01, -0.02, "\n".join(textwrap.fill(line, 110) for line in shown), ha="left", va="top",
+                   fontsize=8)

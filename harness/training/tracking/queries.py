@@ -15,6 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from harness.core.errors import ConfigError, TrackingUnavailable
+from harness.core.eval_data import parse_eval_data
 from harness.training.outbox import redact
 from harness.training.tracking.retries import retrying
 from harness.training.tracking.store import open_client, shown_tracking_uri
@@ -164,3 +165,18 @@ def load_table(run_id: str, artifact_file: str) -> dict[str, list] | None:
         return None
     columns = [str(c) for c in data["columns"]]
     return {c: [row[i] for row in data["data"]] for i, c in enumerate(columns)}
+
+
+def eval_set_names(eval_data: str) -> list[str]:
+    """The eval sets of a run's `eval_data` param ("" for one unnamed set)."""
+    try:
+        return [name for name, _ in parse_eval_data(eval_data)]
+    except ConfigError:  # a param the harness did not write: read it as one unnamed set
+        return [""]
+
+
+def eval_tables(run_id: str, eval_data: str, step: int) -> dict[str, dict[str, list] | None]:
+    """Eval set name ("" for one unnamed set) -> the per-sample table the run logged for it at `step`
+    (eval_samples/[<set>/]step_NNNNNN.json), or None; the sets are those of the run's `eval_data` param."""
+    return {name: load_table(run_id, f"eval_samples/{name + '/' if name else ''}step_{step:06d}.json")
+            for name in eval_set_names(eval_data)}
