@@ -4,13 +4,14 @@ from evaluators.answer import Answer
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from evaluators.bleu import Bleu
 from evaluators.humaneval import HumanEval
+from evaluators.ifeval import IFEval
 from evaluators.judge import Judge
 from evaluators.perplexity import Perplexity
 from evaluators.reward_accuracy import RewardAccuracy
 from evaluators.rouge import RougeChinese
 
 EVALUATORS: dict[str, type[Evaluator]] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge,
-                                                              RewardAccuracy, Answer)}
+                                                              RewardAccuracy, Answer, IFEval)}
 
 
 def is_diagnostic(key: str) -> bool:
