@@ -17,14 +17,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.commands.model_ref import ModelRef
 from harness.commands.sample import (
     SampleConfig,
+    _check_resumable,
     _output_rows,
     best_and_worst,
     parse_scorer,
     progress_path,
     read_progress,
     run_sample,
+    sampler_identity,
     score_summary,
 )
 from harness.core.errors import ConfigError, DataError
@@ -99,6 +102,38 @@ def test_progress_drops_a_half_written_line_and_refuses_duplicates(tmp_path):
     path.write_text('{"id": "a"}\nnot json\n')
     with pytest.raises(DataError, match=r"o.samples.jsonl line 2: invalid JSON"):
         read_progress(path)
+
+
+def test_a_sampling_resumed_with_another_sampler_is_refused_naming_what_changed(tmp_path):
+    """A progress file continued with another model (`run:latest:` now naming a newer run), temperature, top_p,
+    max_new_tokens, seed or prompt file would mix two samplers in one output: refused, naming each change."""
+    import dataclasses
+
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", _eval_rows(2))
+    cfg = SampleConfig("run:latest:sft_qwen", str(prompts), str(tmp_path / "out.jsonl"), n=2, seed=3)
+    sidecar = progress_path(Path(cfg.out))
+    model = ModelRef(cfg.ref, "/runs/a/best", tokenizer_dir="/runs/a/best", run_id="a" * 32)
+    row = {"id": "1", "prompt": "p", "samples": ["x", "y"], "scores": [1.0, 0.0], "scorer": cfg.scorer,
+           **model.describe(), "sampler": sampler_identity(cfg)}
+    _check_resumable([row], sidecar, cfg, model)  # the same sampler: resumed
+
+    def refusal(cfg: SampleConfig, model: ModelRef, done: tuple[dict, ...] = (row,)) -> str:
+        with pytest.raises(ConfigError) as e:
+            _check_resumable(list(done), sidecar, cfg, model)
+        assert f"delete {sidecar}" in str(e.value) and "mix two samplers" in str(e.value)
+        return str(e.value)
+
+    newer = refusal(cfg, ModelRef(cfg.ref, "/runs/b/best", tokenizer_dir="/runs/b/best", run_id="b" * 32))
+    assert f"source_run='{'a' * 32}' then, '{'b' * 32}' now" in newer
+    assert "model='/runs/a/best' then, '/runs/b/best' now" in newer
+    changed = refusal(dataclasses.replace(cfg, temperature=0.7, top_p=0.9, max_new_tokens=8, seed=4), model)
+    for text in ("temperature=1.0 then, 0.7 now", "top_p=1.0 then, 0.9 now", "max_new_tokens=48 then, 8 now",
+                 "seed=3 then, 4 now"):
+        assert text in changed
+    _write_jsonl(prompts, _eval_rows(3))
+    assert f"prompts='{row['sampler']['prompts']}' then" in refusal(cfg, model)
+    unrecorded = {k: v for k, v in row.items() if k != "sampler"}  # a progress file from before this was recorded
+    assert "temperature=None then, 1.0 now" in refusal(cfg, model, (unrecorded,))
 
 
 def test_bad_sample_input_stops_before_mlflow(tmp_path, monkeypatch):
@@ -239,6 +274,8 @@ def test_sample_writes_best_and_worst_and_resumes_after_kill(tiny_model_dir, vll
                        seed=3)
     summary = run_sample(cfg, engine=vllm_backend)
     assert (summary["prompts"], summary["new_prompts"]) == (len(rows), len(rows) - first.count(b"\n"))
+    with pytest.raises(ConfigError, match="seed=3 then, 4 now"):  # the killed and the resumed rows record it
+        run_sample(SampleConfig(**{**vars(cfg), "seed": 4}), engine=vllm_backend)
 
     after = sidecar.read_bytes()
     assert after.startswith(first)  # the killed run's finished prompts are kept as they were

@@ -1,13 +1,16 @@
 """Rejection sampling: `python -m harness sample REF --prompts FILE --n 8 --scorer S --out OUT`.
 
-For every prompt the engine samples n answers (through the model's chat template, seeded per request, so a prompt's
-samples do not depend on which others share its batch); a scorer rates each one; OUT gets the best answer as SFT
-data (`prompt`/`completion`) or the best and the worst as a preference pair (`prompt`/`chosen`/`rejected`), each
-record with its scores, the scorer and the model that produced it (`source`, `model`, `source_run` for a run).
+For every prompt the engine samples n answers (through the model's chat template, seeded per request by the seed and
+the prompt's place in the file, so a prompt's samples do not depend on which others share its batch); a scorer rates
+each one; OUT gets the best answer as SFT data (`prompt`/`completion`) or the best and the worst as a preference pair
+(`prompt`/`chosen`/`rejected`), each record with its scores, the scorer and the model that produced it (`source`,
+`model`, `source_run` for a run).
 
 Progress lives in OUT's sidecar `<OUT stem>.samples.jsonl`: one line per finished prompt (all n answers and their
-scores), appended, flushed and fsynced as each batch is scored. A rerun skips the prompt ids already there (a
-half-written last line, from a kill, is dropped) and OUT is rewritten from the sidecar at the end, all or nothing.
+scores, the model and the sampler settings), appended, flushed and fsynced as each batch is scored. A rerun skips the
+prompt ids already there (a half-written last line, from a kill, is dropped) and OUT is rewritten from the sidecar at
+the end, all or nothing; a rerun with another model (a `run:latest:` reference now naming another run included),
+scorer, n, temperature, top_p, max_new_tokens, seed or prompt file is refused, naming what changed.
 
 Scorers (higher is better; each reads the prompt record's fields named in SCORER_FIELDS):
 - reward functions of harness/rl/rewards.py: `answer_match`, `rouge_l`, `code_pass`, `reward_model` (--reward-model);
@@ -27,11 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.commands.model_ref import open_engine, render_prompts, resolve_ref
+from harness.commands.model_ref import ModelRef, open_engine, render_prompts, resolve_ref
 from harness.core.errors import ConfigError, DataError
 from harness.core.files import atomic_writer, check_output_file, check_writable_file
 from harness.core.generation import GenParams
-from harness.core.records import Record, eval_answer, read_records, require_text, resolve_local
+from harness.core.records import Record, eval_answer, fingerprint, read_records, require_text, resolve_local
 
 REWARD_SCORERS = ("answer_match", "rouge_l", "code_pass", "reward_model")
 EVALUATOR_METRICS = {"answer": ("exact", "numeric", "contains"), "rouge": ("rouge1", "rouge2", "rougeL"),
@@ -217,15 +220,31 @@ def record_id(record: Record) -> str:
     return record.source.rsplit(" ", 1)[-1]
 
 
-def _check_resumable(done: list[dict], path: Path, cfg: SampleConfig) -> None:
-    """A sidecar from another sampling (another model, scorer or n) must not be continued as if it were this one."""
-    expected = {"source": cfg.ref, "scorer": cfg.scorer, "n": cfg.n}
-    for row in done[:1]:
-        got = {"source": row.get("source"), "scorer": row.get("scorer"), "n": len(row.get("samples", []))}
-        for key, value in expected.items():
-            if got[key] != value:
-                raise ConfigError(f"{path} holds a sampling with {key}={got[key]!r}, not {value!r}: write to another "
-                                  f"--out, or delete {path} to start over")
+def sampler_identity(cfg: SampleConfig) -> dict:
+    """What decides a prompt's samples besides the model: recorded with every prompt in the sidecar (`sampler`), so
+    that a resume with other settings is refused (_check_resumable). The prompt file's fingerprint is there because
+    each prompt's seed follows its place in the file."""
+    return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed, "prompts": fingerprint(cfg.prompts)}
+
+
+def _check_resumable(done: list[dict], path: Path, cfg: SampleConfig, model: ModelRef) -> None:
+    """A sidecar from another sampling (another model, or the same reference resolving to another run or
+    directory, another scorer, n or sampler settings) must not be continued as if it were this one: the output
+    would mix two samplers. Refused with every difference named."""
+    if not done:
+        return
+    row = done[0]
+    recorded = row.get("sampler", {})
+    expected = {**model.describe(), "scorer": cfg.scorer, "n": cfg.n, **sampler_identity(cfg)}
+    got = {**{k: row.get(k) for k in ("source", "model", "source_run", "scorer")}, "n": len(row.get("samples", [])),
+           **{k: recorded.get(k) for k in sampler_identity(cfg)}}
+    expected.setdefault("source_run", None)
+    changed = [f"{key}={got[key]!r} then, {value!r} now" for key, value in expected.items() if got[key] != value]
+    if changed:
+        raise ConfigError(f"{path} holds a sampling made with other settings ({'; '.join(changed)}): resuming it "
+                          f"would mix two samplers in one output. Write to another --out, or delete {path} (and "
+                          f"{path.name.removesuffix('.samples.jsonl')}.jsonl beside it) to start over")
 
 
 def _output_rows(cfg: SampleConfig, records: list[Record], done: dict[str, dict]) -> tuple[list[dict], int]:
@@ -285,9 +304,10 @@ def run_sample(cfg: SampleConfig, engine=None) -> dict:
         check_output_file(path, inputs)
     model = resolve_ref(cfg.ref)
     done = read_progress(sidecar)
-    _check_resumable(done, sidecar, cfg)
+    _check_resumable(done, sidecar, cfg, model)
     finished = {row["id"] for row in done}
     todo = [r for r in records if record_id(r) not in finished]
+    place = {record_id(r): i for i, r in enumerate(records)}  # a prompt's seed follows its place in the file
     _, prompt_ids = render_prompts(model, [r.fields["prompt"] for r in todo])
     experiment, tags = f"sample/{out.name.removesuffix('.jsonl')}", {"command": "sample", "out": str(out.resolve())}
     # a sampling of this OUT that was killed left its MLflow run RUNNING: it ended then, as KILLED (before a judge
@@ -311,7 +331,7 @@ def run_sample(cfg: SampleConfig, engine=None) -> dict:
                             n=cfg.n, seed=cfg.seed)
             for start in range(0, len(todo), cfg.batch):
                 chunk, ids = todo[start : start + cfg.batch], prompt_ids[start : start + cfg.batch]
-                completions = engine.generate(ids, gen)
+                completions = engine.generate(ids, gen, indices=[place[record_id(r)] for r in chunk])
                 tokens += sum(c.num_tokens for c in completions)
                 texts = [t for c in completions for t in c.texts]
                 scores = scorer([r for r in chunk for _ in range(cfg.n)], texts)
@@ -320,7 +340,7 @@ def run_sample(cfg: SampleConfig, engine=None) -> dict:
                     mine = scores[i * cfg.n : (i + 1) * cfg.n]
                     rows.append({"id": record_id(r), "prompt": r.fields["prompt"], "samples": c.texts,
                                  "scores": mine, "scorer": cfg.scorer, **model.describe(),
-                                 "sample_run": tracker.run_id})
+                                 "sampler": sampler_identity(cfg), "sample_run": tracker.run_id})
                 _append(sidecar, rows)
                 done += rows
                 print(f"[sample] {len(done)}/{len(records)} prompts", flush=True)
