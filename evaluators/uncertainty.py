@@ -165,16 +165,17 @@ class Paired:
         """Whether the 95% interval leaves out 0: exactly when the raw p-value is under 0.05."""
         return (self.low >= 0 or self.high <= 0) if self.open_interval else (self.low > 0 or self.high < 0)
 
-    def describe(self, digits: int = 3) -> str:
-        """`+18.750, 95% CI [+9.375, +28.125], p=0.001 (Holm p=0.004 over 4 metrics), significant`"""
+    def describe(self, digits: int = 3, family: str = "metrics") -> str:
+        """`+18.750, 95% CI [+9.375, +28.125], p=0.001 (Holm p=0.004 over 4 metrics), significant`; `family` names
+        what the tests adjusted together are (a sweep's report: tests)."""
         verdict = "significant" if self.significant else "not significant"
-        holm = f" (Holm p{_p(self.p_adjusted)} over {self.family} metrics)" if self.p_adjusted is not None else ""
+        holm = "" if self.p_adjusted is None else f" (Holm p{format_p(self.p_adjusted)} over {self.family} {family})"
         left, right = "()" if self.open_interval else "[]"
         return (f"{self.delta:+.{digits}f}, 95% CI {left}{self.low:+.{digits}f}, {self.high:+.{digits}f}{right}, "
-                f"p{_p(self.p_value)}{holm}, {verdict}")
+                f"p{format_p(self.p_value)}{holm}, {verdict}")
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
     """`=0.047`, or `<0.001` where three decimals would show a p-value of 0 (10,000 trials resolve 1e-4)."""
     return "<0.001" if p < 0.001 else f"={p:.3f}"
 
@@ -354,8 +355,9 @@ def unit_table(evaluator, own: Mapping[str, Sequence] | None) -> dict[str, list]
     """An evaluator's own rows (EvalResult.table) as a per-sample table of its units (HumanEval's problems,
     reward_accuracy's pairs): `id` = the unit (its `unit_column`), and `<evaluator>/<metric>` = the mean over the
     unit's rows of the rows' `<metric>` column, for each of its mean_metrics (HumanEval's pass@1 of a problem with n
-    samples is its share of passing samples). The unit is what a bootstrap or a paired test resamples: n samples of
-    one problem are not n independent problems. None when `own` lacks the columns."""
+    samples is its share of passing samples); and `<evaluator>/<metric>_stats` = the sum of the rows' `<metric>_stats`
+    for each of its corpus_metrics (the choice evaluator's bits per byte). The unit is what a bootstrap or a paired
+    test resamples: n samples of one problem are not n independent problems. None when `own` lacks the columns."""
     units = _column(own or {}, evaluator.unit_column) if evaluator.unit_column else None
     if units is None:
         return None
@@ -372,6 +374,14 @@ def unit_table(evaluator, own: Mapping[str, Sequence] | None) -> dict[str, list]
                 counts[position[str(unit)]] += 1
         with np.errstate(invalid="ignore"):
             table[f"{evaluator.name}/{metric}"] = (sums / counts).tolist()  # NaN for a unit with no value: left out
+    for metric in evaluator.corpus_metrics:  # sufficient statistics add up: a unit's are the sum of its rows'
+        rows = _column(own, f"{metric}{STATS_SUFFIX}")
+        if rows is None:
+            continue
+        totals: dict[str, np.ndarray] = {}
+        for unit, row in zip(units, rows, strict=True):
+            totals[str(unit)] = totals.get(str(unit), 0) + np.asarray(row, dtype=np.float64)
+        table[f"{evaluator.name}/{metric}{STATS_SUFFIX}"] = [totals[unit].tolist() for unit in table["id"]]
     return table
 
 

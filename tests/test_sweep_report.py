@@ -100,8 +100,8 @@ def test_best_of_equally_noisy_trials_is_indistinguishable_though_its_raw_p_is_u
     assert lines[1] == (f"  best trial {best}: {means[best]:.3f} (step {LAST}); baseline: {np.mean(base):.3f} "
                         f"(step 0 of trial {best}'s run, the starting model)")
     assert lines[2] == (f"  vs baseline (step 0): {vs_base.delta:+.3f}, 95% CI [{vs_base.low:+.3f}, "
-                        f"{vs_base.high:+.3f}], p={vs_base.p_value:.3f}, Holm p={vs_base.p_adjusted:.3f} over 5 tests, "
-                        f"not significant")
+                        f"{vs_base.high:+.3f}], p={vs_base.p_value:.3f} (Holm p={vs_base.p_adjusted:.3f} over 5 "
+                        f"tests), not significant")
     assert lines[3].startswith(f"  vs runner-up (trial {runner_up}, {means[runner_up]:.3f} at step {LAST}): "
                                f"{vs_runner.delta:+.3f}, 95% CI [")
     assert lines[4].startswith("  Holm over 5 tests: each of the 4 completed trials against the baseline, and the "

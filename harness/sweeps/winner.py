@@ -152,17 +152,6 @@ def _no_verdict(objective: str, why: str, notes: list[str] | None = None) -> Ver
                                          f"  verdict: {sentence}"], notes=notes or [])
 
 
-def _describe(test: Paired) -> str:
-    """Like Paired.describe, with the family named as this block's tests."""
-    verdict = "significant" if test.significant else "not significant"
-    return (f"{test.delta:+.3f}, 95% CI [{test.low:+.3f}, {test.high:+.3f}], p{_p(test.p_value)}, Holm "
-            f"p{_p(test.p_adjusted)} over {test.family} tests, {verdict}")
-
-
-def _p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"={p:.3f}"
-
-
 def _standing(test: Paired | None, mode: str) -> str | None:
     if test is None:
         return None
@@ -198,12 +187,12 @@ def _verdict(objective: str, mode: str, set_name: str, best: Finisher, runner_up
              f"{vs_baseline.n} eval samples{where}",
              f"  best trial {best.number}: {vs_baseline.new:.3f} (step {best.step}); baseline: {vs_baseline.base:.3f} "
              f"(step 0 of trial {best.number}'s run, the starting model)",
-             f"  vs baseline (step 0): {_describe(vs_baseline)}"]
+             f"  vs baseline (step 0): {vs_baseline.describe(family='tests')}"]
     if runner_up is None:
         lines.append("  vs runner-up: none (one trial compared)")
     elif vs_runner_up is not None:
         lines.append(f"  vs runner-up (trial {runner_up.number}, {vs_runner_up.base:.3f} at step {runner_up.step}): "
-                     f"{_describe(vs_runner_up)}")
+                     f"{vs_runner_up.describe(family='tests')}")
     else:
         lines.append(f"  vs runner-up (trial {runner_up.number}): its table does not pair with the best's")
     lines.append(f"  Holm over {vs_baseline.family} tests: each of the {compared} completed trials against the "
