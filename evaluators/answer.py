@@ -20,6 +20,18 @@ Extraction of the final answer (`extract_answer`), the first rule that applies:
    text in the gap. This is how the embedded tasks state their answers, in both languages;
 3. otherwise the whole output.
 
+GSM8K's rule, as lm-evaluation-harness's `gsm8k` task applies it (lm_eval/tasks/gsm8k/gsm8k.yaml), for records in
+GSM8K's shape: the `reference` is a worked solution with a `#### N` line (harness.core.records.gsm8k_sample reads
+GSM8K's `question`/`answer` records so); absent, like `numeric`, when the set has none:
+- `gsm8k_strict` (lm-eval: `exact_match,strict-match`): the first `#### N` of the output, N matched by
+  `#### (\\-?[0-9\\.\\,]+)`;
+- `gsm8k_flexible` (lm-eval: `exact_match,flexible-extract`): the last match of `(-?[$0-9.,]{2,})|(-?[0-9]+)` in the
+  output (its first non-empty group);
+then lm-eval's `exact_match` against the reference, as lm-eval's target is the whole solution, with the task's
+options: on both the extracted text and the reference, `,` and `$` removed,
+everything up to the last `#### ` removed, one trailing `.` removed, lower-cased; equal strings score 100. No match
+at all is lm-eval's "[invalid]", which scores 0. Stricter than `numeric`: `72.0` is not `72`.
+
 Numbers (`parse_number`, `last_number`): optional sign (`-`, `+`, `−`), digits with optional thousands commas
 (`1,000`), optional decimals (`3.50`, `.5`), optionally a simple fraction `a/b` (`3/4` = 0.75); a sign right after
 a digit is not a sign (`63-58` is 63 and 58). So `1,000` = `1000`, `3.50` = `3.5`, `-7` = `−7`. An `answer` is a
@@ -103,6 +115,39 @@ _ANSWER_IS = re.compile(r"(?:answer\s*(?:is\s*:?|:)|答案\s*(?:(?:是|为)\s*[:
                         r"(?=[.!?。！？](?:\s|$)|\n|$)", re.IGNORECASE)
 
 
+# lm-eval's gsm8k task: its two regex filters, the fallback of a filter that finds nothing, and the regexes its
+# exact_match removes from both sides (in this order) before comparing lower-cased strings
+GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+GSM8K_IGNORE = (",", r"\$", r"(?s).*#### ", r"\.$")
+INVALID = "[invalid]"
+
+
+def gsm8k_extract(output: str, flexible: bool = False) -> str:
+    """The answer lm-eval's gsm8k filter takes from `output`: strict-match the first `#### N`, flexible-extract the
+    last number-like run; "[invalid]" when there is none."""
+    found = (GSM8K_FLEXIBLE if flexible else GSM8K_STRICT).findall(output)
+    if not found:
+        return INVALID
+    match = found[-1] if flexible else found[0]
+    if isinstance(match, tuple):  # several groups: the first that matched
+        match = next((m for m in match if m), INVALID)
+    return match.strip()
+
+
+def gsm8k_normal(text: str) -> str:
+    """What lm-eval's exact_match compares, with the gsm8k task's regexes_to_ignore and ignore_case."""
+    for pattern in GSM8K_IGNORE:
+        text = re.sub(pattern, "", text)
+    return text.lower()
+
+
+def gsm8k_match(output: str, solution: str, flexible: bool = False) -> bool:
+    """lm-eval's gsm8k exact_match of `output` (after its strict or flexible filter) against the worked `solution`
+    (its `#### N` line)."""
+    return gsm8k_normal(gsm8k_extract(output, flexible)) == gsm8k_normal(solution)
+
+
 def _framed(output: str, reference: str, answer: str) -> str | None:
     """The text in the output where the reference has its answer, when the output has the reference's frame."""
     folded, answer = _fold(reference), _fold(answer).strip()
@@ -131,7 +176,8 @@ def extract_answer(output: str, reference: str = "", answer: str = "") -> str:
 
 
 def answer_scores(output: str, answer: str, reference: str = "", tolerance: float = 1e-6) -> dict:
-    """One sample: `exact`, `numeric` (NaN when the answer is not a number), `contains` as 0/100, and `extracted`."""
+    """One sample: `exact`, `numeric`, `contains`, `gsm8k_strict`, `gsm8k_flexible` as 0/100 (numeric NaN when the
+    answer is not a number, the gsm8k ones when the reference is not a GSM8K solution), and `extracted`."""
     extracted = extract_answer(output, reference, answer)
     expected = parse_number(answer)
     if expected is None:
@@ -139,13 +185,17 @@ def answer_scores(output: str, answer: str, reference: str = "", tolerance: floa
     else:
         got = last_number(extracted)
         numeric = 100.0 * (got is not None and abs(got - expected) <= tolerance * max(1.0, abs(expected)))
+    strict, flexible = ((100.0 * gsm8k_match(output, reference, f) if "#### " in reference else float("nan"))
+                        for f in (False, True))
     return {"exact": 100.0 * (bool(normalize(answer)) and normalize(extracted) == normalize(answer)),
-            "numeric": numeric, "contains": 100.0 * contains_answer(output, answer), "extracted": extracted}
+            "numeric": numeric, "contains": 100.0 * contains_answer(output, answer), "gsm8k_strict": strict,
+            "gsm8k_flexible": flexible, "extracted": extracted}
 
 
 class Answer(Evaluator):
     name = "answer"
-    metrics = ("exact", "numeric", "contains")
+    metrics = ("exact", "numeric", "contains", "gsm8k_strict", "gsm8k_flexible")
+    partial_metrics = ("numeric", "gsm8k_strict", "gsm8k_flexible")  # over the records they apply to only
     mean_metrics = metrics
     needs_fields = ("answer",)
 
@@ -164,9 +214,10 @@ class Answer(Evaluator):
                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         rows = [answer_scores(p, s.answer, s.reference, self.tolerance)
                 for p, s in zip(ctx.predictions, ctx.samples, strict=True)]
-        per = {k: [r[k] for r in rows] for k in ("exact", "numeric", "contains", "extracted")}
+        per = {k: [r[k] for r in rows] for k in (*self.metrics, "extracted")}
         metrics = {k: sum(per[k]) / len(per[k]) for k in ("exact", "contains")}
-        numeric = [v for v in per["numeric"] if not math.isnan(v)]
-        if numeric:
-            metrics["numeric"] = sum(numeric) / len(numeric)
+        for k in self.partial_metrics:
+            values = [v for v in per[k] if not math.isnan(v)]
+            if values:
+                metrics[k] = sum(values) / len(values)
         return EvalResult({k: metrics[k] for k in self.metrics if k in metrics}, per)

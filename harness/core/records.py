@@ -191,14 +191,32 @@ def eval_answer(record: Record, required: bool = False, why: str = "") -> str | 
     return require_text(record, "answer", why=why)
 
 
+def gsm8k_sample(record: Record, index: int | str) -> EvalSample | None:
+    """A record in GSM8K's shape (openai/gsm8k: `question`, and `answer` the worked solution ending with a line
+    `#### N`) as an eval sample: prompt = the question, reference = the whole solution, answer = N (what follows the
+    last `####`); None for a record of another shape (one with a `prompt`, or whose `answer` is not text)."""
+    if "prompt" in record.fields or "question" not in record.fields or not isinstance(record.fields.get("answer"), str):
+        return None
+    question, solution = require_text(record, "question"), require_text(record, "answer")
+    _, mark, final = solution.rpartition("####")
+    if not mark or not final.strip():
+        raise DataError(f"{record.source}: field 'answer' must end with a line '#### N' giving the final answer "
+                        f"(a GSM8K record has question and answer; other eval records have prompt and reference)")
+    return EvalSample(str(record.fields.get("id", index)), question, solution, final.strip())
+
+
 def eval_sample(record: Record, index: int | str, required: dict[str, str] | None = None) -> EvalSample:
-    """An eval record with a string `prompt` and `reference`, and `answer` when present; its id is its `id` field
-    or `index`. `required`: fields the record must have besides those (only `answer` is known) -> why, for the
-    error message (e.g. {"answer": "the answer evaluator compares outputs with it"})."""
+    """An eval record with a string `prompt` and `reference`, and `answer` when present, or a GSM8K record
+    (gsm8k_sample); its id is its `id` field or `index`. `required`: fields the record must have besides those (only
+    `answer` is known) -> why, for the error message (e.g. {"answer": "the answer evaluator compares outputs with
+    it"})."""
     required = required or {}
     unknown = sorted(set(required) - {"answer"})
     if unknown:
         raise ValueError(f"eval records carry no field(s) {unknown}")
+    gsm8k = gsm8k_sample(record, index)
+    if gsm8k is not None:
+        return gsm8k
     return EvalSample(str(record.fields.get("id", index)), require_text(record, "prompt"),
                       require_text(record, "reference"), eval_answer(record, "answer" in required,
                                                                      required.get("answer", "")))
