@@ -3,6 +3,7 @@
 from evaluators.answer import Answer
 from evaluators.base import EvalContext, EvalResult, Evaluator
 from evaluators.bleu import Bleu
+from evaluators.choice import Choice
 from evaluators.humaneval import HumanEval
 from evaluators.ifeval import IFEval
 from evaluators.judge import Judge
@@ -11,7 +12,7 @@ from evaluators.reward_accuracy import RewardAccuracy
 from evaluators.rouge import RougeChinese
 
 EVALUATORS: dict[str, type[Evaluator]] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge,
-                                                              RewardAccuracy, Answer, IFEval)}
+                                                              RewardAccuracy, Answer, Choice, IFEval)}
 
 
 def is_diagnostic(key: str) -> bool:

@@ -49,6 +49,28 @@ def require_text(record: Record, key: str, value: Any = _FIELD, *, blank_ok: boo
     raise DataError(f"{record.source}: field '{key}' {what}" + (f" ({why})" if why else ""))
 
 
+def require_texts(record: Record, key: str, value: Any = _FIELD, *, at_least: int = 1) -> list[str]:
+    """The list of texts in the required field `key` (multiple-choice choices): a JSON array of at least `at_least`
+    strings, each non-empty once stripped; the error names the file and line and the field or its bad item."""
+    value = record.fields.get(key) if value is _FIELD else value
+    if not isinstance(value, list) or len(value) < at_least:
+        what = "is missing" if value is None else f"must be a list of at least {at_least} strings"
+        raise DataError(f"{record.source}: field '{key}' {what}")
+    return [require_text(record, f"{key}[{i}]", item) for i, item in enumerate(value)]
+
+
+def require_index(record: Record, key: str, size: int, value: Any = _FIELD) -> int:
+    """The required field `key` as an index into a list of `size` items (a multiple-choice answer): a JSON integer or
+    a string of digits ("3", as HellaSwag writes its labels) in [0, size)."""
+    value = record.fields.get(key) if value is _FIELD else value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < size:
+        return value
+    what = "is missing" if value is None else f"must be an index in [0, {size}) (got {value!r})"
+    raise DataError(f"{record.source}: field '{key}' {what}")
+
+
 def resolve_local(spec: str) -> Path | None:
     """A path as given (relative to the working directory), else relative to the repository root."""
     for candidate in (Path(spec), REPO_ROOT / spec):
