@@ -270,7 +270,7 @@ class Choice(Evaluator):
         rows = []
         for q in self.questions:
             lls = [float(sum(next(logprobs))) for _ in q.choices]
-            rows.append({"id": q.id, "set": q.set, "context": q.description + self.prefix + q.text,
+            rows.append({"id": q.id, "set": q.set, "context": self.context(q, ctx.tokenizer),
                          "choices": list(q.choices), "gold": q.gold, "loglik": lls,
                          **score_question(lls, q.choices, q.gold, self.delimiter)})
         for row, weight in zip(rows, self._centering(rows), strict=True):

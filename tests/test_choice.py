@@ -135,6 +135,22 @@ def test_fewshot_examples_precede_every_question_and_size_the_engine(tiny_model_
     assert longest + 1 > 256 and engine_max_model_len(exp, tokenizer) == longest + 1  # scored, then 1 token
 
 
+def test_chat_renders_one_user_turn_and_drops_the_delimiter(tiny_model_dir):
+    """As lm_eval --apply_chat_template: the description a system turn, few-shot examples and question one user
+    turn, the generation prompt after it, and each choice right after that (no target delimiter)."""
+    from harness.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    evaluator = Choice(data=str(SHAPES / "mmlu.jsonl"), chat=True)
+    question = evaluator.questions[0]
+    context = evaluator.context(question, tokenizer)
+    assert context == tokenizer.apply_chat_template(
+        [{"role": "system", "content": question.description.strip()}, {"role": "user", "content": question.text}],
+        add_generation_prompt=True, tokenize=False)
+    contexts, continuations = evaluator.requests(tokenizer)
+    assert contexts[0] + continuations[0] == tokenizer.encode(context + "A")
+
+
 # ---- the harness's evaluator against lm-evaluation-harness ----
 
 def _task_files(directory: Path) -> dict[str, str]:
