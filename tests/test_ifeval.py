@@ -244,3 +244,18 @@ def test_evaluator_generates_greedily_for_its_prompts_and_reports_each_prompt(ti
     assert [json.loads(k) for k in table["kwargs"]] == [p["kwargs"] for p in evaluator.prompts]
     own = IFEval.own_prompts({"limit": 4, "max_new_tokens": 12}, tokenizer)
     assert [(k, n) for k, _, n in own] == [(k, 12) for k in table["key"]]
+
+
+def test_options_and_metrics_are_checked_before_a_run():
+    from experiments.simpo_qwen import SimpoQwen
+    from harness.core.errors import ConfigError
+    from harness.training.overrides import apply_overrides
+
+    exp = apply_overrides(SimpoQwen, ["evaluators=ifeval", "select_metric=eval/ifeval/inst_level_loose_acc",
+                                      "ifeval_limit=3", "ifeval_max_new_tokens=64"])
+    assert exp.evaluator_kwargs("ifeval") == {"limit": 3, "max_new_tokens": 64}
+    with pytest.raises(ConfigError, match="ifeval_max_new_tokens.*must be >= 1 \\(lm-eval's ifeval task uses 1280\\)"):
+        apply_overrides(SimpoQwen, ["evaluators=ifeval", "select_metric=eval/ifeval/inst_level_loose_acc",
+                                    "ifeval_max_new_tokens=0"])
+    with pytest.raises(ConfigError, match="is not produced by the chosen evaluators"):
+        apply_overrides(SimpoQwen, ["evaluators=ifeval", "select_metric=eval/ifeval/acc"])
