@@ -259,3 +259,34 @@ def test_options_and_metrics_are_checked_before_a_run():
                                     "ifeval_max_new_tokens=0"])
     with pytest.raises(ConfigError, match="is not produced by the chosen evaluators"):
         apply_overrides(SimpoQwen, ["evaluators=ifeval", "select_metric=eval/ifeval/acc"])
+
+
+@pytest.mark.slow
+def test_in_loop_run_logs_the_four_metrics_with_error_bars_and_the_prompt_table(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    from harness.commands.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = main(["run", "simpo_qwen", "evaluators=ifeval", "select_metric=eval/ifeval/prompt_level_loose_acc",
+                 "ifeval_limit=6", "ifeval_max_new_tokens=16", "max_steps=1", "eval_every=1", "eval_limit=2",
+                 "backend=hf", f"output_dir={tmp_path / 'outputs'}"])
+    _, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
+    for metric in IFEval.metrics:
+        for suffix in ("", "_se", "_ci_low", "_ci_high"):
+            key = f"eval/ifeval/{metric}{suffix}"
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    path = client.download_artifacts(run.info.run_id, "eval_samples/ifeval/step_000001.json", str(tmp_path))
+    table = json.loads(open(path, encoding="utf-8").read())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert len(rows) == 6
+    for row in rows:
+        assert len(row["strict"]) == len(row["loose"]) == len(row["instruction_id_list"])
+        assert row["prompt_level_strict_acc"] == 100.0 * all(row["strict"])
+    final = client.get_run(run.info.run_id).data.metrics
+    strict = [s for row in rows for s in row["strict"]]
+    assert final["eval/ifeval/inst_level_strict_acc"] == pytest.approx(100 * sum(strict) / len(strict))
