@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from transformers import TrainerCallback
 
 from evaluators import EvalContext, Evaluator, is_diagnostic
-from evaluators.uncertainty import STATS_SUFFIX, error_bars, is_error_bar
+from evaluators.uncertainty import STATS_SUFFIX, error_bars, is_error_bar, unit_table
 from harness.core import ranks
 from harness.core.eval_data import metric_key
 from harness.core.generation import GenerationBackend, GenParams
@@ -114,7 +114,8 @@ class Evaluation:
                 evaluator_tables[evaluator.name] = result.table
             # error bars of every metric with per-sample values (README: What the error bars mean)
             start = time.perf_counter()
-            bars = error_bars(evaluator, table)
+            units = unit_table(evaluator, result.table) if evaluator.unit_column else None  # HumanEval's problems
+            bars = error_bars(evaluator, units if units is not None else table)
             metrics.update({f"eval/{evaluator.name}/{k}": v for k, v in bars.items()})
             bars_s += time.perf_counter() - start
             progress.update()

@@ -16,7 +16,7 @@ from transformers import PrinterCallback, set_seed
 from transformers.utils import logging as hf_logging
 
 from evaluators import EVALUATORS
-from evaluators.uncertainty import ALPHA, N_RESAMPLES, SEED, paired_tests
+from evaluators.uncertainty import holm, method_line, paired_tests
 from harness.core import ranks
 from harness.core import records as data
 from harness.core.errors import ConfigError, DataError
@@ -425,16 +425,17 @@ def print_summary(summary: RunSummary) -> None:
     # one block per named eval set (a resumed run's restored reports have no per-set reports: one block)
     no_set = EvalReport(first.step, {}, {}, {})
     groups = {n: (r, last.sets.get(n, no_set)) for n, r in first.sets.items()} or {"": (first, last)}
-    for set_name, (base_report, final_report) in groups.items():
-        # each change tested by a paired bootstrap over the same eval samples (README: What the error bars mean)
-        tests = ({metric_key(k, set_name): t for k, t in
-                  paired_tests(EVALUATORS, base_report.table, final_report.table).items()} if last is not first else {})
+    # every change of every set is one family of tests (README: What the error bars mean)
+    tests = holm({metric_key(k, set_name): t for set_name, (base_report, final_report) in groups.items()
+                  for k, t in paired_tests(EVALUATORS, base_report.table, final_report.table,
+                                           base_report.evaluator_tables, final_report.evaluator_tables).items()}
+                 if last is not first else {})
+    if tests:
+        print(f"  (delta, its 95% interval, p-value and verdict: {method_line()})")
+    for set_name, (base_report, _) in groups.items():
         samples = len(base_report.table.get("id", ()))
         if set_name:
             print(f"  eval set {set_name} ({samples} samples):")
-        if tests:
-            print(f"  (delta, its 95% interval and p-value: paired bootstrap over the {samples} eval samples, "
-                  f"{N_RESAMPLES} resamples, seed {SEED}; significant: p < {ALPHA})")
         prefix = f"eval/{set_name}/" if set_name else "eval/"
         keys = [k for k in first.metrics if is_quality_metric(k) and k in last.metrics and k.startswith(prefix)]
         width = max([28, *map(len, keys)])
