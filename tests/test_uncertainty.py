@@ -468,3 +468,25 @@ def test_evaluators_with_their_own_units_are_tested_over_units_not_rows():
                          {"reward_accuracy": after})
     assert tests["eval/reward_accuracy/accuracy"].delta == pytest.approx(100.0)
     assert tests["eval/reward_accuracy/margin"].delta == pytest.approx(5.0)
+
+
+def test_compare_pairs_humaneval_over_its_problems_from_the_logged_own_tables(tmp_path, monkeypatch):
+    from harness.commands.compare import compare
+    from harness.training.tracking.runs import mlflow_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tasks = [f"HumanEval/{i}" for i in range(16)]
+    ids = []
+    for passing in (2, 14):  # problems solved at the final evaluation
+        with mlflow_run("cmp_units", {}, {}) as tracker:
+            for step in (0, 2):
+                solved = passing if step == 2 else 0
+                tracker.log_metrics({"eval/humaneval/pass_at_1": 100 * solved / 16}, step)
+                tracker.log_table({"id": ["x"], "prompt": ["x"]}, f"eval_samples/step_{step:06d}.json")
+                tracker.log_table({"task_id": tasks, "pass_at_1": [100.0] * solved + [0.0] * (16 - solved)},
+                                  f"eval_samples/humaneval/step_{step:06d}.json")
+            ids.append(tracker.run_id)
+    table, _ = compare(ids, out=str(tmp_path / "c.png"))
+    (line,) = [row for row in table.splitlines() if row.strip().startswith("eval/humaneval/pass_at_1 ") and "CI" in row]
+    # 12 problems solved by the second run only: a paired test over 16 problems, not a bare difference
+    assert "12.500 ->     87.500  (+75.000, 95% CI [" in line and line.rstrip().endswith(", significant)")

@@ -18,7 +18,7 @@ from harness.core.eval_data import metric_key
 from harness.core.files import check_writable_dir, check_writable_file
 from harness.paths import REPO_ROOT
 from harness.training.inloop import is_quality_metric
-from harness.training.tracking.queries import RunRecord, eval_set_names, eval_tables, load_runs
+from harness.training.tracking.queries import RunRecord, eval_set_names, eval_tables, load_runs, load_table
 from harness.training.tracking.runs import existing_run
 
 DEFAULT_DIR = REPO_ROOT / "outputs" / "compare"
@@ -46,7 +46,8 @@ def compare(run_ids: list[str], experiment: str | None = None, out: str | None =
     plot_curves(runs, png)
     for run in runs:
         existing_run(run.run_id).log_artifact(str(png), "compare")
-    paired = format_paired(runs, {r.run_id: final_tables(r) for r in runs}) if len(runs) > 1 else []
+    paired = format_paired(runs, {r.run_id: final_tables(r) for r in runs},
+                           {r.run_id: final_unit_tables(r) for r in runs}) if len(runs) > 1 else []
     return "\n".join([format_table(runs), *paired]), png
 
 
@@ -63,11 +64,29 @@ def final_tables(run: RunRecord) -> dict[str, dict[str, list] | None]:
     return dict.fromkeys(eval_set_names(eval_data)) if step is None else eval_tables(run.run_id, eval_data, step)
 
 
-def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, dict[str, list] | None]]) -> list[str]:
+def final_unit_tables(run: RunRecord) -> dict[str, dict[str, dict[str, list]]]:
+    """Eval set name -> evaluator -> the evaluator's own rows at the run's last evaluation
+    (eval_samples/[<set>/]<evaluator>/step_NNNNNN.json), for the evaluators whose units are their own (HumanEval's
+    problems, reward_accuracy's pairs) and that the run used."""
+    step = final_step(run)
+    found: dict[str, dict[str, dict[str, list]]] = {}
+    for set_name in eval_set_names(run.params.get("eval_data", "")):
+        prefix = f"{set_name}/" if set_name else ""
+        for name, evaluator in EVALUATORS.items():
+            used = any(key.startswith(metric_key(f"eval/{name}/", set_name)) for key in run.history)
+            if evaluator.unit_column and used and step is not None and (
+                    table := load_table(run.run_id, f"eval_samples/{prefix}{name}/step_{step:06d}.json")):
+                found.setdefault(set_name, {})[name] = table
+    return found
+
+
+def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, dict[str, list] | None]],
+                  unit_tables: dict[str, dict[str, dict[str, dict[str, list]]]] | None = None) -> list[str]:
     """Each run after the first against the first, at their final evaluations and eval set by eval set (`tables`:
-    run id -> final_tables): the paired difference of every metric with per-sample values, its 95% interval and
-    p-value (evaluators/uncertainty.py), when both runs were evaluated on the same samples (same ids and prompts).
-    The metrics of one run over all its sets are one family for Holm's correction."""
+    run id -> final_tables; `unit_tables`: run id -> final_unit_tables): the paired difference of every metric with
+    per-sample (or per-unit) values, its 95% interval and p-value (evaluators/uncertainty.py), when both runs were
+    evaluated on the same samples (same ids and prompts). The metrics of one run over all its sets are one family
+    for Holm's correction."""
     base = runs[0]
     base_tables = tables.get(base.run_id, {"": None})
     notes: dict[tuple[str, str], str] = {}
@@ -85,8 +104,9 @@ def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, dict[str, l
                 notes[run.run_id, set_name] = (f"  {_label(run)}: not evaluated on the same samples{where} (ids or "
                                                f"prompts differ): not paired")
             else:
+                own = [(unit_tables or {}).get(r.run_id, {}).get(set_name) for r in (base, run)]
                 family.update({(set_name, metric_key(k, set_name)): t for k, t in
-                               paired_tests(EVALUATORS, base_table, table).items()})
+                               paired_tests(EVALUATORS, base_table, table, *own).items()})
         families[run.run_id] = holm(family)
     lines = [f"paired difference vs {_label(base)} at each run's final evaluation",
              f"  ({method_line()}: one block = one run against the base, all its eval sets)"]
