@@ -33,6 +33,7 @@ def inference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     base = model.get_base_model()
     weights = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
     with torch.no_grad():
+        _dequantize_4bit(base, weights)
         for name, module in base.named_modules():
             if isinstance(module, LoraLayer):
                 for adapter in module.active_adapters:
@@ -44,6 +45,22 @@ def inference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                         else:
                             weights[key] = variant.merge_safe(module, adapter, weights[key].clone())
     return weights
+
+
+def _dequantize_4bit(base: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """QLoRA's frozen base holds packed 4-bit weights with their quantization state as extra state-dict entries
+    (`<name>.weight.absmax`, ...); the engine's model is unquantized, so it gets each weight dequantized (bitsandbytes'
+    own dequantization, through PEFT) and none of those entries. Only on a GPU (bitsandbytes' 4-bit layers); checked
+    by `make gpu-check`."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    for name, module in base.named_modules():
+        if type(getattr(module, "weight", None)).__name__ != "Params4bit":
+            continue
+        key = f"{name.removesuffix('.base_layer')}.weight"
+        for extra in [k for k in weights if k.startswith(f"{key}.")]:
+            del weights[extra]
+        weights[key] = dequantize_module_weight(module)
 
 
 def _release_default_group() -> None:
