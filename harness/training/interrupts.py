@@ -25,18 +25,18 @@ _active = False
 def _record(signum: int, frame) -> None:
     global _pending
     if _pending is not None:
-        raise KeyboardInterrupt(f"signal {signum} (a second one: not waiting for the step to end)")
+        raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: not waiting for the step to end")
     _pending = signum
     # on stdout, where the harness's lines go (stderr is the run's library.log); os.write, not print: the signal
     # may have landed inside a print to the same stream
-    os.write(1, f"\n[run] signal {signum}: stopping after the current training step or evaluation "
+    os.write(1, f"\n[run] {signal.Signals(signum).name}: stopping after the current training step or evaluation "
                 f"(send it again to stop at once)\n".encode())
 
 
 def check() -> None:
     """Raises KeyboardInterrupt when a signal was recorded; a point where the run can stop cleanly."""
     if _pending is not None:
-        raise KeyboardInterrupt(f"signal {_pending}")
+        raise KeyboardInterrupt(signal.Signals(_pending).name)
 
 
 @contextlib.contextmanager

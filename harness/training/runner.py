@@ -32,6 +32,7 @@ from harness.core.files import check_writable_dir
 from harness.core.generation import GenParams
 from harness.core.models import load_model, load_tokenizer, remote_code_warning
 from harness.core.prompts import render_sample
+from harness.embedded.smollm2 import model_source_tags
 from harness.engines.hf_engine import HFBackend
 from harness.engines.vllm_engine import VLLMBackend
 from harness.paths import REPO_ROOT
@@ -316,7 +317,8 @@ def _eval_tags(exp: Experiment) -> dict[str, str]:
 def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalSet], model_path: str,
                         evaluators: list, started: float, hooks: RunHooks) -> RunSummary:
     name = exp.name()
-    tags = {"model": exp.model, "model.path": model_path, "experiment.class": type(exp).__qualname__,
+    tags = {"model": exp.model, "model.path": model_path, **model_source_tags(model_path),
+            "experiment.class": type(exp).__qualname__,
             "data.train.fingerprint": data.fingerprint(exp.train_data), **_eval_tags(exp), **hooks.tags}
     params = exp.params()
     if parent := parent_run_id(exp):  # a chained stage: the run it starts from, as a tag and a param
