@@ -181,16 +181,14 @@ def _task_files(directory: Path) -> dict[str, str]:
     return files
 
 
-@pytest.fixture(scope="module")
-def lm_eval_samples(tiny_model_dir, tmp_path_factory) -> dict[str, list[dict]]:
+def _lm_eval(model_dir: str, root: Path) -> dict[str, list[dict]]:
     """lm-eval's own per-question results (context, continuations, log-likelihoods, acc...) for each task, in one
-    offline subprocess on the embedded model."""
-    root = tmp_path_factory.mktemp("lm_eval")
+    offline subprocess on the model in `model_dir`."""
     (root / "tasks").mkdir()
     names = _task_files(root / "tasks")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(root / "ds")}
     out = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir},dtype=float32",
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
          "--include_path", str(root / "tasks"), "--tasks", ",".join(names), "--device", "cpu", "--batch_size", "16",
          "--limit", str(PLAIN_LIMIT), "--log_samples", "--output_path", str(root / "out")],
         capture_output=True, text=True, env=env, cwd=root, timeout=600)
@@ -201,6 +199,11 @@ def lm_eval_samples(tiny_model_dir, tmp_path_factory) -> dict[str, list[dict]]:
         rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
         samples[name.removeprefix("choice_")] = sorted(rows, key=lambda r: r["doc_id"])
     return samples
+
+
+@pytest.fixture(scope="module")
+def lm_eval_samples(tiny_model_dir, tmp_path_factory) -> dict[str, list[dict]]:
+    return _lm_eval(tiny_model_dir, tmp_path_factory.mktemp("lm_eval"))
 
 
 def _choice_sets() -> str:
@@ -230,15 +233,19 @@ def _compare(result, samples: dict[str, list[dict]], atol: float) -> float:
     return worst
 
 
-def test_hf_backend_matches_lm_eval(lm_eval_samples, tiny_model_dir):
+def _hf_result(model_dir: str) -> tuple[Choice, object]:
     from harness.core.models import load_model, load_tokenizer
     from harness.engines.hf_engine import HFBackend
 
-    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer = load_tokenizer(model_dir)
     backend = HFBackend(tokenizer)
-    backend.sync_weights(load_model(tiny_model_dir))
+    backend.sync_weights(load_model(model_dir))
     evaluator = Choice(data=_choice_sets(), limit=PLAIN_LIMIT)
-    result = evaluator.evaluate(EvalContext([], backend=backend, tokenizer=tokenizer))
+    return evaluator, evaluator.evaluate(EvalContext([], backend=backend, tokenizer=tokenizer))
+
+
+def test_hf_backend_matches_lm_eval(lm_eval_samples, tiny_model_dir):
+    evaluator, result = _hf_result(tiny_model_dir)
     print(f"largest |loglik - lm-eval's| on the HF backend: {_compare(result, lm_eval_samples, 1e-3):.2e}")
     # the headline: the mean over the four sets of each one's centred accuracy, also the mean of its rows
     chance = {s: np.mean([1 / len(c) for c, t in zip(result.table["choices"], result.table["set"], strict=True)
@@ -262,6 +269,18 @@ def test_vllm_engine_matches_lm_eval(lm_eval_samples, vllm_backend, tiny_model_d
         EvalContext([], backend=vllm_backend, tokenizer=tokenizer))
     # float32 on both sides: the engine's tolerance against HF's forward pass (tests/test_generation_parity.py)
     print(f"largest |loglik - lm-eval's| on the vLLM engine: {_compare(result, lm_eval_samples, 1e-3):.2e}")
+
+
+@pytest.mark.slow
+def test_smollm2_matches_lm_eval_on_the_hf_backend(tmp_path):
+    """The same parity on a real pretrained model (SmolLM2-135M-Instruct, its GPT-2-style tokenizer)."""
+    from harness.core.models import resolve_model
+
+    model_dir = resolve_model("smollm2")
+    samples = _lm_eval(model_dir, tmp_path)
+    _, result = _hf_result(model_dir)
+    print(f"largest |loglik - lm-eval's| on SmolLM2 (HF backend): {_compare(result, samples, 1e-3):.2e}")
+    print({k: round(v, 2) for k, v in result.metrics.items()})
 
 
 # ---- in the training loop ----
