@@ -155,6 +155,25 @@ def test_a_signal_waits_for_a_boundary_and_a_second_one_forces():
         signal.signal(signal.SIGINT, inherited)
 
 
+def test_a_sweep_trial_hands_its_signals_to_the_run_which_waits_for_a_boundary_even_on_a_second_one():
+    from harness.sweeps.trial import StopSignal
+    from harness.training import interrupts
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop = StopSignal()
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"), interrupts.deferred():
+            stop.hand_over()  # the trial's run opened
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C to the trial
+            os.kill(os.getpid(), signal.SIGTERM)  # then its driver's forwarded SIGTERM: recorded, not raised
+            time.sleep(0.05)
+            with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+                stop.check()  # the trial's next step or eval report is the boundary
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
 class _Boom(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from experiments import load_class
 from harness.core.files import write_json_atomic
 from harness.sweeps.study import fail_trial, make_pruner, make_storage
+from harness.training import interrupts
 from harness.training.inloop import EvalReport, selection_value
 from harness.training.overrides import apply_overrides
 from harness.training.runner import RunHooks, run_experiment
@@ -30,11 +31,12 @@ from harness.training.tracking.tracker import Tracker
 
 
 class StopSignal:
-    """SIGTERM and SIGINT in a trial process: the first raises KeyboardInterrupt (the run ends KILLED), later ones
+    """SIGTERM and SIGINT in a trial process: before its run opens the first raises KeyboardInterrupt, later ones
     are only recorded, so a second signal (Ctrl-C reaches both the driver and this process, then the driver
-    forwards SIGTERM) cannot cut the process short before it has ended its run. A KeyboardInterrupt raised where
-    Python drops it (the signal landed in a finalizer or a weakref callback) is raised again by `check`, which
-    the trial calls when its run opens and at every training step and eval report."""
+    forwards SIGTERM) cannot cut the process short before it has ended its run; once the run is open, `hand_over`
+    gives the signals to the run's own handling, which stops at the next step or evaluation boundary. A
+    KeyboardInterrupt raised where Python drops it (the signal landed in a finalizer or a weakref callback) is
+    raised again by `check`, which the trial calls when its run opens and at every training step and eval report."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -53,6 +55,13 @@ class StopSignal:
     def check(self) -> None:
         if self.signum is not None:
             raise KeyboardInterrupt(f"signal {self.signum}")
+        interrupts.check()
+
+    def hand_over(self) -> None:
+        """Once the run is open, its own signal handling (harness.training.interrupts) takes the signals, stopping
+        at a step or evaluation boundary and never at once on a second signal; outside it, this one's handler."""
+        if not interrupts.patient(self.signum):
+            self.install()
 
 
 class TrialMonitor(TrainerCallback):
@@ -122,7 +131,7 @@ def run_trial(spec_path: str) -> int:
     monitor = TrialMonitor(trial, exp.select_metric, stop)
 
     def on_open(tracker: Tracker) -> None:
-        stop.install()
+        stop.hand_over()
         # Recorded at once, so that whoever finds this trial dead can close its run.
         trial.set_user_attr("mlflow_run_id", tracker.run_id)
         write_json_atomic(result_path, {"run_id": tracker.run_id})

@@ -20,11 +20,14 @@ from transformers import TrainerCallback
 _HANDLED = (signal.SIGINT, signal.SIGTERM)
 _pending: int | None = None  # the signal recorded while deferred() is active, not acted on yet
 _active = False
+_patient = False  # a repeated signal is only recorded too (patient())
 
 
 def _record(signum: int, frame) -> None:
     global _pending
     if _pending is not None:
+        if _patient:
+            return
         raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: not waiting for the step to end")
     _pending = signum
     # on stdout, where the harness's lines go (stderr is the run's library.log); os.write, not print: the signal
@@ -37,6 +40,19 @@ def check() -> None:
     """Raises KeyboardInterrupt when a signal was recorded; a point where the run can stop cleanly."""
     if _pending is not None:
         raise KeyboardInterrupt(signal.Signals(_pending).name)
+
+
+def patient(recorded: int | None = None) -> bool:
+    """Inside deferred(): a repeated signal is recorded too instead of stopping at once, and `recorded` (a signal
+    taken before deferred() began) counts as pending. For a sweep trial, which gets Ctrl-C and then its driver's
+    forwarded SIGTERM and must still stop at a boundary. False (nothing changed) outside deferred()."""
+    global _patient, _pending
+    if not _active:
+        return False
+    _patient = True
+    if recorded is not None and _pending is None:
+        _pending = recorded
+    return True
 
 
 @contextlib.contextmanager
@@ -56,7 +72,7 @@ def deferred() -> Iterator[None]:
         yield
         check()
     finally:
-        _active = False
+        _active = _patient = False
         for s, handler in previous.items():
             if handler is not None:  # None: a handler not set from Python, which cannot be put back
                 signal.signal(s, handler)
