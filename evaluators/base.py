@@ -81,6 +81,9 @@ class Evaluator:
         n); harness.training.settings.check_settings checks them with every other rule before any work."""
         return []
 
+    # what to change when one of own_prompts does not fit the model's context (named in the error before the run)
+    own_prompts_remedy: ClassVar[str] = ""
+
     @classmethod
     def own_prompts(cls, options: dict[str, Any] | None, tokenizer) -> list[tuple[str, int, int]]:
         """(id, prompt tokens, most new tokens) of each prompt an evaluator that generates by itself (HumanEval's

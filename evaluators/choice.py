@@ -223,6 +223,8 @@ class Choice(Evaluator):
             (o["shape"] in SHAPES, "shape", f"must be one of {', '.join(SHAPES)}"),
         ]
 
+    own_prompts_remedy = "shorten choice_fewshot, or leave the question out of choice_data"
+
     @classmethod
     def own_prompts(cls, options: dict | None, tokenizer) -> list[tuple[str, int, int]]:
         """Every choice's context and continuation: one prompt the engine scores (and generates 1 token after), so

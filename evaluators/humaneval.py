@@ -176,6 +176,8 @@ class HumanEval(Evaluator):
         self.seed = seed
         self.sandbox = Sandbox(Limits(timeout_s=timeout_s), allow_weak_isolation=allow_weak_isolation)
 
+    own_prompts_remedy = "lower humaneval_max_new_tokens, or leave the problem out of humaneval_problems"
+
     @classmethod
     def own_prompts(cls, options: dict | None, tokenizer) -> list[tuple[str, int, int]]:
         o = cls.resolved_options(options)

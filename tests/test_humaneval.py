@@ -150,6 +150,6 @@ def test_a_humaneval_prompt_over_the_context_stops_before_the_run_naming_the_pro
     exp = apply_overrides(SftCodeQwen, [f"humaneval_problems={problems}", f"output_dir={tmp_path / 'out'}"])
     with pytest.raises(DataError) as err:  # prepare runs before any MLflow run (or engine) exists
         prepare(exp, verbose=False)
-    assert str(err.value) == (f"humaneval problem Long/1: the prompt is {n} tokens; with humaneval_max_new_tokens=32 "
-                              f"that is {n + 32} tokens, over the model's context of 256 (vllm backend): lower "
-                              f"humaneval_max_new_tokens, or leave the problem out of humaneval_problems")
+    assert str(err.value) == (f"humaneval prompt Long/1: {n} tokens, and 32 new tokens after it make {n + 32}, over "
+                              f"the model's context of 256 (vllm backend): lower humaneval_max_new_tokens, or leave "
+                              f"the problem out of humaneval_problems")

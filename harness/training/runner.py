@@ -129,10 +129,9 @@ def check_evaluator_prompts(exp: Experiment, tokenizer, context: int | None) -> 
         return
     for evaluator, prompt_id, prompt, new in evaluator_prompts(exp, tokenizer):
         if prompt + new > context:
-            raise DataError(f"{evaluator} problem {prompt_id}: the prompt is {prompt} tokens; with "
-                            f"{evaluator}_max_new_tokens={new} that is {prompt + new} tokens, over the model's context "
-                            f"of {context} ({exp.backend} backend): lower {evaluator}_max_new_tokens, or leave the "
-                            f"problem out of {evaluator}_problems")
+            raise DataError(f"{evaluator} prompt {prompt_id}: {prompt} tokens, and {new} new tokens after it make "
+                            f"{prompt + new}, over the model's context of {context} ({exp.backend} backend): "
+                            f"{EVALUATORS[evaluator].own_prompts_remedy}")
 
 
 def model_context(exp: Experiment, model_path: str, tokenizer) -> int | None:
