@@ -7,12 +7,13 @@ from evaluators.choice import Choice
 from evaluators.humaneval import HumanEval
 from evaluators.ifeval import IFEval
 from evaluators.judge import Judge
+from evaluators.mtbench import MTBench
 from evaluators.perplexity import Perplexity
 from evaluators.reward_accuracy import RewardAccuracy
 from evaluators.rouge import RougeChinese
 
 EVALUATORS: dict[str, type[Evaluator]] = {cls.name: cls for cls in (Perplexity, Bleu, RougeChinese, HumanEval, Judge,
-                                                              RewardAccuracy, Answer, Choice, IFEval)}
+                                                              RewardAccuracy, Answer, Choice, IFEval, MTBench)}
 
 
 def is_diagnostic(key: str) -> bool:

@@ -4,6 +4,8 @@ produce on demand. The behaviour is chosen by the request's `model`:
 ok-N: score N, and "A" for every pairwise question   |  longer: prefers the longer answer (position-blind)
 flaky-429: 429 with Retry-After: 1 first, then ok-7   |  flaky-500: 500 twice, then ok-7
 slow: answers after 3 s                               |  malformed: an answer that is not JSON
+Without response_format (free text): "Rating: [[N]]" with N as for ok-N (else 7); by-turn: 8 for a single-turn
+    MT-Bench prompt, 3 for a multi-turn one; malformed: no rating at all
 retry-after-soon, retry-after-date, retry-after-huge: 429 on every attempt, with a Retry-After header that is
     garbage ("soon"), an HTTP date an hour ahead, or 99999999999 seconds (about 3000 years)
 """
@@ -68,7 +70,9 @@ class FaultServer:
                     return self._send(500, b'{"error": "internal"}')
                 if model == "slow":
                     time.sleep(3)
-                content = _answer(model, prompt, body["response_format"]["json_schema"]["name"])
+                # no response_format: a free-text answer (FastChat's MT-Bench prompts ask for "[[rating]]")
+                kind = body["response_format"]["json_schema"]["name"] if "response_format" in body else "text"
+                content = _answer(model, prompt, kind)
                 reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}
                 self._send(200, json.dumps(reply).encode())
 
@@ -78,6 +82,11 @@ class FaultServer:
 def _answer(model: str, prompt: str, kind: str) -> str:
     if model == "malformed":
         return "Score: 7/10, a fine answer."
+    if kind == "text":
+        score = int(model.split("-")[1]) if model.startswith("ok-") else 7
+        if model == "by-turn":  # FastChat's multi-turn prompts show the whole conversation
+            score = 3 if "Conversation with User|>" in prompt else 8
+        return f"The answer is adequate. Rating: [[{score}]]"
     if kind == "score":
         score = int(model.split("-")[1]) if model.startswith("ok-") else 7
         return json.dumps({"score": score, "reasoning": "checked"})

