@@ -88,7 +88,8 @@ def load_data(data_dir: str = "", limit: int = 0, seed: int = 0) -> tuple[list[d
     root = Path(data_dir) if data_dir else fetched_data_dir()
     for name in DATA_FILES:
         if not (root / name).is_file():
-            raise DataError(f"mtbench data {root}: no {name} (expected FastChat's llm_judge/data layout)")
+            raise DataError(f"mtbench_data_dir={root}: no {name} in it (expected FastChat's llm_judge/data layout: "
+                            f"{', '.join(DATA_FILES)})")
     questions = []
     for r in read_records(str(root / QUESTIONS)):
         turns = r.fields.get("turns")
@@ -97,7 +98,9 @@ def load_data(data_dir: str = "", limit: int = 0, seed: int = 0) -> tuple[list[d
         category = require_text(r, "category")
         if category not in CATEGORIES:
             raise DataError(f"{r.source}: field 'category' is {category!r}, not one of {', '.join(CATEGORIES)}")
-        questions.append({"question_id": r.fields.get("question_id"), "category": category,
+        if not isinstance(r.fields.get("question_id"), int):
+            raise DataError(f"{r.source}: field 'question_id' must be an integer")
+        questions.append({"question_id": r.fields["question_id"], "category": category,
                           "turns": [require_text(r, f"turns[{i}]", t) for i, t in enumerate(turns)]})
     references = {}
     for r in read_records(str(root / REFERENCES)):

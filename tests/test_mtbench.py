@@ -211,3 +211,43 @@ def test_in_loop_run_logs_turn_and_category_scores_with_error_bars(server, tmp_p
     assert history["requests"][1] + history["cache_hits"][1] == 6  # unchanged answers' verdicts come from the cache
     assert len(server.requests) == 6 + history["requests"][1]
     assert client.list_artifacts(run.info.run_id, "mtbench")[0].path == "mtbench/judge_prompts.json"
+
+
+def test_malformed_data_names_the_file_line_and_field(tmp_path):
+    import shutil
+
+    shutil.copytree(fetched_data_dir(), tmp_path / "data")
+    questions = tmp_path / "data" / "mt_bench" / "question.jsonl"
+    lines = questions.read_text().splitlines()
+    good = list(lines)
+    lines[2] = json.dumps({**json.loads(lines[2]), "turns": ["only one turn"]})
+    questions.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"question.jsonl line 3: field 'turns' must be a list of two questions"):
+        load_data(str(tmp_path / "data"))
+    lines = list(good)
+    lines[4] = json.dumps({**json.loads(lines[4]), "category": "poetry"})
+    questions.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"question.jsonl line 5: field 'category' is 'poetry', not one of writing"):
+        load_data(str(tmp_path / "data"))
+    questions.write_text("\n".join(good) + "\n")
+    prompts = tmp_path / "data" / "judge_prompts.jsonl"
+    prompts.write_text("".join(line + "\n" for line in prompts.read_text().splitlines()
+                               if '"single-math-v1-multi-turn"' not in line))
+    with pytest.raises(DataError, match=r"judge_prompts.jsonl: no judge prompt named 'single-math-v1-multi-turn'"):
+        load_data(str(tmp_path / "data"))
+    with pytest.raises(DataError, match=r"mtbench_data_dir=.*nowhere: no mt_bench/question.jsonl in it"):
+        load_data(str(tmp_path / "nowhere"))
+
+
+def test_options_and_select_metrics_are_checked_before_a_run():
+    from experiments.simpo_qwen import SimpoQwen
+    from harness.core.errors import ConfigError
+    from harness.training.overrides import apply_overrides
+
+    exp = apply_overrides(SimpoQwen, ["evaluators=mtbench", "select_metric=eval/mtbench/score_math",
+                                      "mtbench_limit=2", "mtbench_judge_model=gpt-4"])
+    assert exp.evaluator_kwargs("mtbench") == {"limit": 2, "judge_model": "gpt-4"}
+    with pytest.raises(ConfigError, match="mtbench_limit.*must be >= 0"):
+        apply_overrides(SimpoQwen, ["evaluators=mtbench", "select_metric=eval/mtbench/score", "mtbench_limit=-1"])
+    with pytest.raises(ConfigError, match="is a diagnostic"):
+        apply_overrides(SimpoQwen, ["evaluators=mtbench", "select_metric=eval/mtbench/unparsed"])
