@@ -2,6 +2,9 @@
 training file (`eval_split`), and eval samples from plain and whole-conversation records.
 
 - `eval_data=data/eval.jsonl`: one set, metrics `eval/<evaluator>/<metric>` (a hub `name:split` stays one set too);
+- `eval_data=hf:openai/gsm8k:main:test` (or `gsm8k:hf:openai/gsm8k:main:test` among several): a hub dataset with
+  its config, loaded by `datasets.load_dataset` (harness.core.records.hub_dataset); its records are read in the
+  shapes the evaluators know (GSM8K's question/answer as they are: README, Hub datasets);
 - `eval_data=facts:data/eval.jsonl,chat:my_chats.jsonl`: several sets, metrics `eval/<set>/<evaluator>/<metric>`;
 - `split` (alone, or as a set's path: `heldout:split`) is the share `eval_split` of the training file held out,
   seeded by the run's seed and removed from the training rows; an empty `eval_data` means `split`.
@@ -17,11 +20,13 @@ import re
 from harness.core.errors import ConfigError, DataError
 from harness.core.formats import CHAT_SOURCES, PREFERENCE_SOURCES, _messages, chat, detect, preference, record_format
 from harness.core.records import (
+    HUB_PREFIX,
     LOCAL_SUFFIXES,
     EvalSample,
     Record,
     eval_answer,
     eval_sample,
+    hub_dataset,
     require_text,
     resolve_local,
 )
@@ -43,6 +48,7 @@ def parse_eval_data(value: str, reserved: tuple[str, ...] = ()) -> list[tuple[st
         return [("", SPLIT)]
     items = [item.strip() for item in value.split(",")]
     if len(items) == 1 and not _is_named(items[0]):
+        hub_dataset(items[0])  # a hf: spec of another form is refused here, with the form it should have
         return [("", items[0])]
     sets = []
     for item in items:
@@ -58,6 +64,7 @@ def parse_eval_data(value: str, reserved: tuple[str, ...] = ()) -> list[tuple[st
                               f"else ({', '.join((*RESERVED_NAMES, *reserved))}): choose another name")
         if name in (n for n, _ in sets):
             raise ConfigError(f"names the set {name!r} twice: each set needs its own name")
+        hub_dataset(path)
         sets.append((name, path))
     return sets
 
@@ -66,7 +73,7 @@ def _is_named(item: str) -> bool:
     """Whether one `eval_data` item is `name:path` rather than a path or a hub `name:split`: it is when what follows
     the first colon is a local file, ends like one, is `split`, or is itself a hub `name:split`."""
     name, colon, rest = item.partition(":")
-    if not colon or not SET_NAME.fullmatch(name.strip()):
+    if not colon or not SET_NAME.fullmatch(name.strip()) or item.startswith(HUB_PREFIX):
         return False
     rest = rest.strip()
     return rest == SPLIT or ":" in rest or rest.endswith(LOCAL_SUFFIXES) or resolve_local(rest) is not None

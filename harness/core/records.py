@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.core.errors import DataError
+from harness.core.errors import ConfigError, DataError
 from harness.paths import REPO_ROOT
 
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".txt")
@@ -81,7 +81,7 @@ def resolve_local(spec: str) -> Path | None:
 
 def read_records(spec: str) -> list[Record]:
     """Records of a local JSONL (also .jsonl.gz)/JSON/Parquet file, a .txt file (one {"text"} record per line),
-    or a hub dataset given as `name` or `name:split`; none at all is an error naming `spec`."""
+    or a hub dataset (see hub_dataset); none at all is an error naming `spec`."""
     records = _read_records(spec)
     if not records:
         raise DataError(f"{spec}: no records")
@@ -164,14 +164,43 @@ def _read_json(path: Path) -> list[Record]:
     return [Record(f"{path} record {i + 1}", row) for i, row in enumerate(rows)]
 
 
+HUB_PREFIX = "hf:"  # hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT, a hub dataset with its config (README: Hub datasets)
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    name: str  # the hub repository (openai/gsm8k), or a local directory laid out as one
+    config: str | None  # the dataset's config (gsm8k's main, mmlu's all), None for its default
+    split: str
+
+
+def hub_dataset(spec: str) -> HubDataset:
+    """What a hub spec names: `hf:NAME:SPLIT` or `hf:NAME:CONFIG:SPLIT`, or without the prefix `NAME` (split train)
+    or `NAME:SPLIT`. A prefixed spec of another form is a ConfigError saying the form."""
+    if not spec.startswith(HUB_PREFIX):
+        name, _, split = spec.partition(":")
+        return HubDataset(name, None, split or "train")
+    parts = [p.strip() for p in spec.removeprefix(HUB_PREFIX).split(":")]
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ConfigError(f"{spec!r}: a hub dataset is hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT (e.g. "
+                          f"hf:openai/gsm8k:main:test)")
+    return HubDataset(parts[0], parts[1] if len(parts) == 3 else None, parts[-1])
+
+
 def _read_hub(spec: str) -> list[Record]:
     import datasets
 
-    name, _, split = spec.partition(":")
+    hub = hub_dataset(spec)
     try:
-        ds = datasets.load_dataset(name, split=split or "train")
+        ds = datasets.load_dataset(hub.name, hub.config, split=hub.split)
     except Exception as e:  # the hub client raises many types; the user needs the name and the reason
-        raise DataError(f"{spec}: not a local file and could not be loaded from the hub ({e})") from e
+        offline = datasets.config.HF_HUB_OFFLINE
+        hint = ("HF_DATASETS_OFFLINE is set, so only the datasets cache is read: load it once with network, or give "
+                "a local file" if offline else "without network, set HF_DATASETS_OFFLINE=1 to read the copy in the "
+                "datasets cache, or give a local file")
+        config = f" config {hub.config!r}" if hub.config else ""
+        raise DataError(f"{spec}: not a local file, and the hub dataset {hub.name!r}{config} split {hub.split!r} "
+                        f"could not be loaded ({e}); {hint}") from e
     return [Record(f"{spec} record {i + 1}", row) for i, row in enumerate(ds)]
 
 
