@@ -85,11 +85,6 @@ def checkers():
     return utils, instructions_registry
 
 
-def instruction_ids() -> tuple[str, ...]:
-    """Every instruction id the checkers' registry has."""
-    return tuple(checkers()[1].INSTRUCTION_DICT)
-
-
 def _arguments(record: Record, index: int, instruction_id: str, kwargs: Any) -> dict:
     """The kwargs of instruction `index` as lm-eval passes them to the checker (entries that are null, 0 or empty
     dropped), checked: every argument the checker takes is given (a missing one is drawn at random), none is unknown,
@@ -199,6 +194,8 @@ class IFEval(Evaluator):
         o = cls.resolved_options(options)
         return [(o["limit"] >= 0, "limit", "must be >= 0 (0 means every prompt)"),
                 (o["max_new_tokens"] >= 1, "max_new_tokens", "must be >= 1 (lm-eval's ifeval task uses 1280)")]
+
+    own_prompts_remedy = "lower ifeval_max_new_tokens, or leave the prompt out of ifeval_prompts"
 
     @classmethod
     def own_prompts(cls, options: dict | None, tokenizer) -> list[tuple[str, int, int]]:
