@@ -290,3 +290,22 @@ def test_in_loop_run_logs_the_four_metrics_with_error_bars_and_the_prompt_table(
     final = client.get_run(run.info.run_id).data.metrics
     strict = [s for row in rows for s in row["strict"]]
     assert final["eval/ifeval/inst_level_strict_acc"] == pytest.approx(100 * sum(strict) / len(strict))
+
+
+def test_punkt_is_written_from_the_package_when_nltk_has_none(tmp_path, monkeypatch):
+    import nltk
+    import punkt
+
+    from evaluators.ifeval import ensure_punkt
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "empty")])  # NLTK finds no punkt_tab of its own
+    with pytest.raises(LookupError):
+        nltk.data.find("tokenizers/punkt_tab/english/")
+    ensure_punkt()
+    assert (tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english" / "abbrev_types.txt").is_file()
+    text = "Dr. Smith met Mr. Brown at 5 p.m. on Jan. 3. They talked. The U.S. team won!"
+    sentences = nltk.tokenize.PunktTokenizer("english").tokenize(text)  # NLTK's own tokenizer on the written model
+    assert sentences == punkt.sent_tokenize(text) and len(sentences) == 3
+    ensure_punkt()  # written once: a second call finds it
+    assert nltk.data.path.count(str(tmp_path / "nltk_data")) == 1
