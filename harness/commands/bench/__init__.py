@@ -22,6 +22,9 @@
 11. `rollout_ranks`: RL rollouts across 2 processes: rank 0's one engine generating every rank's prompts (the
    harness's `sample_across_ranks`) vs each rank its own engine: step time, tokens/s, engine start, sync, memory
    (BENCH_RANKS_TINY=1: a tiny workload that only checks the part end to end).
+12. `choice`: multiple choice by log-likelihood (the `choice` evaluator) on SmolLM2, 400 questions x 4 choices:
+   questions/s through the in-loop vLLM engine vs the HF backend, alternating, and the scoring's share of a default
+   sft_smollm2 eval step (BENCH_CHOICE_TINY=1: the embedded model and 8 questions, a check of the part end to end).
 
 `python -m harness.commands.bench [PART ...]` runs only the named parts (all by default). A part that measures in a
 fresh process runs one of the `*_child` modules here as `python -m harness.commands.bench.<module>`.
