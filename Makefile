@@ -41,7 +41,7 @@ TIMEOUT ?=
 DASHBOARD_PORT ?= 8080
 SWEEP_OPTS = --storage "$(STORAGE)" --study "$(STUDY)" --pruner $(PRUNER) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
-.PHONY: setup bubblewrap experiment show list sweep sweep-worker dashboard compare export test test-fast lint bench gpu-check ui \
+.PHONY: setup bubblewrap experiment eval show list sweep sweep-worker dashboard compare export test test-fast lint bench gpu-check ui \
 	judge-server serve chat sample data \
 	services services-stop services-status postgresql clean-cache clean
 
@@ -75,6 +75,12 @@ endif
 
 experiment: setup
 	$(PY) -m harness run $(NAME) $(ARGS) $(if $(LAUNCH),--launch $(LAUNCH) --nproc $(NPROC))
+
+# make eval MODEL=tiny-qwen2|smollm2|DIR|FILE.gguf|HUB_NAME|run:RUN_ID|run:latest:EXPERIMENT ARGS="k=v ...": the
+# model evaluated without training, as a run's step 0 (MLflow experiment `eval`)
+MODEL ?= tiny-qwen2
+eval: setup
+	$(PY) -m harness eval $(MODEL) $(ARGS)
 
 # make show NAME=x ARGS="k=v ...": every field with its type, default, value and help, then the settings check
 # (with LAUNCH=deepspeed|torchrun: checked for that launcher)

@@ -205,7 +205,7 @@ def test_trust_remote_code_reaches_every_load_and_the_run_warns(monkeypatch, cap
     monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
     for trust in (False, True):
         exp = apply_overrides(SftQwen, [f"trust_remote_code={trust}"])
-        runner._load(exp, "some/model")
+        runner.load_tokenizer_and_model(exp, "some/model")
         runner.model_context(exp, "some/model", None)
         runner.make_backend(exp, "some/model", None)
         assert seen == dict.fromkeys(("tokenizer", "model", "config", "vllm"), trust)

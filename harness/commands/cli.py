@@ -1,4 +1,4 @@
-"""`python -m harness run|show|list|sweep|compare|score|data|judge-server|services|serve|chat|sample`: the command
+"""`python -m harness run|eval|show|list|sweep|compare|score|data|judge-server|services|serve|chat|sample`: the command
 line the Makefile wraps."""
 
 from __future__ import annotations
@@ -60,6 +60,16 @@ def _run_routed(args: argparse.Namespace) -> int:
     # model (and reward_model): a run:latest:... reference as prepare pinned it, so every rank uses the same run
     return distributed.launch(args.launch, args.nproc, ["run", args.name, *args.overrides,
                                                         f"deepspeed={exp.deepspeed}", *pinned_overrides(exp)])
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from harness.training import console
+
+    with console.library_log():  # before the imports below, as `run`
+        from harness.commands.eval_model import eval_experiment, run_eval
+
+        run_eval(eval_experiment(args.ref, args.overrides))
+    return 0
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -343,6 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "unless deepspeed=zero3 or a config file is given); rank 0 evaluates and logs")
     run.add_argument("--nproc", type=_positive, default=2, help="processes with --launch (default 2)")
     run.set_defaults(func=_run)
+    ev = sub.add_parser("eval", help="evaluate a model without training, as a run's step 0 evaluates it: the same "
+                                     "evaluators, eval sets, tables and error bars, logged to the MLflow experiment "
+                                     "eval")
+    ev.add_argument("ref", metavar="MODEL_OR_RUN", help="tiny-qwen2, smollm2, a model directory, a .gguf file, a hub "
+                                                        "name, run:RUN_ID or run:latest:EXPERIMENT")
+    ev.add_argument("overrides", nargs="*", help="evaluation fields and evaluator options as field=value (eval_data=, "
+                                                 "evaluators=, eval_limit=, backend=, choice_data=, ...)")
+    ev.set_defaults(func=_eval)
     show = sub.add_parser("show", help="print every field (type, default, value, help) and the evaluator options, "
                                        "then check the settings without running anything (exit 2 when they fail)")
     show.add_argument("name", help="experiment NAME (a module in experiments/)")

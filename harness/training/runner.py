@@ -236,20 +236,36 @@ def prepare(exp: Experiment, verbose: bool = True) -> tuple[list[dict], list[Eva
             print(f"[data] eval_split={exp.eval_split}: {len(heldout)} of {len(train_records) + len(heldout)} "
                   f"training records held out for evaluation (seed {exp.seed}), not trained on")
     rows = exp.train_rows(train_records)
-    loaded = [(name, path, *_eval_set_samples(exp, path, heldout)) for name, path in parse_eval_data(exp.eval_data)]
+    eval_sets, model_path = prepare_evaluation(exp, heldout, verbose,
+                                               f"{len(rows)} training rows from {exp.train_data}; ")
+    return rows, eval_sets, model_path
+
+
+def prepare_evaluation(exp: Experiment, heldout: list[data.Record] | None = None, verbose: bool = True,
+                       data_line: str = "") -> tuple[list[EvalSet], str]:
+    """The evaluation half of prepare, which `harness eval` runs alone (no training data): the eval sets of
+    eval_data (`heldout`: the records eval_split held out), the model resolved and its tokenizer loaded, every eval
+    prompt and evaluator prompt checked against its context. Returns (eval sets, the model's path)."""
+    loaded = [(name, path, *_eval_set_samples(exp, path, heldout or [])) for name, path in
+              parse_eval_data(exp.eval_data)]
     if verbose:
-        print(f"[data] {len(rows)} training rows from {exp.train_data}; eval samples: " + ", ".join(
+        print(f"[data] {data_line}eval samples: " + ", ".join(
             f"{len(samples)} from {path if path != SPLIT else 'the held-out split'}" + (f" ({name})" if name else "")
             for name, path, samples, _ in loaded))
     model_path = resolve_experiment_model(exp)  # model=run:...: another run's best checkpoint (training/lineage.py)
     resolve_reward_model(exp)  # reward_model=run:...: a reward model run's best checkpoint, pinned to its id
     exp.check_models(model_path)  # e.g. a distillation teacher's vocabulary against the student's
-    tokenizer = _tokenizer(exp, model_path)
+    try:
+        tokenizer = _tokenizer(exp, model_path)
+    except OSError as e:  # transformers' error for a name that is no directory and no hub model it can fetch
+        raise ConfigError(f"model={exp.model}: not an embedded model, a directory, a .gguf file or a run reference, "
+                          f"and no hub model could be loaded by that name ({e}); without network, set "
+                          f"HF_HUB_OFFLINE=1 to use the hub cache") from None
     context = model_context(exp, model_path, tokenizer)
     eval_sets = [EvalSet(name, samples, fit_eval_prompts(exp, tokenizer, context, samples, sources))
                  for name, _, samples, sources in loaded]
     check_evaluator_prompts(exp, tokenizer, context)
-    return rows, eval_sets, model_path
+    return eval_sets, model_path
 
 
 def _eval_set_samples(exp: Experiment, path: str,
@@ -275,7 +291,7 @@ def _tokenizer(exp: Experiment, model_path: str):
     return load_tokenizer(model_path, trust_remote_code=exp.trust_remote_code, chat_template=exp.chat_template)
 
 
-def _load(exp: Experiment, model_path: str):
+def load_tokenizer_and_model(exp: Experiment, model_path: str):
     set_seed(exp.seed)  # what a new part starts from (a reward model's score head, a LoRA adapter) follows the seed
     return _tokenizer(exp, model_path), load_model(model_path, exp.peft, exp.lora_rank, exp.lora_alpha,
                                                    exp.lora_dropout, exp.lora_target_modules, head=exp.model_head,
@@ -296,7 +312,7 @@ def _train(exp: Experiment, model, tokenizer, rows: list[dict], callbacks: list,
 def _train_shard(exp: Experiment, rows: list[dict], model_path: str) -> None:
     """A rank other than 0: trains on its shard of every batch and joins rank 0's evaluations; logs nothing. With
     rollout_engines=each_rank it builds an engine of its own for its rollouts (harness.rl.rollouts)."""
-    tokenizer, model = _load(exp, model_path)
+    tokenizer, model = load_tokenizer_and_model(exp, model_path)
     extra = {}
     if exp.needs_rollouts:
         extra["backend"] = make_backend(exp, model_path, tokenizer) if exp.rollout_engines == "each_rank" else None
@@ -305,7 +321,7 @@ def _train_shard(exp: Experiment, rows: list[dict], model_path: str) -> None:
         _train(exp, model, tokenizer, rows, [InLoopEvaluation(None, exp.eval_every, [])], output_dir, **extra)
 
 
-def _eval_tags(exp: Experiment) -> dict[str, str]:
+def eval_tags(exp: Experiment) -> dict[str, str]:
     """data.eval.fingerprint (data.eval.<set>.fingerprint for named sets): the file's, or for the held-out split
     the share, seed and training file that decide it."""
     return {f"data.eval.{name + '.' if name else ''}fingerprint":
@@ -318,7 +334,7 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
     name = exp.name()
     tags = {"model": exp.model, "model.path": model_path, **model_source_tags(model_path),
             "experiment.class": type(exp).__qualname__,
-            "data.train.fingerprint": data.fingerprint(exp.train_data), **_eval_tags(exp), **hooks.tags}
+            "data.train.fingerprint": data.fingerprint(exp.train_data), **eval_tags(exp), **hooks.tags}
     params = exp.params()
     if parent := parent_run_id(exp):  # a chained stage: the run it starts from, as a tag and a param
         tags["parent_run"] = params["parent_run"] = parent
@@ -345,29 +361,16 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         library_log = console.current().move_to(out_dir, tracker)  # logged to the run as it ends, failed or not
         print(f"[run] library output (transformers, TRL, vLLM, ...): {library_log}", flush=True)
         resumed = load_resume(tracker, out_dir) if exp.resume else None
-        tokenizer, model = _load(exp, model_path)
+        tokenizer, model = load_tokenizer_and_model(exp, model_path)
         t = time.time()
         backend = make_backend(exp, model_path, tokenizer)
         print(f"[eval] {backend.name} backend ready in {time.time() - t:.1f}s", flush=True)
         set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
-        generation = GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed)
-        evaluation = EvalSuite({s.name: Evaluation(evaluators, s.samples, backend, tokenizer, generation,
-                                                   prompt_ids=s.prompt_ids, system_prompt=exp.system_prompt,
-                                                   eval_set=s.name)
-                                for s in eval_sets})
+        evaluation = eval_suite(exp, eval_sets, evaluators, backend, tokenizer)
         best = BestCheckpoint(out_dir / "best", exp.select_metric, exp.select_mode, tokenizer, tracker)
         if resumed:
             restore_best(best, best.directory)
-
-        def log_report(report: EvalReport, _model) -> None:
-            tracker.log_metrics(report.metrics, report.step)
-            # one table per eval set: eval_samples/[<set>/]step_N.json, an evaluator's own under [<set>/]<evaluator>/
-            for prefix, set_report in ({f"{n}/": r for n, r in report.sets.items()} or {"": report}).items():
-                tracker.log_table(set_report.table, f"eval_samples/{prefix}step_{report.step:06d}.json")
-                for evaluator, table in set_report.evaluator_tables.items():
-                    tracker.log_table(table, f"eval_samples/{prefix}{evaluator}/step_{report.step:06d}.json")
-            print(format_report(report), flush=True)
-
+        log_report = report_logger(tracker)
         guard = NonFiniteGuard(exp.stop_on_nonfinite)  # after the logging of a value: it is in MLflow either way
         stoppers = [EarlyStop(exp.select_metric, exp.select_mode, exp.early_stop_patience, tracker)
                     ] if exp.early_stop_patience else []
@@ -400,6 +403,30 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
     gc.collect()
     print_summary(summary)
     return summary
+
+
+def eval_suite(exp: Experiment, eval_sets: list[EvalSet], evaluators: list, backend, tokenizer) -> EvalSuite:
+    """Every eval set of `exp` evaluated by `evaluators` on `backend`: what a run calls at each eval step and
+    `harness eval` once, so that both measure a model the same way."""
+    generation = GenParams(max_new_tokens=exp.max_new_tokens, seed=exp.seed)
+    return EvalSuite({s.name: Evaluation(evaluators, s.samples, backend, tokenizer, generation,
+                                         prompt_ids=s.prompt_ids, system_prompt=exp.system_prompt, eval_set=s.name)
+                      for s in eval_sets})
+
+
+def report_logger(tracker: Tracker) -> Callable[[EvalReport, object], None]:
+    """The listener that logs an eval report to the run: its metrics at its step, one table per eval set
+    (eval_samples/[<set>/]step_N.json, an evaluator's own under [<set>/]<evaluator>/), and the eval line."""
+
+    def log_report(report: EvalReport, _model) -> None:
+        tracker.log_metrics(report.metrics, report.step)
+        for prefix, set_report in ({f"{n}/": r for n, r in report.sets.items()} or {"": report}).items():
+            tracker.log_table(set_report.table, f"eval_samples/{prefix}step_{report.step:06d}.json")
+            for evaluator, table in set_report.evaluator_tables.items():
+                tracker.log_table(table, f"eval_samples/{prefix}{evaluator}/step_{report.step:06d}.json")
+        print(format_report(report), flush=True)
+
+    return log_report
 
 
 def _log_model(run_id: str, best: Path | None, register_as: str) -> None:

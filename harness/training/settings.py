@@ -123,9 +123,8 @@ def _range_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
 
 def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
     unknown = [e for e in exp.evaluators if e not in EVALUATORS]
-    sets, set_rules = _eval_set_rules(exp)
-    produced = [metric_key(f"eval/{e}/{m}", name) for name, _ in sets for e in exp.evaluators if e in EVALUATORS
-                for m in EVALUATORS[e].metric_names(exp.evaluator_kwargs(e))]
+    _, set_rules = _eval_set_rules(exp)
+    produced = produced_metrics(exp)
     selectable = [key for key in produced if not is_diagnostic(key)]
     rules = [
         *set_rules,
@@ -164,6 +163,13 @@ def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
                       f"a reward model has no language-model head, so it can only be evaluated by reward_accuracy "
                       f"with backend=hf (got evaluators={exp.evaluators}, backend={exp.backend})"))
     return rules
+
+
+def produced_metrics(exp: Experiment) -> list[str]:
+    """The metric keys the chosen evaluators log on the eval sets of eval_data (diagnostics included)."""
+    sets, _ = _eval_set_rules(exp)
+    return [metric_key(f"eval/{e}/{m}", name) for name, _ in sets for e in exp.evaluators if e in EVALUATORS
+            for m in EVALUATORS[e].metric_names(exp.evaluator_kwargs(e))]
 
 
 def _unchosen_option_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
