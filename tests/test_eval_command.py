@@ -104,3 +104,11 @@ def test_bad_input_stops_before_any_run_opens(args, message, tmp_path, monkeypat
     assert message in capsys.readouterr().err
     store = tmp_path / "mlflow.db"  # created only by what opens the store (looking a run up)
     assert not store.exists() or _runs(uri, "eval") == []
+
+
+def test_a_directory_without_a_tokenizer_is_named_before_any_run_opens(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "weights").mkdir()
+    assert main(["eval", str(tmp_path / "weights"), f"output_dir={tmp_path / 'out'}"]) == 2
+    assert f"{tmp_path / 'weights'} holds no tokenizer that can be loaded" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()

@@ -46,6 +46,7 @@ class EvalRun:
 def eval_experiment(model: str, overrides: list[str]) -> ModelEval:
     """The evaluation of `model` with `overrides` (key=value), through the settings check every run passes. A
     training field, model= among the overrides or any bad value is a ConfigError naming it."""
+    from evaluators import is_diagnostic
     from harness.training.overrides import field_types, parse_overrides
     from harness.training.settings import check_settings, produced_metrics
 
@@ -64,7 +65,7 @@ def eval_experiment(model: str, overrides: list[str]) -> ModelEval:
     values, options = parse_overrides(ModelEval, overrides)
     exp = ModelEval(model=model, **values, evaluator_options=options)
     # no checkpoint is selected, but the settings check wants a select_metric the evaluators produce
-    exp.select_metric = next(iter(produced_metrics(exp)), exp.select_metric)
+    exp.select_metric = next((k for k in produced_metrics(exp) if not is_diagnostic(k)), exp.select_metric)
     return check_settings(exp)
 
 

@@ -257,7 +257,9 @@ def prepare_evaluation(exp: Experiment, heldout: list[data.Record] | None = None
     exp.check_models(model_path)  # e.g. a distillation teacher's vocabulary against the student's
     try:
         tokenizer = _tokenizer(exp, model_path)
-    except OSError as e:  # transformers' error for a name that is no directory and no hub model it can fetch
+    except (OSError, ValueError) as e:  # transformers': no hub model by that name, or no tokenizer files in it
+        if Path(model_path).is_dir():
+            raise ConfigError(f"model={exp.model}: {model_path} holds no tokenizer that can be loaded ({e})") from None
         raise ConfigError(f"model={exp.model}: not an embedded model, a directory, a .gguf file or a run reference, "
                           f"and no hub model could be loaded by that name ({e}); without network, set "
                           f"HF_HUB_OFFLINE=1 to use the hub cache") from None
