@@ -88,6 +88,8 @@ def test_eval_logs_the_metrics_and_tables_of_a_runs_step_0_and_of_its_best_check
     (["tiny-qwen2", "learning_rate=1e-3"], "'learning_rate' is a training field, and eval trains nothing"),
     (["tiny-qwen2", "max_steps=5"], "'max_steps' is a training field"),
     (["tiny-qwen2", "model=smollm2"], "the model is the first argument"),
+    (["tiny-qwen2", "eval_data=facts:data/eval.jsonl,heldout:split"], "reads the held-out split of train_data"),
+    (["tiny-qwen2", "eval_data="], "reads the held-out split of train_data"),
     (["tiny-qwen2", "eval_limit=-1"], "field 'eval_limit' = -1 must be >= 0"),
     (["tiny-qwen2", "humaneval_n=4"], "is an option of the humaneval evaluator, which evaluators=perplexity,bleu,"),
     (["run:0123456789abcdef0123456789abcdef"], "no run 0123456789abcdef0123456789abcdef in sqlite:"),

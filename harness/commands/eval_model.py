@@ -64,9 +64,22 @@ def eval_experiment(model: str, overrides: list[str]) -> ModelEval:
                           "run:RUN_ID or run:latest:EXPERIMENT")
     values, options = parse_overrides(ModelEval, overrides)
     exp = ModelEval(model=model, **values, evaluator_options=options)
+    if _reads_split(exp.eval_data):  # before the settings check, whose advice (set eval_split) eval cannot take
+        raise ConfigError(f"eval: eval_data={exp.eval_data!r} reads the held-out split of train_data, and eval has "
+                          f"no training data: give eval_data files or hub datasets (name:path,... or "
+                          f"hf:NAME:CONFIG:SPLIT)")
     # no checkpoint is selected, but the settings check wants a select_metric the evaluators produce
     exp.select_metric = next((k for k in produced_metrics(exp) if not is_diagnostic(k)), exp.select_metric)
     return check_settings(exp)
+
+
+def _reads_split(eval_data: str) -> bool:
+    from harness.core.eval_data import SPLIT, parse_eval_data
+
+    try:
+        return any(path == SPLIT for _, path in parse_eval_data(eval_data))
+    except ConfigError:  # a value that does not parse: the settings check names eval_data and why
+        return False
 
 
 def run_eval(exp: ModelEval) -> EvalRun:
