@@ -92,8 +92,10 @@ def test_eval_logs_the_metrics_and_tables_of_a_runs_step_0_and_of_its_best_check
     (["tiny-qwen2", "eval_data="], "reads the held-out split of train_data"),
     (["tiny-qwen2", "eval_limit=-1"], "field 'eval_limit' = -1 must be >= 0"),
     (["tiny-qwen2", "humaneval_n=4"], "is an option of the humaneval evaluator, which evaluators=perplexity,bleu,"),
-    (["run:0123456789abcdef0123456789abcdef"], "no run 0123456789abcdef0123456789abcdef in sqlite:"),
-    (["run:latest:no_such_experiment"], "no_such_experiment"),
+    # looking a run up creates the MLflow store (seconds)
+    pytest.param(["run:0123456789abcdef0123456789abcdef"], "no run 0123456789abcdef0123456789abcdef in sqlite:",
+                 marks=pytest.mark.slow),
+    pytest.param(["run:latest:no_such_experiment"], "no_such_experiment", marks=pytest.mark.slow),
     (["/no/such/model/dir"], "model=/no/such/model/dir: not an embedded model, a directory, a .gguf file or a run "
                              "reference, and no hub model could be loaded"),
     (["no-such-org/no-such-model"], "no hub model could be loaded by that name"),

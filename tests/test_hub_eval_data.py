@@ -7,7 +7,6 @@ import json
 
 import datasets
 import pytest
-from mlflow.tracking import MlflowClient
 
 from evaluators.choice import Choice, read_questions
 from harness.commands.cli import main
@@ -86,11 +85,6 @@ def test_multiple_choice_hub_rows_are_read_in_the_choice_evaluators_shapes(tmp_p
     assert (question.text, question.choices, question.gold) == (text, choices, gold)
 
 
-def _eval_runs(uri: str) -> list:
-    experiment = MlflowClient(uri).get_experiment_by_name("eval")
-    return [] if experiment is None else MlflowClient(uri).search_runs([experiment.experiment_id])
-
-
 def test_offline_a_hub_name_fails_naming_it_and_hf_datasets_offline_before_a_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_DATASETS_OFFLINE=1 sets at import
     with pytest.raises(DataError, match=r"hub dataset 'no-such-org/no-such-set' config 'main' split 'test' could "
@@ -104,13 +98,13 @@ def test_offline_a_hub_name_fails_naming_it_and_hf_datasets_offline_before_a_run
     assert code == 2
     assert "'no-such-org/gsm8k' config 'main' split 'test' could not be loaded" in stderr
     assert "HF_DATASETS_OFFLINE" in stderr
-    assert _eval_runs(uri) == []
+    assert not (tmp_path / "mlflow.db").exists()  # no run, not even a store
     with pytest.raises(DataError, match="'no-such-org/mmlu' config 'all' split 'test' could not be loaded"):
         Choice(data="hf:no-such-org/mmlu:all:test")  # built with the evaluators, before the run opens
     code = main(["eval", "tiny-qwen2", "eval_data=hf:openai/gsm8k", f"output_dir={tmp_path / 'out'}"])
     assert code == 2
     assert "field 'eval_data' = 'hf:openai/gsm8k'" in capsys.readouterr().err
-    assert _eval_runs(uri) == []
+    assert not (tmp_path / "mlflow.db").exists()  # no run, not even a store
 
 
 def test_choice_data_names_a_hub_set_among_several(tmp_path):
