@@ -77,10 +77,10 @@ experiment: setup
 	$(PY) -m harness run $(NAME) $(ARGS) $(if $(LAUNCH),--launch $(LAUNCH) --nproc $(NPROC))
 
 # make eval MODEL=tiny-qwen2|smollm2|DIR|FILE.gguf|HUB_NAME|run:RUN_ID|run:latest:EXPERIMENT ARGS="k=v ...": the
-# model evaluated without training, as a run's step 0 (MLflow experiment `eval`)
+# model evaluated without training, as a run's step 0 (MLflow experiment `eval`); LIKE=x: x's evaluation fields
 MODEL ?= tiny-qwen2
 eval: setup
-	$(PY) -m harness eval $(MODEL) $(ARGS)
+	$(PY) -m harness eval $(MODEL) $(ARGS) $(if $(LIKE),--like $(LIKE))
 
 # make show NAME=x ARGS="k=v ...": every field with its type, default, value and help, then the settings check
 # (with LAUNCH=deepspeed|torchrun: checked for that launcher)

@@ -116,3 +116,20 @@ def test_a_directory_without_a_tokenizer_is_named_before_any_run_opens(tmp_path,
     assert main(["eval", str(tmp_path / "weights"), f"output_dir={tmp_path / 'out'}"]) == 2
     assert f"{tmp_path / 'weights'} holds no tokenizer that can be loaded" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_like_takes_an_experiments_evaluation_fields_and_overrides_win():
+    from harness.commands.eval_model import eval_experiment
+    from harness.core.errors import ConfigError
+
+    exp = eval_experiment("smollm2", ["eval_limit=4"], like="sft_smollm2")
+    assert (exp.model, exp.max_new_tokens, exp.eval_limit) == ("smollm2", 32, 4)  # sft_smollm2 sets 32 and 32
+    plain = eval_experiment("smollm2", [])
+    assert (plain.max_new_tokens, plain.eval_limit) == (48, 64)  # every experiment's defaults
+    code = eval_experiment("tiny-qwen2", [], like="sft_code_qwen")  # its HumanEval options, declared as fields
+    kwargs = code.evaluator_kwargs("humaneval")  # the evaluator's defaults are humaneval (164 problems) and 256
+    assert code.evaluators == ["humaneval"] and (kwargs["problems"], kwargs["max_new_tokens"]) == (
+        "data/code_eval.jsonl", 32)
+    assert eval_experiment("tiny-qwen2", ["evaluators=rouge"], like="sft_code_qwen").evaluator_options == {}
+    with pytest.raises(ConfigError, match="unknown experiment 'no_such'"):
+        eval_experiment("tiny-qwen2", [], like="no_such")

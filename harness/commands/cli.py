@@ -68,7 +68,7 @@ def _eval(args: argparse.Namespace) -> int:
     with console.library_log():  # before the imports below, as `run`
         from harness.commands.eval_model import eval_experiment, run_eval
 
-        run_eval(eval_experiment(args.ref, args.overrides))
+        run_eval(eval_experiment(args.ref, args.overrides, args.like))
     return 0
 
 
@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "name, run:RUN_ID or run:latest:EXPERIMENT")
     ev.add_argument("overrides", nargs="*", help="evaluation fields and evaluator options as field=value (eval_data=, "
                                                  "evaluators=, eval_limit=, backend=, choice_data=, ...)")
+    ev.add_argument("--like", default="", metavar="EXPERIMENT",
+                    help="start from this experiment's evaluation fields (eval_data, eval_limit, max_new_tokens, "
+                         "evaluators, ...), so that the numbers compare with its runs' step 0")
     ev.set_defaults(func=_eval)
     show = sub.add_parser("show", help="print every field (type, default, value, help) and the evaluator options, "
                                        "then check the settings without running anything (exit 2 when they fail)")

@@ -43,9 +43,11 @@ class EvalRun:
     metrics: dict[str, float]
 
 
-def eval_experiment(model: str, overrides: list[str]) -> ModelEval:
-    """The evaluation of `model` with `overrides` (key=value), through the settings check every run passes. A
-    training field, model= among the overrides or any bad value is a ConfigError naming it."""
+def eval_experiment(model: str, overrides: list[str], like: str = "") -> ModelEval:
+    """The evaluation of `model` with `overrides` (key=value) over the evaluation fields of the experiment `like`
+    (its defaults: eval_data, eval_limit, max_new_tokens, ..., and evaluator options it declares as fields) or of
+    any experiment when empty, through the settings check every run passes. A training field, model= among the
+    overrides or any bad value is a ConfigError naming it."""
     from evaluators import is_diagnostic
     from harness.training.overrides import field_types, parse_overrides
     from harness.training.settings import check_settings, produced_metrics
@@ -63,6 +65,11 @@ def eval_experiment(model: str, overrides: list[str]) -> ModelEval:
         raise ConfigError("eval: name a model: tiny-qwen2, smollm2, a directory, a .gguf file, a hub name, "
                           "run:RUN_ID or run:latest:EXPERIMENT")
     values, options = parse_overrides(ModelEval, overrides)
+    if like:
+        like_values, like_options = _evaluation_of(like)
+        values = {**like_values, **values}
+        options = {e: {**like_options.get(e, {}), **options.get(e, {})} for e in {*like_options, *options}
+                   if e in values["evaluators"] or e in options}  # the experiment's options of evaluators in use
     exp = ModelEval(model=model, **values, evaluator_options=options)
     if _reads_split(exp.eval_data):  # before the settings check, whose advice (set eval_split) eval cannot take
         raise ConfigError(f"eval: eval_data={exp.eval_data!r} reads the held-out split of train_data, and eval has "
@@ -71,6 +78,19 @@ def eval_experiment(model: str, overrides: list[str]) -> ModelEval:
     # no checkpoint is selected, but the settings check wants a select_metric the evaluators produce
     exp.select_metric = next((k for k in produced_metrics(exp) if not is_diagnostic(k)), exp.select_metric)
     return check_settings(exp)
+
+
+def _evaluation_of(name: str) -> tuple[dict, dict[str, dict]]:
+    """Experiment `name`'s evaluation fields as it sets them, and the evaluator options it declares as fields
+    (`humaneval_n`) by evaluator."""
+    from evaluators import EVALUATORS
+    from experiments import load_class
+    from harness.training.overrides import evaluator_option_types
+
+    exp = load_class(name)()
+    options = {e: {o: getattr(exp, f"{e}_{o}") for o in evaluator_option_types(e) if hasattr(exp, f"{e}_{o}")}
+               for e in EVALUATORS}
+    return {f: getattr(exp, f) for f in EVAL_FIELDS}, {e: o for e, o in options.items() if o}
 
 
 def _reads_split(eval_data: str) -> bool:
