@@ -99,8 +99,8 @@ class Experiment:
         "auto", "vLLM engine precision: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
     evaluators: list[str] = help_factory(
         lambda: ["perplexity", "bleu", "rouge"],
-        "in-loop evaluators, comma-separated: perplexity, bleu, rouge, answer, humaneval, judge, reward_accuracy; "
-        "each evaluator's options as <evaluator>_<option>=value")
+        f"in-loop evaluators, comma-separated: {', '.join(EVALUATORS)}; each evaluator's options as "
+        f"<evaluator>_<option>=value")
     select_metric: str = help_field(
         "eval/rouge/rougeL", "the best checkpoint is kept by this eval/<evaluator>/<metric> (also a sweep's objective)")
     select_mode: str = help_field("max", "max or min: whether a higher or a lower select_metric is better")
