@@ -216,7 +216,7 @@ def test_local_model_dir_parquet_data_lora_and_hf_backend(store, tiny_model_dir,
                  "eval_every=1", "evaluators=bleu,rouge", f"output_dir={tmp / 'outputs'}"])  # in this process
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr[-3000:]
-    assert "[data] 64 training rows" in stdout and "8 eval samples" in stdout
+    assert f"[data] 64 training rows from {tmp / 'pairs.parquet'}; eval samples: 8 from {tmp / 'eval.json'}" in stdout
     assert "hf backend ready" in stdout
     run = _only_run(client)
     assert run.info.status == "FINISHED" and run.data.params["peft"] == "dora"

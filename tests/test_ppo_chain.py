@@ -34,7 +34,7 @@ PPO = ["max_steps=2", "eval_every=2", "eval_limit=2", "evaluators=rouge", "max_n
 
 
 def _store_run(client: MlflowClient, tmp_path: Path, experiment: str, name: str, config: dict) -> str:
-    """A run as the store holds it, with a best checkpoint holding `config` as its config file `name`."""
+    """A finished run as the store holds it, with a best checkpoint holding `config` as its config file `name`."""
     found = client.get_experiment_by_name(experiment)
     run_id = client.create_run(found.experiment_id if found else client.create_experiment(experiment)).info.run_id
     best = tmp_path / run_id / "best"
@@ -42,6 +42,7 @@ def _store_run(client: MlflowClient, tmp_path: Path, experiment: str, name: str,
     (best / "selection.json").write_text('{"metric": "eval/rouge/rougeL", "mode": "max", "step": 2, "value": 1.0}')
     (best / name).write_text(json.dumps(config))
     client.set_tag(run_id, "best_checkpoint", str(best))
+    client.set_terminated(run_id, "FINISHED")  # run:latest:X takes only finished runs
     return run_id
 
 
