@@ -490,3 +490,12 @@ def test_compare_pairs_humaneval_over_its_problems_from_the_logged_own_tables(tm
     (line,) = [row for row in table.splitlines() if row.strip().startswith("eval/humaneval/pass_at_1 ") and "CI" in row]
     # 12 problems solved by the second run only: a paired test over 16 problems, not a bare difference
     assert "12.500 ->     87.500  (+75.000, 95% CI [" in line and line.rstrip().endswith(", significant)")
+
+
+def test_the_summary_says_when_a_test_was_over_an_evaluators_own_units_or_fewer_samples():
+    from harness.training.runner import _tested_over
+
+    assert _tested_over("eval/choice/acc", 60, 32) == ", over its 60 units (id)"
+    assert _tested_over("eval/facts/humaneval/pass_at_1", 20, 32) == ", over its 20 units (task_id)"
+    assert _tested_over("eval/answer/numeric", 30, 32) == ", over the 30 samples with a value"
+    assert _tested_over("eval/rouge/rougeL", 32, 32) == ""

@@ -449,6 +449,15 @@ def _log_model(run_id: str, best: Path | None, register_as: str) -> None:
           f"{time.time() - t:.1f}s", flush=True)
 
 
+def _tested_over(key: str, n: int, samples: int) -> str:
+    """What a paired test of `key` was over when it is not every eval sample: an evaluator's own units (choice's
+    questions, HumanEval's problems), or the samples with a value on both sides."""
+    unit = EVALUATORS[key.split("/")[-2]].unit_column if key.split("/")[-2] in EVALUATORS else ""
+    if unit:
+        return f", over its {n} units ({unit})"
+    return f", over the {n} samples with a value" if n != samples else ""
+
+
 def print_summary(summary: RunSummary) -> None:
     first, last = summary.reports[0], summary.reports[-1]
     print(f"\n== {summary.experiment_name}: baseline (step {first.step}) vs final (step {last.step})")
@@ -476,7 +485,7 @@ def print_summary(summary: RunSummary) -> None:
             change = f"{delta:+.3f}"
             if key in tests:
                 test = tests[key]
-                change = test.describe() + (f", over the {test.n} samples with a value" if test.n != samples else "")
+                change = test.describe() + _tested_over(key, test.n, samples)
             print(f"  {key:<{width}} {base:10.3f} -> {final:10.3f}  ({change})")
     print(f"  MLflow run: {summary.run_id} in {shown_tracking_uri()}")
     print(f"  MLflow UI:  {summary.run_url}" + ("" if summary.run_url.startswith(shown_tracking_uri()) else
