@@ -114,7 +114,7 @@ def test_run_shows_harness_lines_and_logs_library_output(tmp_path, tiny_model_di
     (run,) = client.search_runs([client.get_experiment_by_name("sft_qwen").experiment_id])
     run_id = run.info.run_id
     library_log = tmp_path / "out" / "sft_qwen" / run_id / "library.log"
-    for line in ("[run] sft_qwen:", "[data] 4000 training rows", f"[mlflow] run {run_id}",
+    for line in ("[run] sft_qwen:", "[data] 2000 training rows", f"[mlflow] run {run_id}",
                  f"[run] library output (transformers, TRL, vLLM, ...): {library_log}", "[eval] vllm backend ready",
                  "[eval] step 0:", "[eval] step 2:", "== sft_qwen: baseline (step 0) vs final (step 2)"):
         assert line in out.stdout, line

@@ -72,19 +72,56 @@ def test_relative_paths_resolve_against_the_repository(tmp_path, monkeypatch):
 
 def test_shipped_data_is_what_the_generator_makes(tmp_path):
     paths = {**generate(tmp_path, seed=0), **generate_code_tasks(tmp_path, seed=0)}
-    assert len(paths) == 8
+    assert len(paths) == 7
     for kind, path in paths.items():
         assert path.read_bytes() == (DATA_DIR / path.name).read_bytes(), kind
 
 
-def test_eval_prompts_never_appear_in_training_data():
-    eval_prompts = {json.loads(line)["prompt"] for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()}
-    pref = {json.loads(line)["prompt"] for line in (DATA_DIR / "preference.jsonl").read_text().splitlines()}
-    sft = {json.loads(line)["messages"][0]["content"] for line in (DATA_DIR / "sft.jsonl").read_text().splitlines()}
-    rl = {json.loads(line)["prompt"] for line in (DATA_DIR / "rl.jsonl").read_text().splitlines()}
-    assert not eval_prompts & pref and not eval_prompts & sft and not eval_prompts & rl
-    zh = [line for line in (DATA_DIR / "eval.jsonl").read_text().splitlines() if '"lang": "zh"' in line]
-    assert len(zh) > 64  # Chinese ROUGE/BLEU measure real Chinese text
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA_DIR / name).read_text(encoding="utf-8").splitlines()]
+
+
+# Every file some stage trains on: the base's pretraining text, the SFT stage's chat data, the preference pairs and
+# their prompts, the RL prompts
+TRAINING_FILES = ("pretrain.txt", "sft.jsonl", "preference_prompts.jsonl", "preference.jsonl", "rl.jsonl")
+
+
+def test_eval_prompts_and_references_appear_in_no_training_file():
+    training = "\n".join(
+        (DATA_DIR / name).read_text(encoding="utf-8") if name.endswith(".txt") else
+        "\n".join(text for row in _rows(name) for text in _strings(row)) for name in TRAINING_FILES)
+    eval_rows = _rows("eval.jsonl")
+    leaked = [(r["id"], what) for r in eval_rows for what in ("prompt", "reference") if r[what] in training]
+    assert not leaked
+    assert len(eval_rows) == 256 and len({r["prompt"] for r in eval_rows}) == 256
+    assert sum(r["lang"] == "zh" for r in eval_rows) > 64  # Chinese ROUGE/BLEU measure real Chinese text
+    # the facts are in pretraining, as prose: what the eval asks is learnt, the question is not
+    pretrain = (DATA_DIR / "pretrain.txt").read_text(encoding="utf-8")
+    assert "Paris is the capital of France." in pretrain and "巴黎是法国的首都。" in pretrain
+
+
+def _strings(row: dict) -> list[str]:
+    return [m["content"] for m in row["messages"]] if "messages" in row else [v for v in row.values()
+                                                                               if isinstance(v, str)]
+
+
+def test_preference_pairs_are_the_instruct_models_own_wrong_answers(vllm_backend, tiny_model_dir):
+    from harness.commands.self_pairs import EMBEDDED_PAIRS, EMBEDDED_PAIRS_TOKENS, own_answer_pairs
+    from harness.core.models import load_tokenizer
+    from harness.core.prompts import render_prompt
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    for prompts_file, pairs_file in EMBEDDED_PAIRS:
+        records = _rows(prompts_file)[:160]
+        prompts, right = [r["prompt"] for r in records], [r["reference"] for r in records]
+        regenerated, _ = own_answer_pairs(vllm_backend, [render_prompt(tokenizer, p) for p in prompts], prompts,
+                                          right, EMBEDDED_PAIRS_TOKENS)
+        shipped = {r["prompt"]: r for r in _rows(pairs_file)}
+        same = sum(shipped.get(r["prompt"]) == r for r in regenerated)
+        # the same greedy answers, up to float noise between machines that flips a near-tie here and there
+        assert same >= 0.95 * len(regenerated) and len(regenerated) >= 140, (pairs_file, same, len(regenerated))
+        references = {r["prompt"]: r["reference"] for r in _rows(prompts_file)}
+        assert all(r["chosen"] == references[r["prompt"]] != r["rejected"] for r in shipped.values())
 
 
 EVAL_ROW = '{"prompt": "Was ist 2+2?", "reference": "Vier, schön."}\n'

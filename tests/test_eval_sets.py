@@ -280,7 +280,7 @@ def test_sft_run_with_three_eval_sets_logs_each_under_its_prefix(store, tmp_path
                  "heldout:split", "select_metric=eval/facts/rouge/rougeL", f"output_dir={tmp / 'outputs'}"])
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr[-3000:]
-    assert "[data] eval_split=0.05: 200 of 4000 training records held out for evaluation (seed 0)" in stdout
+    assert "[data] eval_split=0.05: 100 of 2000 training records held out for evaluation (seed 0)" in stdout
     assert "4 from data/eval.jsonl (facts), 4 from " in stdout
     assert "4 from the held-out split (heldout)" in stdout
 

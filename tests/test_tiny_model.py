@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from evaluators import EVALUATORS
 from harness.core.generation import GenParams
 from harness.core.models import load_model, load_tokenizer
-from harness.embedded.tiny_qwen2 import TinyModelSpec, build_tiny_model
+from harness.embedded.tiny_qwen2 import STAGES, TinyModelSpec, build_tiny_model
 from harness.engines.hf_engine import HFBackend
 from harness.training.inloop import Evaluation
 
@@ -15,11 +15,15 @@ pytestmark = pytest.mark.slow  # every test here builds a model or loads the emb
 
 
 def test_build_is_deterministic_for_a_seed(tmp_path):
-    spec = TinyModelSpec(pretrain_steps=3, sft_steps=3, batch_size=4, vocab_size=600)
+    spec = TinyModelSpec(pretrain_steps=3, sft_steps=3, teacher_sft_steps=3, batch_size=4, vocab_size=600)
     build_tiny_model(spec, tmp_path / "a", log=lambda _: None)
     build_tiny_model(spec, tmp_path / "b", log=lambda _: None)
-    for name in ("model.safetensors", "tokenizer.json", "config.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    for stage in STAGES:
+        for name in ("model.safetensors", "tokenizer.json", "config.json", "build.json"):
+            assert (tmp_path / "a" / stage / name).read_bytes() == (tmp_path / "b" / stage / name).read_bytes(), name
+    # each stage trains on from the one before: three different models
+    weights = {(tmp_path / "a" / stage / "model.safetensors").read_bytes() for stage in STAGES}
+    assert len(weights) == 3
 
 
 def test_head_dim_fits_vllm_cpu_attention(tiny_model_dir):

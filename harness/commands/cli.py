@@ -314,6 +314,10 @@ def _data(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else DATA_DIR
     for kind, path in {**generate(out, seed=args.seed), **generate_code_tasks(out, seed=args.seed)}.items():
         print(f"{kind}: {path}")
+    from harness.commands.self_pairs import make_embedded_pairs  # builds the embedded models, loads vLLM
+
+    for kind, path in make_embedded_pairs(out).items():
+        print(f"{kind}: {path} (the instruct model's own answers)")
     return 0
 
 

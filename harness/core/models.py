@@ -13,14 +13,10 @@ from harness.core.errors import ConfigError
 from harness.core.prompts import read_chat_template
 from harness.embedded.gguf_models import ModelBuildError, ensure_gguf_model
 from harness.embedded.smollm2 import SMOLLM2, ensure_smollm2
-from harness.embedded.tiny_qwen2 import TINY_QWEN2, TinyModelSpec, ensure_tiny_model
+from harness.embedded.tiny_qwen2 import TINY_QWEN2, ensure_tiny_model
 
-# Models the project builds itself, on first use. The large one (about 3x the parameters, same tokenizer and
-# data) is the embedded teacher for distillation.
-EMBEDDED = {
-    TINY_QWEN2: TinyModelSpec(),
-    "tiny-qwen2-large": TinyModelSpec(hidden_size=384, layers=6, heads=6, kv_heads=2, intermediate_size=1152),
-}
+# Models the project builds itself, on first use, all three in one build: name -> stage (see tiny_qwen2.py)
+EMBEDDED = {f"{TINY_QWEN2}-base": "base", TINY_QWEN2: "instruct", f"{TINY_QWEN2}-teacher": "teacher"}
 # A PEFT (LoRA/DoRA) checkpoint holds this file, which names the base model, and the adapter weights only
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -30,7 +26,7 @@ def resolve_model(name: str) -> str:
     first use); hub names are passed through for HF/vLLM to fetch. A model that cannot be fetched or converted
     raises ConfigError saying what failed and what to pass instead."""
     if name in EMBEDDED:
-        return str(ensure_tiny_model(EMBEDDED[name]))
+        return str(ensure_tiny_model(stage=EMBEDDED[name]))
     try:
         if name == SMOLLM2:
             return str(ensure_smollm2())

@@ -64,84 +64,65 @@ class TaskInstance:
     prompt: str
     reference: str
     answer: str
-    wrong_reference: str  # a fluent but incorrect answer: the "rejected" side of a preference pair
-
-
-def _near_miss(rng: random.Random, value: int) -> int:
-    return value + rng.choice([-10, -2, -1, 1, 2, 10]) if value > 10 else value + rng.choice([1, 2, 3])
 
 
 def addition(rng: random.Random, lang: str) -> TaskInstance:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
-    c, w = a + b, _near_miss(rng, a + b)
     if lang == "en":
-        return TaskInstance("addition", lang, f"What is {a} plus {b}?", f"{a} plus {b} is {c}.", str(c),
-                            f"{a} plus {b} is {w}.")
-    return TaskInstance("addition", lang, f"{a}加{b}等于多少？", f"{a}加{b}等于{c}。", str(c), f"{a}加{b}等于{w}。")
+        return TaskInstance("addition", lang, f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", str(a + b))
+    return TaskInstance("addition", lang, f"{a}加{b}等于多少？", f"{a}加{b}等于{a + b}。", str(a + b))
 
 
 def subtraction(rng: random.Random, lang: str) -> TaskInstance:
     a = rng.randint(10, 99)
     b = rng.randint(0, a)
-    c, w = a - b, _near_miss(rng, a - b)
     if lang == "en":
-        return TaskInstance("subtraction", lang, f"What is {a} minus {b}?", f"{a} minus {b} is {c}.", str(c),
-                            f"{a} minus {b} is {w}.")
-    return TaskInstance("subtraction", lang, f"{a}减{b}等于多少？", f"{a}减{b}等于{c}。", str(c),
-                        f"{a}减{b}等于{w}。")
+        return TaskInstance("subtraction", lang, f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}.", str(a - b))
+    return TaskInstance("subtraction", lang, f"{a}减{b}等于多少？", f"{a}减{b}等于{a - b}。", str(a - b))
 
 
 def multiplication(rng: random.Random, lang: str) -> TaskInstance:
     a, b = rng.randint(1, 9), rng.randint(1, 9)
-    c, w = a * b, _near_miss(rng, a * b)
     if lang == "en":
-        return TaskInstance("multiplication", lang, f"What is {a} times {b}?", f"{a} times {b} is {c}.", str(c),
-                            f"{a} times {b} is {w}.")
-    return TaskInstance("multiplication", lang, f"{a}乘以{b}等于多少？", f"{a}乘以{b}等于{c}。", str(c),
-                        f"{a}乘以{b}等于{w}。")
+        return TaskInstance("multiplication", lang, f"What is {a} times {b}?", f"{a} times {b} is {a * b}.",
+                            str(a * b))
+    return TaskInstance("multiplication", lang, f"{a}乘以{b}等于多少？", f"{a}乘以{b}等于{a * b}。", str(a * b))
 
 
 def reverse_word(rng: random.Random, lang: str) -> TaskInstance:
     word = rng.choice(WORDS)
     rev = word[::-1]
-    wrong = word if rev != word else word + word[0]
     if lang == "en":
         return TaskInstance("reverse", lang, f'Reverse the word "{word}".', f'The word "{word}" reversed is "{rev}".',
-                            rev, f'The word "{word}" reversed is "{wrong}".')
-    return TaskInstance("reverse", lang, f"把单词“{word}”倒过来写。", f"“{word}”倒过来是“{rev}”。", rev,
-                        f"“{word}”倒过来是“{wrong}”。")
+                            rev)
+    return TaskInstance("reverse", lang, f"把单词“{word}”倒过来写。", f"“{word}”倒过来是“{rev}”。", rev)
 
 
 def count_letters(rng: random.Random, lang: str) -> TaskInstance:
     word = rng.choice(WORDS)
-    n, w = len(word), len(word) + rng.choice([-1, 1])
+    n = len(word)
     if lang == "en":
         return TaskInstance("count", lang, f'How many letters are in the word "{word}"?',
-                            f'The word "{word}" has {n} letters.', str(n), f'The word "{word}" has {w} letters.')
-    return TaskInstance("count", lang, f"单词“{word}”有几个字母？", f"单词“{word}”有{n}个字母。", str(n),
-                        f"单词“{word}”有{w}个字母。")
+                            f'The word "{word}" has {n} letters.', str(n))
+    return TaskInstance("count", lang, f"单词“{word}”有几个字母？", f"单词“{word}”有{n}个字母。", str(n))
 
 
 def uppercase(rng: random.Random, lang: str) -> TaskInstance:
     word = rng.choice(WORDS)
     up = word.upper()
-    wrong = word.capitalize()
     if lang == "en":
         return TaskInstance("uppercase", lang, f'Write "{word}" in capital letters.', f'In capital letters: "{up}".',
-                            up, f'In capital letters: "{wrong}".')
-    return TaskInstance("uppercase", lang, f"把“{word}”写成大写字母。", f"大写字母是“{up}”。", up,
-                        f"大写字母是“{wrong}”。")
+                            up)
+    return TaskInstance("uppercase", lang, f"把“{word}”写成大写字母。", f"大写字母是“{up}”。", up)
 
 
 def _paired_fact(rng: random.Random, lang: str, task: str, table: list[tuple[str, str, str, str]],
                  en: tuple[str, str], zh: tuple[str, str]) -> TaskInstance:
-    """A fact from `table` rows (key_en, value_en, key_zh, value_zh) as a question; wrong = another row's value."""
+    """A fact from `table` rows (key_en, value_en, key_zh, value_zh) as a question."""
     row = rng.choice(table)
-    other = rng.choice([r for r in table if r[0] != row[0]])
-    key, value, wrong = (row[0], row[1], other[1]) if lang == "en" else (row[2], row[3], other[3])
+    key, value = (row[0], row[1]) if lang == "en" else (row[2], row[3])
     question, answer = en if lang == "en" else zh
-    return TaskInstance(task, lang, question.format(k=key), answer.format(k=key, v=value), value,
-                        answer.format(k=key, v=wrong))
+    return TaskInstance(task, lang, question.format(k=key), answer.format(k=key, v=value), value)
 
 
 def capital(rng: random.Random, lang: str) -> TaskInstance:
@@ -177,6 +158,18 @@ def sample_tasks(rng: random.Random, count: int, exclude_prompts: set[str] = fro
         yield inst
 
 
+def sample_splits(rng: random.Random, sizes: dict[str, int],
+                  exclude_prompts: set[str] = frozenset()) -> dict[str, list[TaskInstance]]:
+    """Draw several splits at once, each instance going to the split least filled for its size, so that the tasks
+    with few distinct instances (capitals, opposites, the word tasks) are shared out among all the splits instead
+    of used up by the first one drawn (which left the preference and RL prompts nothing but arithmetic)."""
+    splits: dict[str, list[TaskInstance]] = {name: [] for name in sizes}
+    for inst in sample_tasks(rng, sum(sizes.values()), exclude_prompts):
+        name = min((n for n in sizes if len(splits[n]) < sizes[n]), key=lambda n: len(splits[n]) / sizes[n])
+        splits[name].append(inst)
+    return splits
+
+
 def fact_prose() -> list[str]:
     """Statements of every fact in prose, the way pretraining text states them (never as a question)."""
     lines = []
@@ -191,10 +184,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000, n_eval: int = 256,
-             n_rl: int = 1000) -> dict[str, Path]:
-    """Write the shipped data files: pretraining text, SFT chat data, preference pairs, the eval set and
-    preference pairs on the eval prompts, and RL prompts with their answers.
+def generate(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_pref: int = 1000, n_eval: int = 256,
+             n_rl: int = 500, paragraph: int = 4) -> dict[str, Path]:
+    """Write the shipped data files that need no model: pretraining text, SFT chat data, the prompts (with their
+    right answers) of the preference pairs, the eval set, and RL prompts with their answers. The pairs themselves
+    are the instruct model's own answers (harness.commands.self_pairs, `make data`).
 
     The eval prompts are drawn first and excluded from every training split, so no eval question is seen.
     """
@@ -202,21 +196,20 @@ def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000
     out_dir.mkdir(parents=True, exist_ok=True)
     eval_set = list(sample_tasks(rng, n_eval))
     held_out = {t.prompt for t in eval_set}
-    sft = list(sample_tasks(rng, n_sft, held_out))
-    pref = list(sample_tasks(rng, n_pref, held_out | {t.prompt for t in sft}))
+    splits = sample_splits(rng, {"sft": n_sft, "preference": n_pref, "rl": n_rl}, held_out)
+    sft, pref, rl = splits["sft"], splits["preference"], splits["rl"]
 
-    # Pretraining text: facts as prose plus answered instances, so the model learns the language of the tasks.
-    prose = fact_prose() * 8 + [f"{t.prompt} {t.reference}" for t in sft]
+    # Pretraining text: facts as prose plus answered instances, `paragraph` to a document, as questions and answers
+    # run on in web text: the base model learns the language of the tasks, and to go on to the next question.
+    answered = [f"{t.prompt} {t.reference}" for t in sft]
+    prose = fact_prose() * 8 + [" ".join(answered[i : i + paragraph]) for i in range(0, len(answered), paragraph)]
     rng.shuffle(prose)
-    # RL prompts with checkable answers, drawn last so that every file above stays as it was
-    rl = list(sample_tasks(rng, n_rl, held_out | {t.prompt for t in sft} | {t.prompt for t in pref}))
 
     paths = {
         "pretrain": out_dir / "pretrain.txt",
         "sft": out_dir / "sft.jsonl",
-        "preference": out_dir / "preference.jsonl",
+        "preference_prompts": out_dir / "preference_prompts.jsonl",
         "eval": out_dir / "eval.jsonl",
-        "preference_eval": out_dir / "preference_eval.jsonl",
         "rl": out_dir / "rl.jsonl",
     }
     _write_jsonl(paths["rl"], [{"prompt": t.prompt, "reference": t.reference, "answer": t.answer} for t in rl])
@@ -225,12 +218,8 @@ def generate(out_dir: Path, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000
         {"messages": [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": t.reference}]}
         for t in sft
     ])
-    _write_jsonl(paths["preference"], [
-        {"prompt": t.prompt, "chosen": t.reference, "rejected": t.wrong_reference} for t in pref
-    ])
-    # held-out pairs on the eval prompts, for reward models
-    _write_jsonl(paths["preference_eval"], [
-        {"prompt": t.prompt, "chosen": t.reference, "rejected": t.wrong_reference} for t in eval_set
+    _write_jsonl(paths["preference_prompts"], [
+        {"prompt": t.prompt, "reference": t.reference, "answer": t.answer} for t in pref
     ])
     _write_jsonl(paths["eval"], [
         {"id": f"{t.task}-{t.lang}-{i}", "task": t.task, "lang": t.lang, "prompt": t.prompt,

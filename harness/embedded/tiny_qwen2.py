@@ -1,8 +1,18 @@
-"""The embedded default model `tiny-qwen2`: a Qwen2 causal LM the project trains itself, from nothing.
+"""The embedded models: a Qwen2 causal LM the project trains itself, from nothing, in the stages of real
+post-training, so that every method has something left to do.
 
-Built on first use (tokenizer, short pretraining on `data/pretrain.txt`, then SFT on `data/sft.jsonl`) and
-cached outside git under a key derived from the spec, the data and this file, so a change to any of them
-builds a new model instead of silently reusing a stale one. Deterministic for a seed on a given machine.
+- `tiny-qwen2-base`: a tokenizer and a pretraining run on `data/pretrain.txt` (facts as prose, answered tasks as
+  plain-text paragraphs). It knows the language of the tasks, not the chat format: asked in chat form, it runs on
+  into the next question, as base models do.
+- `tiny-qwen2` (the instruct checkpoint, every experiment's default start but SFT's): the base after a short SFT
+  stage on `data/sft.jsonl`. It answers in the format but makes characteristic mistakes: it often answers another
+  task than the one asked (a subtraction for a capital question), or repeats itself; `data/preference.jsonl` pairs
+  its own wrong answers (rejected) with the right ones.
+- `tiny-qwen2-teacher`: the instruct checkpoint after a longer SFT stage on the same data, the distillation teacher.
+
+Built together on first use and cached outside git under a key derived from the spec, the data and this file, so a
+change to any of them builds new models instead of silently reusing stale ones. Deterministic for a seed on a given
+machine.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from harness.paths import DATA_DIR, cache_dir
 
 TINY_QWEN2 = "tiny-qwen2"
+STAGES = ("base", "instruct", "teacher")  # the build's order; each a directory of the built model
 PAD, BOS_TURN, EOS_TURN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -46,8 +57,9 @@ class TinyModelSpec:
     max_positions: int = 256
     seq_len: int = 64
     batch_size: int = 32
-    pretrain_steps: int = 300
-    sft_steps: int = 300
+    pretrain_steps: int = 260
+    sft_steps: int = 60  # the instruct checkpoint's SFT stage: short, so that post-training has mistakes to fix
+    teacher_sft_steps: int = 160  # the teacher: the instruct checkpoint trained on for this many more steps
     learning_rate: float = 2e-3
     seed: int = 0
 
@@ -59,22 +71,26 @@ def _fingerprint(spec: TinyModelSpec) -> str:
     return h.hexdigest()[:12]
 
 
-def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), log: Callable[[str], None] = print) -> Path:
-    """Return the directory of the built model, building it first if this spec/data has not been built."""
+def ensure_tiny_model(spec: TinyModelSpec = TinyModelSpec(), stage: str = "instruct",
+                      log: Callable[[str], None] = print) -> Path:
+    """Return the directory of one stage's model (base, instruct or teacher), building all three first if this
+    spec/data has not been built."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: one of {', '.join(STAGES)}")
     target = cache_dir() / "models" / f"{TINY_QWEN2}-{_fingerprint(spec)}"
-    if (target / "config.json").exists():
-        return target
+    if (target / stage / "config.json").exists():
+        return target / stage
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent first uses (sweep workers) build it once
-        if (target / "config.json").exists():
-            return target
+        if (target / stage / "config.json").exists():
+            return target / stage
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         build_tiny_model(spec, staging, log)
         staging.rename(target)  # atomic: a killed build never leaves a directory that looks complete
-    log(f"[model] {TINY_QWEN2} ready at {target}")
-    return target
+    log(f"[model] {TINY_QWEN2} base, instruct and teacher ready in {target}")
+    return target / stage
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -153,8 +169,21 @@ def _train(model, batches: Iterator, steps: int, spec: TinyModelSpec, phase: str
     return loss
 
 
+def _save(model, tokenizer, spec: TinyModelSpec, out_dir: Path, stage: str) -> None:
+    model.eval()
+    out_dir.mkdir(parents=True)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "build.json").write_text(json.dumps({"stage": stage, "spec": asdict(spec)}, indent=2))
+    model.train()
+
+
 def build_tiny_model(spec: TinyModelSpec, out_dir: Path, log: Callable[[str], None] = print) -> None:
-    log(f"[model] building {TINY_QWEN2} (one-time, a few minutes on 2 CPU cores) -> {out_dir}")
+    """Write the base, instruct and teacher models into `out_dir`/base, /instruct and /teacher."""
+    log(f"[model] building {TINY_QWEN2} base, instruct and teacher (one-time, about 3 minutes on 2 CPU cores) -> "
+        f"{out_dir}")
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
@@ -175,12 +204,9 @@ def build_tiny_model(spec: TinyModelSpec, out_dir: Path, log: Callable[[str], No
     for line in lines:
         ids += tokenizer(line, add_special_tokens=False)["input_ids"] + [doc_sep]
     _train(model, _pretrain_batches(ids, spec, rng), spec.pretrain_steps, spec, "pretrain", log)
-    examples = _sft_examples(tokenizer)
-    _train(model, _sft_batches(examples, spec, tokenizer.pad_token_id, rng), spec.sft_steps, spec, "sft", log)
-    model.eval()
-    out_dir.mkdir(parents=True)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "build.json").write_text(json.dumps({"spec": asdict(spec)}, indent=2))
+    _save(model, tokenizer, spec, out_dir / "base", "base")
+    sft = _sft_batches(_sft_examples(tokenizer), spec, tokenizer.pad_token_id, rng)
+    _train(model, sft, spec.sft_steps, spec, "sft (instruct)", log)
+    _save(model, tokenizer, spec, out_dir / "instruct", "instruct")
+    _train(model, sft, spec.teacher_sft_steps, spec, "sft (teacher)", log)
+    _save(model, tokenizer, spec, out_dir / "teacher", "teacher")
