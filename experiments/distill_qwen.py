@@ -1,4 +1,4 @@
-"""Knowledge distillation from a larger teacher into the embedded student, evaluated in the loop."""
+"""Knowledge distillation from a stronger teacher into the embedded student, evaluated in the loop."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from harness.training.methods import check_teacher_vocabulary, distill_trainer
 
 @dataclass
 class DistillQwen(Experiment):
-    """Supervised KD: the embedded tiny Qwen2 learns the larger embedded teacher's token distributions on chat data."""
+    """Supervised KD: the embedded instruct model learns the embedded teacher's token distributions on chat data."""
 
     train_data: str = help_field(
         "data/sft.jsonl", "chat data (messages, sharegpt or alpaca) whose completions the student learns")
     teacher: str = help_field(
-        "tiny-qwen2-large", "tiny-qwen2-large (built on first use: same tokenizer and data, ~3x parameters), or a "
+        "tiny-qwen2-teacher", "tiny-qwen2-teacher (the instruct model after a longer SFT stage, built with it), or a "
                             "path or hub model sharing the student's tokenizer")
     kd_alpha: float = help_field(
         0.5, "weight of the KL to the teacher; the rest (1 - kd_alpha) is cross-entropy on the data")

@@ -1,4 +1,4 @@
-"""On-policy distillation (GKD) from the larger embedded teacher, with the student's samples drawn from the
+"""On-policy distillation (GKD) from the embedded teacher, with the student's samples drawn from the
 in-loop vLLM engine synced with the student."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class GkdQwen(Experiment):
         "data/sft.jsonl", "chat data (messages, sharegpt or alpaca): the prompts, and the completions of the "
                           "off-policy batches")
     teacher: str = help_field(
-        "tiny-qwen2-large", "tiny-qwen2-large (built on first use: same tokenizer and data, ~3x parameters), or a "
+        "tiny-qwen2-teacher", "tiny-qwen2-teacher (the instruct model after a longer SFT stage, built with it), or a "
                             "path or hub model sharing the student's tokenizer")
     lmbda: float = help_field(
         1.0, "fraction of batches trained on the student's own samples (1 = fully on-policy; GKD's lambda)")
@@ -31,6 +31,9 @@ class GkdQwen(Experiment):
     temperature: float = help_field(1.0, "sampling temperature of the student's samples")
     learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
     max_new_tokens: int = help_field(32, "cap on the tokens of each student sample and of each eval generation")
+    eval_limit: int = help_field(
+        256, "first N eval records (0 = all): all 256 here, as the gain on the embedded model (about 1.6 ROUGE-L "
+             "points) is within what 64 prompts can tell from noise")
 
     def rules(self) -> list[tuple[bool, str, str]]:
         return [(0.0 <= self.lmbda <= 1.0, "lmbda", "must be in [0, 1]"),

@@ -13,6 +13,9 @@ from harness.training.methods import pretrain_trainer
 class PretrainQwen(Experiment):
     """Continued pretraining of the embedded tiny Qwen2 on raw text (.txt one document per line, or {"text"} rows)."""
 
+    model: str = help_field(
+        "tiny-qwen2-base", "tiny-qwen2-base (the embedded model before any SFT: SFT's starting point), or any model "
+                           "the base field takes")
     train_data: str = help_field("data/pretrain.txt", "raw text: a .txt file, one document per line, or text records")
     learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
     max_length: int = help_field(64, "tokens per document seen by the trainer (longer ones are truncated)")

@@ -13,6 +13,9 @@ from harness.training.methods import sft_trainer
 class SftCodeQwen(Experiment):
     """SFT of the embedded tiny Qwen2 on easy code tasks; pass@1 on held-out tasks run in the sandbox."""
 
+    model: str = help_field(
+        "tiny-qwen2-base", "tiny-qwen2-base (the embedded model before any SFT: SFT's starting point), or any model "
+                           "the base field takes")
     train_data: str = help_field("data/code_sft.jsonl", "code tasks as prompt/completion records")
     max_steps: int = help_field(120, "training steps (optimizer updates); 0 = train for num_train_epochs instead")
     eval_every: int = help_field(30, "evaluate in the loop every N steps, and at step 0 and after the last step")

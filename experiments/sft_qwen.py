@@ -13,6 +13,9 @@ from harness.training.methods import sft_trainer
 class SftQwen(Experiment):
     """SFT of the embedded tiny Qwen2 on chat data (messages, ShareGPT or Alpaca), multi-turn, assistant-only loss."""
 
+    model: str = help_field(
+        "tiny-qwen2-base", "tiny-qwen2-base (the embedded model before any SFT: SFT's starting point), or any model "
+                           "the base field takes")
     train_data: str = help_field("data/sft.jsonl", "chat data: messages, sharegpt or alpaca records, multi-turn")
     learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
 

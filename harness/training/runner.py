@@ -16,7 +16,7 @@ from transformers import PrinterCallback, set_seed
 from transformers.utils import logging as hf_logging
 
 from evaluators import EVALUATORS
-from evaluators.uncertainty import holm, method_line, paired_tests
+from evaluators.uncertainty import Paired, holm, method_line, paired_tests
 from harness.core import ranks
 from harness.core import records as data
 from harness.core.errors import ConfigError, DataError
@@ -458,17 +458,30 @@ def _tested_over(key: str, n: int, samples: int) -> str:
     return f", over the {n} samples with a value" if n != samples else ""
 
 
+def _summary_groups(summary: RunSummary) -> dict[str, tuple[EvalReport, EvalReport]]:
+    """Eval set name -> (baseline report, final report); one block named "" when the run has no named sets (a
+    resumed run's restored reports have no per-set reports either)."""
+    first, last = summary.reports[0], summary.reports[-1]
+    no_set = EvalReport(first.step, {}, {}, {})
+    return {n: (r, last.sets.get(n, no_set)) for n, r in first.sets.items()} or {"": (first, last)}
+
+
+def summary_tests(summary: RunSummary) -> dict[str, Paired]:
+    """The end-of-run verdicts: metric key -> the paired test of final against baseline, Holm-adjusted over every
+    change of every eval set, one family (README: What the error bars mean); empty after a single evaluation."""
+    if len(summary.reports) < 2:
+        return {}
+    return holm({metric_key(k, set_name): t for set_name, (base_report, final_report) in
+                 _summary_groups(summary).items()
+                 for k, t in paired_tests(EVALUATORS, base_report.table, final_report.table,
+                                          base_report.evaluator_tables, final_report.evaluator_tables).items()})
+
+
 def print_summary(summary: RunSummary) -> None:
     first, last = summary.reports[0], summary.reports[-1]
     print(f"\n== {summary.experiment_name}: baseline (step {first.step}) vs final (step {last.step})")
-    # one block per named eval set (a resumed run's restored reports have no per-set reports: one block)
-    no_set = EvalReport(first.step, {}, {}, {})
-    groups = {n: (r, last.sets.get(n, no_set)) for n, r in first.sets.items()} or {"": (first, last)}
-    # every change of every set is one family of tests (README: What the error bars mean)
-    tests = holm({metric_key(k, set_name): t for set_name, (base_report, final_report) in groups.items()
-                  for k, t in paired_tests(EVALUATORS, base_report.table, final_report.table,
-                                           base_report.evaluator_tables, final_report.evaluator_tables).items()}
-                 if last is not first else {})
+    groups = _summary_groups(summary)
+    tests = summary_tests(summary)
     if tests:
         print(f"  (delta, its 95% interval, p-value and verdict: {method_line()})")
     for set_name, (base_report, _) in groups.items():
