@@ -206,6 +206,7 @@ def test_case7_with_left_truncation_prepare_accepts_the_long_prompt(tmp_path, ti
 NONSENSE = [
     (SimpoQwen, ["learning_rate=1e999"], "field 'learning_rate' = inf must be a finite number"),
     (SimpoQwen, ["learning_rate=nan"], "field 'learning_rate' = nan must be a finite number"),
+    (SimpoQwen, ["learning_rate=-1e-5"], "field 'learning_rate' = -1e-05 must be >= 0 (0: a control run"),
     (SimpoQwen, ["seed=-1"], "field 'seed' = -1 must be in [0, 2**32)"),
     (SimpoQwen, ["max_new_tokens=0"], "field 'max_new_tokens' = 0 must be >= 1"),
     (SimpoQwen, ["max_length=0"], "field 'max_length' = 0 must be >= 1"),

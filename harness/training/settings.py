@@ -140,7 +140,8 @@ def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
         (exp.eval_every >= 1, "eval_every", "must be >= 1"),
         (exp.eval_limit >= 0, "eval_limit", "must be >= 0 (0 means the whole eval set)"),
         (exp.batch_size >= 1, "batch_size", "must be >= 1"),
-        (exp.learning_rate > 0, "learning_rate", "must be > 0"),
+        # 0 is allowed: a control run, whose summary shows what the test calls a change when the weights stay put
+        (exp.learning_rate >= 0, "learning_rate", "must be >= 0 (0: a control run that trains nothing)"),
         (bool(exp.evaluators), "evaluators", "must name at least one evaluator"),
         (exp.peft in PEFT_KINDS, "peft", f"must be one of {', '.join(PEFT_KINDS)}"),
         (exp.lora_serving in ("merge", "request"), "lora_serving", "must be 'merge' or 'request'"),
