@@ -25,8 +25,8 @@ def test_deepspeed_zero3_in_two_processes_logs_one_run_evaluated_on_the_gathered
     # (almost surely) one of a trained step rather than the start
     out = subprocess.run(
         [sys.executable, "-m", "harness", "run", "sft_qwen", "--launch", "deepspeed", "--nproc", "2",
-         "deepspeed=zero3", "max_steps=4", "eval_every=2", "eval_limit=16", "learning_rate=1e-3",
-         "select_metric=eval/perplexity/perplexity", "select_mode=max", f"output_dir={tmp_path}"],
+         f"model={tiny_model_dir}", "deepspeed=zero3", "max_steps=4", "eval_every=2", "eval_limit=16",
+         "learning_rate=1e-3", "select_metric=eval/perplexity/perplexity", "select_mode=max", f"output_dir={tmp_path}"],
         cwd=REPO_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(uri)

@@ -51,7 +51,7 @@ def test_eval_logs_the_metrics_and_tables_of_a_runs_step_0_and_of_its_best_check
     out = f"output_dir={tmp_path / 'outputs'}"
     assert main(["run", "sft_qwen", *EVAL, "select_metric=eval/choice/acc_norm", "max_steps=1", "eval_every=1",
                  "learning_rate=1e-3", out]) == 0
-    assert main(["eval", "tiny-qwen2", *EVAL, out]) == 0
+    assert main(["eval", "tiny-qwen2-base", *EVAL, out]) == 0  # where sft_qwen starts
     stdout = capsys.readouterr().out
     client = MlflowClient(uri)
     (trained,) = _runs(uri, "sft_qwen")
@@ -73,7 +73,7 @@ def test_eval_logs_the_metrics_and_tables_of_a_runs_step_0_and_of_its_best_check
     assert f"rouge/rougeL={logged['eval/rouge/rougeL']:.2f}±{logged['eval/rouge/rougeL_se']:.2f}" in line
     assert evaluated.data.params["evaluators"] == "perplexity,rouge,choice"
     assert "learning_rate" not in evaluated.data.params  # training fields are not the evaluation's
-    assert evaluated.data.tags["model"] == "tiny-qwen2"
+    assert evaluated.data.tags["model"] == "tiny-qwen2-base"
     # run:latest:sft_qwen is the run's best checkpoint (the step its select_metric was best at), measured the same
     assert main(["eval", "run:latest:sft_qwen", *EVAL, out]) == 0
     (chained,) = [r for r in _runs(uri, "eval") if r.info.run_id != evaluated.info.run_id]

@@ -57,7 +57,7 @@ def _records(rows: list[dict], name: str = "f.jsonl") -> list[Record]:
 def test_split_is_seeded_disjoint_and_sized():
     records = read_records("data/sft.jsonl")
     train, held = split_records(records, 0.05, seed=0)
-    assert len(held) == 200 and len(train) == 3800
+    assert len(held) == 100 and len(train) == 1900
     assert {r.source for r in train}.isdisjoint(r.source for r in held)  # no record is trained on and evaluated
     assert {r.source for r in train} | {r.source for r in held} == {r.source for r in records}
     again_train, again_held = split_records(records, 0.05, seed=0)

@@ -9,11 +9,9 @@ from experiments import load_class
 from harness.training.overrides import apply_overrides
 from harness.training.runner import run_experiment, summary_tests
 
-# experiment -> overrides that shorten the run where the same verdict holds (measured at the defaults: README)
-EXAMPLES = {
-    "sft_qwen": ["max_steps=30", "eval_every=15"],
-    "rm_qwen": [],
-}
+# experiment -> overrides that would shorten the run where the same verdict holds (none: sft_qwen at 30 steps has not
+# learnt the chat format yet, ROUGE-L 11.2 -> 12.3, p=0.34)
+EXAMPLES = {"sft_qwen": [], "rm_qwen": []}
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -29,6 +27,7 @@ def test_example_ends_significantly_better_by_its_own_summary(name, tmp_path, mo
 
 def test_learning_rate_zero_changes_nothing(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = apply_overrides(load_class("sft_qwen"), [*EXAMPLES["sft_qwen"], "learning_rate=0", f"output_dir={tmp_path}"])
+    exp = apply_overrides(load_class("sft_qwen"), ["learning_rate=0", "max_steps=10", "eval_every=10",
+                                                   f"output_dir={tmp_path}"])
     tests = summary_tests(run_experiment(exp))
     assert tests and all(t.delta == 0 and t.p_value == 1 and not t.significant for t in tests.values()), tests

@@ -12,11 +12,11 @@ from harness.engines.hf_engine import HFBackend
 from harness.paths import DATA_DIR
 
 
-def _perturbed(model, seed: int):
+def _perturbed(model, seed: int, scale: float = 0.05):
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.05 * p.std() * torch.randn_like(p))
+            p.add_(scale * p.std() * torch.randn_like(p))
     return model
 
 
@@ -43,7 +43,8 @@ def test_greedy_vllm_equals_hf_after_sync(vllm_backend, tiny_model_dir, tokenize
     params = PARAMS
     vllm_backend.sync_weights(load_model(tiny_model_dir))
     before = vllm_backend.generate(prompt_ids, params)
-    model = _perturbed(load_model(tiny_model_dir), seed=1)
+    # large enough to change the embedded instruct model's greedy answers, which sit on few templates
+    model = _perturbed(load_model(tiny_model_dir), seed=1, scale=0.2)
     vllm_backend.sync_weights(model)
     after = vllm_backend.generate(prompt_ids, params)
     hf, _ = _hf(model, tokenizer, prompt_ids, params)
