@@ -81,9 +81,10 @@ def _rows(name: str) -> list[dict]:
     return [json.loads(line) for line in (DATA_DIR / name).read_text(encoding="utf-8").splitlines()]
 
 
-# Every file some stage trains on: the base's pretraining text, the SFT stage's chat data, the preference pairs and
-# their prompts, the RL prompts
-TRAINING_FILES = ("pretrain.txt", "sft.jsonl", "preference_prompts.jsonl", "preference.jsonl", "rl.jsonl")
+# Every file some stage or experiment trains on: the base's pretraining text, the SFT stage's chat data, the
+# preference pairs and their prompts, the RL prompts, dpo_smollm2's pairs
+TRAINING_FILES = ("pretrain.txt", "sft.jsonl", "preference_prompts.jsonl", "preference.jsonl", "rl.jsonl",
+                  "smollm2_self_pairs.jsonl")
 
 
 def test_eval_prompts_and_references_appear_in_no_training_file():
