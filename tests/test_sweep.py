@@ -141,14 +141,17 @@ def test_sweep_logs_nested_runs_best_params_plots_and_resumes(stores, sweep_here
 
 def test_failed_trial_is_recorded_and_a_clearly_worse_trial_is_pruned(stores, sweep_here):
     env, storage, client, tmp = stores
-    summary, _ = sweep_here("scripted_simpo", *SCRIPTED, "--trials", "4", "--pruner", "median", "--startup-trials", "2")
+    # 8 steps: the median pruner compares a trial's best value so far (here its step 0, the same for every trial)
+    # with the others' at the step, so it can prune only once the sound trials beat their start, at step 4 here
+    longer = [a for a in SCRIPTED if not a.startswith("max_steps=")] + ["max_steps=8"]
+    summary, _ = sweep_here("scripted_simpo", *longer, "--trials", "4", "--pruner", "median", "--startup-trials", "2")
     assert summary["trials"] == {"COMPLETE": 2, "FAIL": 1, "PRUNED": 1}
     trials = optuna.load_study(study_name="scripted_simpo", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED"]
     pruned = trials[3]
-    assert pruned.params["learning_rate"] == 5e-2 and pruned.last_step < 4
-    assert pruned.user_attrs["steps_trained"] < 4  # training stopped, not just the trial's label
-    assert summary["steps_trained"] == 8 + pruned.user_attrs["steps_trained"]
+    assert pruned.params["learning_rate"] == 5e-2 and pruned.last_step < 8
+    assert pruned.user_attrs["steps_trained"] < 8  # training stopped, not just the trial's label
+    assert summary["steps_trained"] == 16 + pruned.user_attrs["steps_trained"]
 
     _, runs = _runs(client, "scripted_simpo")
     assert runs[2].info.status == "FAILED" and runs[2].data.tags["optuna.trial.state"] == "FAIL"
