@@ -9,15 +9,15 @@ from experiments import load_class
 from harness.training.overrides import apply_overrides
 from harness.training.runner import run_experiment, summary_tests
 
-# experiment -> overrides that would shorten the run where the same verdict holds (none: sft_qwen at 30 steps has not
-# learnt the chat format yet, ROUGE-L 11.2 -> 12.3, p=0.34)
-EXAMPLES = {"sft_qwen": [], "rm_qwen": []}
+# at their defaults: fewer steps do not keep the verdict (sft_qwen at 30 steps has not learnt the chat format yet,
+# ROUGE-L 11.2 -> 12.3, p=0.34)
+EXAMPLES = ("rm_qwen", "sft_qwen")
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", EXAMPLES)
 def test_example_ends_significantly_better_by_its_own_summary(name, tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = apply_overrides(load_class(name), [*EXAMPLES[name], f"output_dir={tmp_path}"])
+    exp = apply_overrides(load_class(name), [f"output_dir={tmp_path}"])
     summary = run_experiment(exp)
     test = summary_tests(summary)[exp.select_metric]
     better = test.delta < 0 if exp.select_mode == "min" else test.delta > 0
