@@ -110,7 +110,7 @@ export: setup
 	$(PY) -m harness export $(RUN) $(if $(MERGE),--merge) $(if $(TO),--to $(TO))
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 # The tests that need no model, engine or harness subprocess (marked `slow` in tests/): about a minute
 test-fast: setup

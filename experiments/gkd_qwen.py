@@ -31,9 +31,6 @@ class GkdQwen(Experiment):
     temperature: float = help_field(1.0, "sampling temperature of the student's samples")
     learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
     max_new_tokens: int = help_field(32, "cap on the tokens of each student sample and of each eval generation")
-    eval_limit: int = help_field(
-        256, "first N eval records (0 = all): all 256 here, as the gain on the embedded model (about 1.6 ROUGE-L "
-             "points) is within what 64 prompts can tell from noise")
 
     def rules(self) -> list[tuple[bool, str, str]]:
         return [(0.0 <= self.lmbda <= 1.0, "lmbda", "must be in [0, 1]"),

@@ -23,7 +23,7 @@ class RmQwen(Experiment):
                                          "rejected")
     reward_accuracy_pairs: str = help_field(
         "data/preference_eval.jsonl", "reward_accuracy evaluator: the held-out preference pairs it scores")
-    reward_accuracy_limit: int = help_field(64, "reward_accuracy evaluator: first N pairs; 0 means all")
+    reward_accuracy_limit: int = help_field(0, "reward_accuracy evaluator: first N pairs; 0 means all (256 here)")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True)}

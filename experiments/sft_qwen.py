@@ -18,6 +18,9 @@ class SftQwen(Experiment):
                            "the base field takes")
     train_data: str = help_field("data/sft.jsonl", "chat data: messages, sharegpt or alpaca records, multi-turn")
     learning_rate: float = help_field(1e-4, "peak learning rate, reached after the warm-up (see lr_scheduler_type)")
+    chat_template: str = help_field(
+        "chatml", "the chat format SFT teaches (the base model has none: SFT brings it): a named template (chatml), "
+                  "a Jinja file, or empty for the model's own")
 
     def search_space(self, trial) -> dict:
         return {"learning_rate": trial.suggest_float("learning_rate", 1e-5, 1e-3, log=True)}

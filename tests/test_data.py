@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 
 import pyarrow as pa
@@ -101,6 +102,15 @@ def test_eval_prompts_and_references_appear_in_no_training_file():
     assert "Paris is the capital of France." in pretrain and "巴黎是法国的首都。" in pretrain
 
 
+def test_eval_code_functions_appear_in_no_training_file():
+    training = (DATA_DIR / "pretrain.txt").read_text(encoding="utf-8") + (DATA_DIR / "code_sft.jsonl").read_text()
+    trained = set(re.findall(r"\b([a-z_]+_\d+)\b", training))
+    held_out = [r["entry_point"] for r in _rows("code_eval.jsonl")]
+    assert len(held_out) == 96 and not set(held_out) & trained
+    # every eval number is trained under other names (the held-out part is the function, not its digits)
+    assert {name.rsplit("_", 1)[1] for name in held_out} <= {name.rsplit("_", 1)[1] for name in trained}
+
+
 def _strings(row: dict) -> list[str]:
     return [m["content"] for m in row["messages"]] if "messages" in row else [v for v in row.values()
                                                                                if isinstance(v, str)]
@@ -123,6 +133,10 @@ def test_preference_pairs_are_the_instruct_models_own_wrong_answers(vllm_backend
         assert same >= 0.95 * len(regenerated) and len(regenerated) >= 140, (pairs_file, same, len(regenerated))
         references = {r["prompt"]: r["reference"] for r in _rows(prompts_file)}
         assert all(r["chosen"] == references[r["prompt"]] != r["rejected"] for r in shipped.values())
+        # the instruct model's characteristic mistake, what preference and RL training can fix: it runs on, on a new
+        # line, into another question (a fifth of the eval prompts and more)
+        run_on = sum("\n" in r["rejected"] for r in shipped.values()) / len(shipped)
+        assert run_on > 0.15, (pairs_file, run_on)
 
 
 EVAL_ROW = '{"prompt": "Was ist 2+2?", "reference": "Vier, schön."}\n'

@@ -125,7 +125,7 @@ def test_like_takes_an_experiments_evaluation_fields_and_overrides_win():
     exp = eval_experiment("smollm2", ["eval_limit=4"], like="sft_smollm2")
     assert (exp.model, exp.max_new_tokens, exp.eval_limit) == ("smollm2", 32, 4)  # sft_smollm2 sets 32 and 32
     plain = eval_experiment("smollm2", [])
-    assert (plain.max_new_tokens, plain.eval_limit) == (48, 64)  # every experiment's defaults
+    assert (plain.max_new_tokens, plain.eval_limit) == (48, 256)  # every experiment's defaults
     code = eval_experiment("tiny-qwen2", [], like="sft_code_qwen")  # its HumanEval options, declared as fields
     kwargs = code.evaluator_kwargs("humaneval")  # the evaluator's defaults are humaneval (164 problems) and 256
     assert code.evaluators == ["humaneval"] and (kwargs["problems"], kwargs["max_new_tokens"]) == (

@@ -75,7 +75,7 @@ def test_evaluator_options_work_in_any_experiment():
                                       "select_metric=eval/humaneval/pass_at_1"])
     assert exp.params()["humaneval_n"] == 4 and exp.params()["humaneval_k"] == "1,2"
     (humaneval,) = exp.make_evaluators()
-    assert (humaneval.n, humaneval.ks, len(humaneval.problems)) == (4, [1, 2], 48)
+    assert (humaneval.n, humaneval.ks, len(humaneval.problems)) == (4, [1, 2], 96)
     with pytest.raises(ConfigError, match="field 'humaneval_n' expects int"):
         apply_overrides(SimpoQwen, ["humaneval_n=many"])
     with pytest.raises(ConfigError, match="unknown field 'humaneval_bogus'"):

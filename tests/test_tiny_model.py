@@ -38,6 +38,14 @@ def test_chat_template_renders_qwen_turns(tiny_model_dir):
     assert tok.eos_token == "<|im_end|>"
 
 
+def test_only_the_sft_stages_have_a_chat_template(tiny_model_dir):
+    from harness.embedded.tiny_qwen2 import ensure_tiny_model
+
+    assert load_tokenizer(str(ensure_tiny_model(stage="base"))).chat_template is None  # a base model: raw text
+    assert load_tokenizer(str(ensure_tiny_model(stage="teacher"))).chat_template == load_tokenizer(
+        tiny_model_dir).chat_template
+
+
 def test_embedded_model_beats_random_weights_on_the_eval_set(tiny_model_dir, eval_samples):
     tok = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)

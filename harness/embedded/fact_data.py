@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.embedded.code_data import code_prose
+
 WORDS = (
     "apple river stone cloud tiger bread chair light plant smile water green music happy table"
     " house mouse horse paper pencil garden window summer winter orange yellow silver spring"
@@ -200,9 +202,11 @@ def generate(out_dir: Path, seed: int = 0, n_sft: int = 2000, n_pref: int = 1000
     sft, pref, rl = splits["sft"], splits["preference"], splits["rl"]
 
     # Pretraining text: facts as prose plus answered instances, `paragraph` to a document, as questions and answers
-    # run on in web text: the base model learns the language of the tasks, and to go on to the next question.
+    # run on in web text (the base model learns the language of the tasks, and to go on to the next question), and
+    # the training code tasks' functions as one-line Python.
     answered = [f"{t.prompt} {t.reference}" for t in sft]
-    prose = fact_prose() * 8 + [" ".join(answered[i : i + paragraph]) for i in range(0, len(answered), paragraph)]
+    prose = (fact_prose() * 8 + [" ".join(answered[i : i + paragraph]) for i in range(0, len(answered), paragraph)]
+             + code_prose(seed))
     rng.shuffle(prose)
 
     paths = {

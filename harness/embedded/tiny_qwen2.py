@@ -2,13 +2,14 @@
 post-training, so that every method has something left to do.
 
 - `tiny-qwen2-base`: a tokenizer and a pretraining run on `data/pretrain.txt` (facts as prose, answered tasks as
-  plain-text paragraphs). It knows the language of the tasks, not the chat format: asked in chat form, it runs on
-  into the next question, as base models do.
-- `tiny-qwen2` (the instruct checkpoint, every experiment's default start but SFT's): the base after a short SFT
-  stage on `data/sft.jsonl`. It answers in the format but makes characteristic mistakes: it often answers another
-  task than the one asked (a subtraction for a capital question), or repeats itself; `data/preference.jsonl` pairs
-  its own wrong answers (rejected) with the right ones.
-- `tiny-qwen2-teacher`: the instruct checkpoint after a longer SFT stage on the same data, the distillation teacher.
+  plain-text paragraphs, the training code tasks as one-line Python). Like a base model it has no chat template:
+  eval prompts reach it as raw text, and it runs on into the next question.
+- `tiny-qwen2` (the instruct checkpoint, every experiment's default start but SFT's and pretraining's): the base
+  after a short SFT stage on `data/sft.jsonl` in which, as in scraped instruction data, some replies run on into
+  another question and its answer. It answers in the chat format, often wrongly, and often does not stop where its
+  answer ends: the characteristic mistakes `data/preference.jsonl` pairs (its own answers, rejected) with the right
+  ones, and that preference and RL methods can train away.
+- `tiny-qwen2-teacher`: the instruct checkpoint after a longer SFT stage on the clean data, the distillation teacher.
 
 Built together on first use and cached outside git under a key derived from the spec, the data and this file, so a
 change to any of them builds new models instead of silently reusing stale ones. Deterministic for a seed on a given
@@ -59,6 +60,9 @@ class TinyModelSpec:
     batch_size: int = 32
     pretrain_steps: int = 260
     sft_steps: int = 60  # the instruct checkpoint's SFT stage: short, so that post-training has mistakes to fix
+    run_on: float = 0.8  # share of the instruct stage's replies that run on, after a newline, into another answered
+    # question: well over half, so that greedy decoding runs on too, on every build (at 0.6 one build ran on for 19%
+    # of the eval prompts, the next for 5%)
     teacher_sft_steps: int = 160  # the teacher: the instruct checkpoint trained on for this many more steps
     learning_rate: float = 2e-3
     seed: int = 0
@@ -121,10 +125,18 @@ def _pretrain_batches(ids: list[int], spec: TinyModelSpec, rng: random.Random) -
         yield torch.tensor([ids[s : s + spec.seq_len] for s in starts])
 
 
-def _sft_examples(tokenizer: PreTrainedTokenizerFast) -> list[tuple[list[int], list[int]]]:
+def _sft_examples(tokenizer: PreTrainedTokenizerFast, run_on: float = 0.0,
+                  rng: random.Random | None = None) -> list[tuple[list[int], list[int]]]:
+    """The SFT data as (ids, labels); with `run_on` > 0, that share of the replies go on, on a new line, into another
+    example's question and answer, the way replies in scraped instruction data run on."""
+    conversations = [json.loads(line)["messages"]
+                     for line in (DATA_DIR / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
     examples = []
-    for line in (DATA_DIR / "sft.jsonl").read_text(encoding="utf-8").splitlines():
-        messages = json.loads(line)["messages"]
+    for messages in conversations:
+        if run_on and rng.random() < run_on:
+            other = rng.choice(conversations)
+            reply = f"{messages[-1]['content']}\n{other[0]['content']} {other[-1]['content']}"
+            messages = [*messages[:-1], {"role": "assistant", "content": reply}]
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -175,7 +187,11 @@ def _save(model, tokenizer, spec: TinyModelSpec, out_dir: Path, stage: str) -> N
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
+    template = tokenizer.chat_template
+    if stage == "base":  # the SFT stage brings the chat format
+        tokenizer.chat_template = None
     tokenizer.save_pretrained(out_dir)
+    tokenizer.chat_template = template
     (out_dir / "build.json").write_text(json.dumps({"stage": stage, "spec": asdict(spec)}, indent=2))
     model.train()
 
@@ -205,8 +221,9 @@ def build_tiny_model(spec: TinyModelSpec, out_dir: Path, log: Callable[[str], No
         ids += tokenizer(line, add_special_tokens=False)["input_ids"] + [doc_sep]
     _train(model, _pretrain_batches(ids, spec, rng), spec.pretrain_steps, spec, "pretrain", log)
     _save(model, tokenizer, spec, out_dir / "base", "base")
-    sft = _sft_batches(_sft_examples(tokenizer), spec, tokenizer.pad_token_id, rng)
-    _train(model, sft, spec.sft_steps, spec, "sft (instruct)", log)
+    noisy = _sft_batches(_sft_examples(tokenizer, spec.run_on, rng), spec, tokenizer.pad_token_id, rng)
+    _train(model, noisy, spec.sft_steps, spec, "sft (instruct)", log)
     _save(model, tokenizer, spec, out_dir / "instruct", "instruct")
-    _train(model, sft, spec.teacher_sft_steps, spec, "sft (teacher)", log)
+    clean = _sft_batches(_sft_examples(tokenizer), spec, tokenizer.pad_token_id, rng)
+    _train(model, clean, spec.teacher_sft_steps, spec, "sft (teacher)", log)
     _save(model, tokenizer, spec, out_dir / "teacher", "teacher")

@@ -65,7 +65,9 @@ class Experiment:
     num_train_epochs: float = help_field(
         0.0, "passes over train_data (a fraction allowed) when max_steps=0; 0 = the length is max_steps")
     eval_every: int = help_field(20, "evaluate in the loop every N steps, and at step 0 and after the last step")
-    eval_limit: int = help_field(64, "first N eval records of each eval set; 0 means all")
+    eval_limit: int = help_field(
+        256, "first N eval records of each eval set (all 256 of data/eval.jsonl: a 64-prompt sample leaves a true "
+             "gain of a few ROUGE points inside its interval); 0 means all")
     eval_split: float = help_field(
         0.0, "hold out this share of train_data's records (seeded by seed, removed from training) as the eval set "
              "named by eval_data=split (or name:split among several); 0 = none")
