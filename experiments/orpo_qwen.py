@@ -15,7 +15,7 @@ class OrpoQwen(Experiment):
 
     beta: float = help_field(
         1.0, "weight of the odds-ratio preference term: the ORPO paper's lambda (0.1 there; on the embedded model at "
-             "the default learning rate, 0.1 leaves most of the work to the NLL term: ROUGE-L +1.9, n.s., against +5.6)")
+             "the default learning rate, 0.1 leaves most of the work to the NLL term: ROUGE-L +1.9 n.s., against +5.6)")
     learning_rate: float = help_field(
         5e-6, "peak learning rate, reached after the warm-up; at 1e-5 the embedded model peaks by step 20-40 and falls "
               "back by step 60")

@@ -51,7 +51,8 @@ def test_eval_logs_the_metrics_and_tables_of_a_runs_step_0_and_of_its_best_check
     out = f"output_dir={tmp_path / 'outputs'}"
     assert main(["run", "sft_qwen", *EVAL, "select_metric=eval/choice/acc_norm", "max_steps=1", "eval_every=1",
                  "learning_rate=1e-3", out]) == 0
-    assert main(["eval", "tiny-qwen2-base", *EVAL, out]) == 0  # where sft_qwen starts
+    # where sft_qwen starts, rendered with the chat template sft_qwen gives the base
+    assert main(["eval", "tiny-qwen2-base", *EVAL, "chat_template=chatml", out]) == 0
     stdout = capsys.readouterr().out
     client = MlflowClient(uri)
     (trained,) = _runs(uri, "sft_qwen")

@@ -168,15 +168,15 @@ def test_two_workers_on_postgres_log_through_the_tracking_server(servers, tiny_m
 
 def _copy_of_the_tree(tiny_model_dir: str, to: Path) -> Path:
     """Another machine's checkout: the code, data and experiments copied (the working tree, uncommitted edits
-    included), and its own copy of the built tiny model. It shares the virtualenv's packages with this one (as
+    included), and its own copy of the built tiny models. It shares the virtualenv's packages with this one (as
     each machine has its own identical install), and nothing else: no store, no cache, no output directory."""
     ignore = shutil.ignore_patterns("__pycache__")
     for name in ("harness", "evaluators", "experiments", "data", "pyproject.toml", "tests/experiments_extra"):
         source = REPO_ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, to / name, **(
             {"ignore": ignore} if source.is_dir() else {}))
-    model = Path(tiny_model_dir)
-    shutil.copytree(model, to / ".cache" / "models" / model.name)
+    build = Path(tiny_model_dir).parent  # the whole build (base, instruct, teacher): its cache key is the directory
+    shutil.copytree(build, to / ".cache" / "models" / build.name)
     return to
 
 
