@@ -5,7 +5,9 @@ eval batch multiplies (each linear layer's [batch, in] x [in, out] and the vocab
 a large square matmul's peak, and memory bandwidth (a copy, read + write). Beside them, what vLLM achieves generating
 greedily for the eval batch: FLOP/s (about 2 per weight per token) and weight bytes read per second (every decode
 step reads every weight once for the whole batch), each as a fraction of its limit. The roofline's bound on tokens/s
-is the lower of the two limits; the engine's tokens/s as a share of it says how much is left.
+is the lower of the two limits; the engine's tokens/s as a share of it says how much is left. Then a profile of one
+evaluation's generation (float32, as in the loop): where its time goes, by torch operator kind, plus the weight
+sync before it and the detokenisation inside it.
 """
 
 from __future__ import annotations
@@ -66,6 +68,49 @@ def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / _seconds(lambda: dst.copy_(src), repeats)
 
 
+# operator kinds of a vLLM CPU forward, by substrings of the profiler's operator names (checked in this order)
+OPERATOR_KINDS = (("matmuls", ("onednn_mm", "aten::mm", "aten::addmm", "aten::linear", "aten::matmul", "aten::bmm")),
+                  ("attention", ("attention", "attn", "kv_cache")),
+                  ("sampling", ("argmax", "sample", "topk", "top_k", "softmax", "multinomial", "sort")))
+
+
+def operator_kind(name: str) -> str:
+    return next((kind for kind, parts in OPERATOR_KINDS if any(p in name for p in parts)), "other operators")
+
+
+def profile_generation(engine, model, prompt_ids: list[list[int]], new_tokens: int) -> dict[str, float]:
+    """Seconds of one evaluation's parts: the weight sync, then one greedy generation under torch's profiler split
+    into operator kinds (self time); what no operator accounts for is vLLM's scheduler and Python; the
+    detokenisation is the same generation's extra time with detokenize on over off."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    requests = [TokensPrompt(prompt_token_ids=p) for p in prompt_ids]
+
+    def generate_s(detokenize: bool) -> float:
+        sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, detokenize=detokenize)
+        t = time.perf_counter()
+        engine.llm.generate(requests, sp, use_tqdm=False)
+        return time.perf_counter() - t
+
+    t = time.perf_counter()
+    engine.sync_weights(model)
+    parts = {"weight sync": time.perf_counter() - t}
+    generate_s(True)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        wall = generate_s(True)
+    kinds: dict[str, float] = {}
+    for event in prof.key_averages():
+        kind = operator_kind(event.key)
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    detokenize = max(0.0, min(generate_s(True) for _ in range(2)) - min(generate_s(False) for _ in range(2)))
+    parts.update(kinds)
+    parts["scheduler and Python"] = max(0.0, wall - sum(kinds.values()) - detokenize)
+    parts["detokenisation"] = detokenize
+    parts["generation (profiled)"] = wall
+    return parts
+
+
 def roofline(texts: list[str], new_tokens: int = 32) -> dict:
     from transformers import AutoConfig
     from vllm import SamplingParams
@@ -105,6 +150,11 @@ def roofline(texts: list[str], new_tokens: int = 32) -> dict:
                 return sum(len(o.outputs[0].token_ids) for o in outs)
 
             tok_s = tokens_per_s(generate, prompt_ids)
+            if name == "float32":  # the in-loop default on CPU
+                from harness.core.models import load_model
+
+                result["profile_s"] = profile_generation(engine, load_model(model_dir).eval(), prompt_ids,
+                                                         new_tokens)
             engine.close()
             figures.update({
                 "vllm_tok_s": tok_s,
@@ -130,4 +180,11 @@ def run() -> dict:
                   f"GB/s of weights -> {100 * f['share_of_roofline']:.0f}% of the roofline"
                   if "vllm_tok_s" in f else f"vLLM failed: {f['vllm_error']}")
         print(f"[bench]   {name:<8}  {limits}; {engine}", flush=True)
+    if "profile_s" in r:
+        p = r["profile_s"]
+        total = p["weight sync"] + p["generation (profiled)"]
+        shares = ", ".join(f"{k} {v:.3f}s ({100 * v / total:.0f}%)" for k, v in p.items()
+                           if k != "generation (profiled)")
+        print(f"[bench]   profile of one float32 evaluation's sync + generation ({total:.2f}s under the profiler): "
+              f"{shares}", flush=True)
     return {"roofline": r}
