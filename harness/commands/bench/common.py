@@ -42,6 +42,18 @@ def tokens_per_s(generate: Callable[[list[list[int]]], int], prompt_ids: list[li
     return tokens / (time.perf_counter() - t)
 
 
+def vllm_generate_counting(engine, sampling_params) -> Callable[[list[list[int]]], int]:
+    """`generate` for tokens_per_s: the engine's vLLM LLM on token-id prompts, returning the tokens it generated."""
+    from vllm.inputs import TokensPrompt
+
+    def generate(prompt_ids: list[list[int]]) -> int:
+        outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], sampling_params,
+                                   use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return generate
+
+
 def median_s(call: Callable[[], object], repeats: int) -> float:
     """Median wall seconds of `repeats` calls of `call` (e.g. a weight sync into a live engine)."""
     times = []

