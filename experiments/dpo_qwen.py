@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.core.formats import convert
-from harness.training.experiment import Experiment, help_field
+from harness.training.experiment import Experiment, help_field, preference_learning_rate
 from harness.training.methods import dpo_loss_types, dpo_trainer
 
 
@@ -16,9 +16,7 @@ class DpoQwen(Experiment):
     beta: float = help_field(0.1, "strength of the KL anchor to the reference")
     loss_type: str = help_field("sigmoid", "any of TRL's DPO losses: sigmoid, ipo, hinge, robust, ... (an unknown "
                                            "one is refused with the list)")
-    learning_rate: float = help_field(
-        5e-6, "peak learning rate, reached after the warm-up; at 1e-5 the embedded model peaks by step 20-40 and falls "
-              "back by step 60")
+    learning_rate: float = preference_learning_rate()
 
     def rules(self) -> list[tuple[bool, str, str]]:
         losses = dpo_loss_types()

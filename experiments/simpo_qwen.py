@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harness.core.formats import convert
-from harness.training.experiment import Experiment, help_field
+from harness.training.experiment import Experiment, help_field, preference_learning_rate
 from harness.training.methods import simpo_trainer
 
 
@@ -15,9 +15,7 @@ class SimpoQwen(Experiment):
 
     beta: float = help_field(2.5, "reward scale; the SimPO paper's setting")
     gamma: float = help_field(1.375, "target reward margin (TRL's simpo_gamma); the SimPO paper's setting")
-    learning_rate: float = help_field(
-        5e-6, "peak learning rate; the paper used 1e-6 for 7B models; at 1e-5 the embedded model peaks by step 20-40 "
-              "and falls back by step 60")
+    learning_rate: float = preference_learning_rate()
 
     def search_space(self, trial) -> dict:
         space = {
