@@ -83,6 +83,55 @@ def test_lora_adapter_is_merged_into_the_engine(vllm_backend, tiny_model_dir, to
                        base["model.layers.0.self_attn.q_proj.weight"])
 
 
+def test_each_sync_reaches_the_engines_packed_weights(vllm_backend, tiny_model_dir, prompt_ids):
+    """The sync copies into the engine's own tensors and repacks the CPU matmul handles from them every time: weights
+    A, then B, then A again give A's outputs exactly (a handle left holding B, or A's first copy, would not)."""
+    from harness.engines.weight_sync import InPlaceSync
+
+    a, b = load_model(tiny_model_dir), _perturbed(load_model(tiny_model_dir), seed=4, scale=0.2)
+    outputs = []
+    for model in (a, b, a):
+        vllm_backend.sync_weights(model)
+        outputs.append([c.token_ids for c in vllm_backend.generate(prompt_ids, GenParams(max_new_tokens=16,
+                                                                                             sample_logprobs=True))])
+    assert isinstance(vllm_backend.in_place, InPlaceSync)  # Qwen2's layout: not through vLLM's loader
+    assert outputs[2] == outputs[0] and outputs[1] != outputs[0]
+
+
+def test_the_copy_plan_names_what_it_cannot_map(vllm_backend, tiny_model_dir):
+    """An engine parameter no training weight fills, or a training weight the engine lacks, leaves the sync on
+    vLLM's loader, with the reason naming the weight; so does an architecture the plan was not checked on."""
+    from harness.engines.weight_sync import InPlaceSync
+
+    engine_model = vllm_backend.llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    weights = load_model(tiny_model_dir).state_dict()
+    missing = {k: v for k, v in weights.items() if k != "model.layers.1.self_attn.k_proj.weight"}
+    assert InPlaceSync.build(engine_model, missing) == (
+        "no training weight for the engine's model.layers.1.self_attn.qkv_proj.weight (looked for "
+        "model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, "
+        "model.layers.1.self_attn.v_proj.weight)")
+    extra = {**weights, "model.layers.0.mlp.extra.weight": torch.zeros(2, 2)}
+    assert InPlaceSync.build(engine_model, extra) == (
+        "the engine has no parameter for the training weight model.layers.0.mlp.extra.weight")
+    assert "is not among the architectures" in InPlaceSync.build(torch.nn.Linear(2, 2), weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lora_fold_writes_the_merged_weight(dtype):
+    """Folding into the engine's tensor (one addmm per adapter) gives base + scale * B @ A, as PEFT merges it,
+    in the engine's precision, and leaves the trained tensors as they were."""
+    from harness.engines.weight_sync import LoraFold
+
+    torch.manual_seed(0)
+    base, b, a = torch.randn(12, 8), torch.randn(12, 2), torch.randn(2, 8)
+    kept = base.clone()
+    dst = torch.empty(12, 8, dtype=dtype)
+    LoraFold(base, [(b, a, 0.5), (b, -a, 0.25)]).write(dst)
+    expected = (base + 0.5 * b @ a - 0.25 * b @ a).to(dtype)
+    assert torch.allclose(dst.float(), expected.float(), atol=1e-5 if dtype == torch.float32 else 0)
+    assert torch.equal(base, kept)
+
+
 def test_rollout_samples_carry_the_synced_policys_logprobs(vllm_backend, tiny_model_dir, tokenizer, prompt_ids):
     """GRPO's rollouts: sampled tokens with their logprobs, which must be the live policy's (after a sync)."""
     model = _perturbed(load_model(tiny_model_dir), seed=11)

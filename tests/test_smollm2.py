@@ -159,7 +159,8 @@ if __name__ == "__main__":
     model = PeftModel.from_pretrained(load_model(base_dir), adapter_dir)
     engine = VLLMBackend(base_dir, max_model_len=256, dtype="float32")  # the in-loop engine, synced as in a run
     engine.sync_weights(model)
-    print(json.dumps([[c.texts, c.num_tokens] for c in engine.generate(prompt_ids, GenParams(max_new_tokens=12))]))
+    outputs = [[c.texts, c.num_tokens] for c in engine.generate(prompt_ids, GenParams(max_new_tokens=12))]
+    print(json.dumps({{"sync": type(engine.in_place).__name__, "outputs": outputs}}))
 """
 
 
@@ -207,12 +208,13 @@ def test_sft_smollm2_trains_with_in_loop_vllm_evaluation_that_matches_hf(smollm2
     served = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=600)  # its own process: the test session may hold another engine
     assert served.returncode == 0, served.stderr[-3000:]
-    vllm_texts = json.loads(served.stdout.strip().splitlines()[-1])
+    served = json.loads(served.stdout.strip().splitlines()[-1])
+    assert served["sync"] == "InPlaceSync"  # Llama's layout, the adapter folded into the engine's own tensors
     model = PeftModel.from_pretrained(load_model(smollm2_dir), str(best)).eval()
     hf = HFBackend(tok)
     hf.sync_weights(model)
     hf_completions = hf.generate(prompt_ids, GenParams(max_new_tokens=12))
-    assert vllm_texts == [[c.texts, c.num_tokens] for c in hf_completions]
+    assert served["outputs"] == [[c.texts, c.num_tokens] for c in hf_completions]
     assert any(c.texts != [""] for c in hf_completions)
 
     # in-loop perplexity (vLLM prompt logprobs) at the selected step = HF's through the chat template, offline

@@ -17,15 +17,18 @@ import torch
 
 from harness.core.generation import Completion, GenParams
 from harness.core.ranks import world_size
+from harness.engines.weight_sync import InPlaceSync, LoraFold, Source
 
 
-def inference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under the base model's parameter names, with active LoRA (or DoRA) adapters folded in.
+def inference_weights(model: torch.nn.Module) -> dict[str, Source]:
+    """The model's weights under the base model's parameter names, with active LoRA (or DoRA) adapters to fold in:
+    a plain LoRA layer's as a LoraFold (folded by the sync, into the engine's tensor), a variant's merged here.
 
-    The merged tensors are new ones: merging in place and unmerging afterwards would leave rounding error in the
-    weights being trained, accumulating with every evaluation.
+    Folds write new tensors: merging in place and unmerging afterwards would leave rounding error in the weights
+    being trained, accumulating with every evaluation.
     """
     from peft import PeftModel
+    from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(model, PeftModel):
@@ -35,16 +38,27 @@ def inference_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         _dequantize_4bit(base, weights)
         for name, module in base.named_modules():
-            if isinstance(module, LoraLayer):
-                for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        key = f"{name}.weight"
-                        variant = module.lora_variant.get(adapter)  # DoRA and other variants merge their own way
-                        if variant is None:
-                            weights[key] = weights[key] + module.get_delta_weight(adapter).to(weights[key].dtype)
-                        else:
-                            weights[key] = variant.merge_safe(module, adapter, weights[key].clone())
+            if not isinstance(module, LoraLayer):
+                continue
+            key = f"{name}.weight"
+            for adapter in (a for a in module.active_adapters if a in module.lora_A):
+                variant = module.lora_variant.get(adapter)  # DoRA and other variants merge their own way
+                if variant is not None:
+                    weights[key] = variant.merge_safe(module, adapter, _dense(weights[key]).clone())
+                elif (isinstance(module, LoraLinear) and not module.fan_in_fan_out
+                      and not module.lora_bias.get(adapter, False)):
+                    fold = weights[key] if isinstance(weights[key], LoraFold) else LoraFold(weights[key], [])
+                    fold.terms.append((module.lora_B[adapter].weight, module.lora_A[adapter].weight,
+                                       module.scaling[adapter]))
+                    weights[key] = fold
+                else:
+                    dense = _dense(weights[key])
+                    weights[key] = dense + module.get_delta_weight(adapter).to(dense.dtype)
     return weights
+
+
+def _dense(source: Source) -> torch.Tensor:
+    return source.merged() if isinstance(source, LoraFold) else source
 
 
 def _dequantize_4bit(base: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -164,6 +178,7 @@ class VLLMBackend:
             _release_default_group()
         self.serve_lora = bool(lora_rank)
         self.lora_request = None
+        self.in_place: InPlaceSync | str | None = None  # the sync's copy plan, or why it has none; made on first use
         self._adapter_dirs = tempfile.TemporaryDirectory(prefix="lora-requests-") if lora_rank else None
         self.logprobs([[0]], [[0]])  # first prompt-logprob call compiles kernels; pay it here, not in step 0
         _LIVE_ENGINES.add(self)
@@ -189,7 +204,15 @@ class VLLMBackend:
                 shutil.rmtree(Path(self._adapter_dirs.name) / f"adapter-{number - 1}", ignore_errors=True)
             return
         runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        runner.reload_weights(weights_iterator=iter(inference_weights(model).items()))
+        sources = inference_weights(model)
+        if self.in_place is None:
+            self.in_place = InPlaceSync.build(runner.get_model(), sources)
+            if isinstance(self.in_place, str):
+                logging.getLogger(__name__).info("weight sync through vLLM's loader: %s", self.in_place)
+        if isinstance(self.in_place, InPlaceSync):
+            self.in_place.write(sources)
+        else:
+            runner.reload_weights(weights_iterator=((k, _dense(v)) for k, v in sources.items()))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
     def generate(self, prompt_ids: list[list[int]], params: GenParams, step: int = 0,
