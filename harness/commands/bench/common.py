@@ -14,6 +14,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from harness.core.models import load_tokenizer
 from harness.paths import DATA_DIR
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the engine precisions the bench compares
+
 
 def bench_model(tokenizer_dir: Path, out_dir: Path) -> Qwen2ForCausalLM:
     """hidden 512, 8 layers, 8 heads of 64: about 25M parameters with the embedded 2k vocabulary."""

@@ -17,9 +17,7 @@ import time
 
 import torch
 
-from harness.commands.bench.common import prompts, tokens_per_s, vllm_generate_counting
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from harness.commands.bench.common import DTYPES, prompts, tokens_per_s, vllm_generate_counting
 
 
 def decode_shapes(config) -> list[tuple[int, int]]:

@@ -13,12 +13,14 @@ from mlflow.tracking import MlflowClient
 from harness.paths import REPO_ROOT
 
 
-def eval_share(experiment: str = "simpo_qwen") -> dict:
-    """A default run of `experiment` in its own process and MLflow store; read its timings back."""
+def eval_share(experiment: str = "simpo_qwen", overrides: list[str] | None = None) -> dict:
+    """A default run of `experiment` (with `overrides`, field=value) in its own process and MLflow store; read its
+    timings back."""
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-        subprocess.run([sys.executable, "-m", "harness", "run", experiment, f"output_dir={tmp}/out"],
+        subprocess.run([sys.executable, "-m", "harness", "run", experiment, f"output_dir={tmp}/out",
+                        *(overrides or [])],
                        cwd=REPO_ROOT, env=env, check=True, capture_output=True)
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
