@@ -99,6 +99,10 @@ class Experiment:
     max_grad_norm: float = help_field(1.0, "clip the gradients' global norm to this before each update; 0 = no clip")
     backend: str = help_field(
         "vllm", "generation for in-loop evaluation: vllm (weights synced in memory) or hf (generate on the live model)")
+    eval_mode: str = help_field(
+        "blocking", "blocking (training waits for each in-loop evaluation) or background (after the weight sync, "
+                    "generation and scoring run beside training; backend=vllm, one process, no evaluator that reads "
+                    "the model itself, no online RL)")
     max_new_tokens: int = help_field(48, "cap on generated tokens per eval prompt (greedy decoding)")
     eval_truncation: str = help_field(
         "error", "an eval prompt that leaves no room for max_new_tokens (or its reference) in the model's context: "

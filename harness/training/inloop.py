@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainerCallback
 
 from evaluators import EvalContext, Evaluator, is_diagnostic
@@ -73,9 +75,13 @@ class Evaluation:
         self.prompt_ids = prompt_ids
 
     def run(self, model, step: int) -> EvalReport:
+        return self.score(model, step, self.sync(model))
+
+    def sync(self, model) -> float:
+        """Puts the live weights into the backend; the seconds it took."""
         t0 = time.perf_counter()
         self.backend.sync_weights(model)
-        return self.score(model, step, time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
     def score(self, model, step: int, sync_s: float = 0.0) -> EvalReport:
         """The report of this eval set on weights the backend already has (`sync_s`: the time syncing them took)."""
@@ -151,11 +157,16 @@ class EvalSuite:
         self.evaluations = evaluations
 
     def run(self, model, step: int) -> EvalReport:
+        return self.score(model, step, self.sync(model))
+
+    def sync(self, model) -> float:
+        return next(iter(self.evaluations.values())).sync(model)  # the sets share one backend
+
+    def score(self, model, step: int, sync_s: float = 0.0) -> EvalReport:
+        """Every set's report on weights the backend already has; `model` is passed to evaluators that need it."""
         if list(self.evaluations) == [""]:
-            return self.evaluations[""].run(model, step)
-        t0 = time.perf_counter()
-        next(iter(self.evaluations.values())).backend.sync_weights(model)  # the sets share one backend
-        sync_s = time.perf_counter() - t0
+            return self.evaluations[""].score(model, step, sync_s)
+        t0 = time.perf_counter() - sync_s
         reports = {name: evaluation.score(model, step) for name, evaluation in self.evaluations.items()}
         metrics = {metric_key(k, name): v for name, report in reports.items() for k, v in report.metrics.items()}
         for key in ("generate_s", "score_s", "error_bars_s"):
@@ -170,38 +181,91 @@ class EvalSuite:
         return EvalReport(step, metrics, {}, {}, reports)
 
 
+class WeightsAt:
+    """The model as it was when an evaluation running in the background synced it, for the listeners that act on the
+    report later (the best checkpoint saves these weights, not the ones training has moved on to): a copy of what
+    `save_pretrained` writes, the adapter's tensors for a PEFT model, every tensor otherwise."""
+
+    def __init__(self, model):
+        from peft import PeftModel
+
+        self.model = model
+        adapter_only = isinstance(model, PeftModel)
+        copies: dict[int, torch.Tensor] = {}  # tied tensors stay one tensor, which save_pretrained writes once
+        self.state = {}
+        for key, value in model.state_dict().items():
+            if not adapter_only or "lora_" in key or "modules_to_save" in key:
+                if value.data_ptr() not in copies:
+                    copies[value.data_ptr()] = value.detach().clone()
+                self.state[key] = copies[value.data_ptr()]
+
+    def save_pretrained(self, directory) -> None:
+        self.model.save_pretrained(directory, state_dict=self.state)
+
+
 class InLoopEvaluation(TrainerCallback):
     """Calls `evaluation` on the live model and hands each report to the listeners (MLflow, checkpoints, ...).
 
     In a multi-process run, rank 0 holds the evaluation and the other ranks hold None: they take part in gathering
-    ZeRO-3 weights and wait at a barrier until rank 0 has evaluated, so every rank decides on the same steps."""
+    ZeRO-3 weights and wait at a barrier until rank 0 has evaluated, so every rank decides on the same steps.
+
+    `background` (eval_mode=background, one process only): at an eval step the weights are synced (blocking), then
+    generation and scoring run in a worker thread while training goes on; the report is logged at its own step and
+    handed to the listeners at the first step end after it is ready, with the weights as they were (WeightsAt). One
+    evaluation is in flight at a time: the next eval step, a checkpoint save and the end of training wait for it, and
+    the time training waited is logged as eval/time/waited_s (and with the sync and the copy of the weights as
+    eval/time/blocking_s, the evaluation's cost on training's path). The final evaluation blocks."""
 
     def __init__(self, evaluation: Evaluation | EvalSuite | None, every: int,
-                 listeners: list[Callable[[EvalReport, object], None]]):
+                 listeners: list[Callable[[EvalReport, object], None]], background: bool = False):
         self.evaluation = evaluation
         self.every = every
         self.listeners = listeners
         self.reports: list[EvalReport] = []
         self.last_step: int | None = None
         self.done: set[int] = set()  # steps a resumed run evaluated before: not evaluated (or logged) again
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="eval") if background else None
+        self.pending: tuple[Future, WeightsAt, float] | None = None  # with the seconds its start held training
 
-    def _evaluate(self, model, step: int) -> None:
+    def _deliver(self, report: EvalReport, model) -> None:
+        self.reports.append(report)
+        for listener in self.listeners:
+            listener(report, model)
+
+    def _collect(self, wait: bool) -> None:
+        """Hands a background evaluation's report on once it is ready (now, waiting for it, when `wait`)."""
+        if self.pending is None or not (wait or self.pending[0].done()):
+            return
+        future, weights, started_s = self.pending
+        self.pending = None
+        start = time.perf_counter()
+        report = future.result()  # an evaluator's exception ends the run here, as in a blocking evaluation
+        report.metrics["eval/time/waited_s"] = time.perf_counter() - start
+        report.metrics["eval/time/blocking_s"] = started_s + report.metrics["eval/time/waited_s"]
+        self._deliver(report, weights)
+
+    def _evaluate(self, model, step: int, final: bool = False) -> None:
         if step in self.done:
             self.last_step = step
             return
         # a signal during the step: stop before a new evaluation (one during an evaluation stops the run at the next
         # step's start, once the trainer has logged this step too)
         interrupts.check()
+        self._collect(wait=True)
         start = time.perf_counter()
         with distributed.full_parameters(model):
-            if self.evaluation is not None:
+            if self.evaluation is not None and self.worker is not None and not final:
+                sync_s = self.evaluation.sync(model)
+                weights = WeightsAt(model)
+                # evaluators that read the model itself are refused in this mode (settings): None keeps them off it
+                self.pending = (self.worker.submit(self.evaluation.score, None, step, sync_s), weights,
+                                time.perf_counter() - start)
+            elif self.evaluation is not None:
                 gathered_s = time.perf_counter() - start
                 report = self.evaluation.run(model, step)
                 if ranks.world_size() > 1:  # ZeRO-3 gathers the shards first; other setups take ~0 here
                     report.metrics["eval/time/gather_s"] = gathered_s
-                self.reports.append(report)
-                for listener in self.listeners:
-                    listener(report, model)
+                self._deliver(report, model)
         distributed.barrier()
         self.last_step = step
 
@@ -209,12 +273,17 @@ class InLoopEvaluation(TrainerCallback):
         self._evaluate(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        # a checkpoint saved at this step must hold every report up to it (harness.training.resume)
+        self._collect(wait=control.should_save)
         if state.global_step % self.every == 0:
             self._evaluate(model, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._collect(wait=True)
         if self.last_step != state.global_step:
-            self._evaluate(model, state.global_step)
+            self._evaluate(model, state.global_step, final=True)
+        if self.worker is not None:
+            self.worker.shutdown()
 
 
 def format_report(report: EvalReport) -> str:

@@ -376,7 +376,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         guard = NonFiniteGuard(exp.stop_on_nonfinite)  # after the logging of a value: it is in MLflow either way
         stoppers = [EarlyStop(exp.select_metric, exp.select_mode, exp.early_stop_patience, tracker)
                     ] if exp.early_stop_patience else []
-        in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, guard, best, *stoppers, *hooks.monitors])
+        in_loop = InLoopEvaluation(evaluation, exp.eval_every, [log_report, guard, best, *stoppers, *hooks.monitors],
+                                   background=exp.eval_mode == "background")
         parts = stateful_parts(evaluators, *stoppers)  # saved with each checkpoint (harness.training.resume)
         if resumed:
             in_loop.done, in_loop.reports = set(resumed.eval_steps), list(resumed.reports)
@@ -393,7 +394,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
                              best.directory if best.step is not None else None, best.step, best.value,
                              time.time() - started, trainer.state.global_step, exp.select_metric, tuple(best.skipped),
                              stoppers[0].stopped_at if stoppers else None)
-        eval_s = sum(r.metrics["eval/time/total_s"] for r in in_loop.reports)
+        # the evaluations' time on training's path: all of it, or for background ones what training waited
+        eval_s = sum(r.metrics.get("eval/time/blocking_s", r.metrics["eval/time/total_s"]) for r in in_loop.reports)
         tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
                             trainer.state.global_step)
         if exp.log_model or exp.register_as:

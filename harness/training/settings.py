@@ -133,6 +133,7 @@ def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
         (exp.select_mode in ("max", "min"), "select_mode", "must be 'max' or 'min'"),
         (exp.register_as == exp.register_as.strip() and not any(c in exp.register_as for c in "/:"), "register_as",
          "an MLflow registered model name may not contain '/' or ':' nor start or end with spaces"),
+        (exp.eval_mode in ("blocking", "background"), "eval_mode", "must be 'blocking' or 'background'"),
         (exp.generation_dtype in GENERATION_DTYPES, "generation_dtype",
          f"must be one of {', '.join(GENERATION_DTYPES)}"),
         *_length_rules(exp),
@@ -155,6 +156,14 @@ def _field_rules(exp: Experiment) -> list[tuple[bool, str, str]]:
          ("is a diagnostic (how the evaluation went, not how good the model is)" if exp.select_metric in produced
           else "is not produced by the chosen evaluators") + f"; choose one of: {', '.join(selectable)}"),
     ]
+    if exp.eval_mode == "background":
+        readers = [e for e in exp.evaluators if e in EVALUATORS and EVALUATORS[e].needs_model]
+        rules += [(exp.backend == "vllm", "eval_mode", "needs backend=vllm (hf generates with the model "
+                                                       "being trained)"),
+                  (not readers, "eval_mode", f"cannot run {', '.join(readers)}, which reads the model "
+                                             f"being trained; use eval_mode=blocking"),
+                  (not exp.needs_rollouts, "eval_mode", "cannot share the engine with online RL's "
+                                                        "rollouts; use eval_mode=blocking")]
     if exp.needs_rollouts:
         rules.append((exp.backend == "vllm", "",
                       f"backend={exp.backend!r}: rollouts come from the vLLM engine; use vllm"))
@@ -261,6 +270,9 @@ def _start_rules(exp: Experiment, launch: str | None, sweep: bool, stage: int | 
         (not sweep or exp.early_stop_patience == 0,
          f"early_stop_patience={exp.early_stop_patience}: a sweep stops unpromising trials with its pruner "
          f"(--pruner); run the sweep with early_stop_patience=0"),
+        (launch is None or exp.eval_mode == "blocking",
+         f"eval_mode={exp.eval_mode} runs in one process: under --launch the ranks decide on rank 0's evaluations "
+         f"at the same steps; use eval_mode=blocking"),
         (launch is None or exp.early_stop_patience == 0,
          f"early_stop_patience={exp.early_stop_patience}: the decision is made on rank 0's evaluations, which the "
          f"other ranks cannot see yet; run without --launch, or with early_stop_patience=0"),
