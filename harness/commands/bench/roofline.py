@@ -77,9 +77,11 @@ def operator_kind(name: str) -> str:
 
 
 def profile_generation(engine, model, prompt_ids: list[list[int]], new_tokens: int) -> dict[str, float]:
-    """Seconds of one evaluation's parts: the weight sync, then one greedy generation under torch's profiler split
-    into operator kinds (self time); what no operator accounts for is vLLM's scheduler and Python; the
-    detokenisation is the same generation's extra time with detokenize on over off."""
+    """Seconds of one evaluation's parts: the weight sync (in place, as at every evaluation after a run's first;
+    beside it, the same sync through vLLM's loader, and the first in-place one, which makes the copy plan), then one
+    greedy generation under torch's profiler split into operator kinds (self time); what no operator accounts for
+    is vLLM's scheduler and Python; the detokenisation is the same generation's extra time with detokenize on over
+    off."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -91,9 +93,17 @@ def profile_generation(engine, model, prompt_ids: list[list[int]], new_tokens: i
         engine.llm.generate(requests, sp, use_tqdm=False)
         return time.perf_counter() - t
 
-    t = time.perf_counter()
-    engine.sync_weights(model)
-    parts = {"weight sync": time.perf_counter() - t}
+    def sync_s() -> float:
+        t = time.perf_counter()
+        engine.sync_weights(model)
+        return time.perf_counter() - t
+
+    engine.in_place = "the loader, measured as the baseline"
+    loader = sync_s()
+    engine.in_place = None
+    first = sync_s()  # makes the copy plan and the engine's plain weight tensors: once per run
+    parts = {"weight sync": sync_s(), "weight sync by vLLM's loader (before)": loader,
+             "first in-place sync (once per run)": first}
     generate_s(True)  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         wall = generate_s(True)
@@ -174,10 +184,13 @@ def run() -> dict:
                   if "vllm_tok_s" in f else f"vLLM failed: {f['vllm_error']}")
         print(f"[bench]   {name:<8}  {limits}; {engine}", flush=True)
     if "profile_s" in r:
-        p = r["profile_s"]
+        p = dict(r["profile_s"])
+        loader, first = p.pop("weight sync by vLLM's loader (before)"), p.pop("first in-place sync (once per run)")
         total = p["weight sync"] + p["generation (profiled)"]
+        loader_share = loader / (total - p["weight sync"] + loader)
         shares = ", ".join(f"{k} {v:.3f}s ({100 * v / total:.0f}%)" for k, v in p.items()
                            if k != "generation (profiled)")
         print(f"[bench]   profile of one float32 evaluation's sync + generation ({total:.2f}s under the profiler): "
-              f"{shares}", flush=True)
+              f"{shares}; the sync through vLLM's loader took {loader:.3f}s ({100 * loader_share:.0f}% of such an "
+              f"evaluation), the run's first in-place sync {first:.3f}s", flush=True)
     return {"roofline": r}
