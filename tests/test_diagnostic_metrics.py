@@ -45,7 +45,7 @@ def test_the_nonfinite_guard_stops_on_a_score_and_not_on_a_diagnostic():
 
 
 def test_the_summary_compares_scores_only_and_the_console_shows_diagnostics_apart(capsys):
-    from harness.training.runner import RunSummary, print_summary
+    from harness.training.summary import RunSummary, print_summary
 
     reports = [EvalReport(step, {"eval/judge/score": score, "eval/judge/requests": requests,
                                  "eval/judge/cache_hits": 0.0, **TIMES}, {}, {})

@@ -7,7 +7,8 @@ import pytest
 
 from experiments import load_class
 from harness.training.overrides import apply_overrides
-from harness.training.runner import run_experiment, summary_tests
+from harness.training.runner import run_experiment
+from harness.training.summary import summary_tests
 
 # Every embedded experiment, at its defaults (fewer steps do not keep every verdict: sft_qwen at 30 steps has not
 # learnt the chat format yet)

@@ -82,7 +82,28 @@ def test_simpo_run_logs_in_loop_evals_tables_and_best_checkpoint(store):
     assert selection["value"] == max(rouge_by_step.values())
     assert rouge_by_step[selection["step"]] == selection["value"]
     assert (best / "model.safetensors").exists() and (best / "tokenizer.json").exists()
-    assert _steps(client, run.info.run_id, "best/step")
+    assert tags["best.step"] == str(selection["step"]) and float(tags["best.value"]) == selection["value"]
+    assert tags["best.metric"] == "eval/rouge/rougeL" and "best/step" not in run.data.metrics
+
+    # the run as a page: the runs view, a name saying what differs, the summary as its description, its data, the
+    # machine's load
+    experiment = client.get_experiment_by_name("simpo_qwen")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name == "simpo_qwen max_steps=4 eval_every=2 seed=0"
+    description = tags["mlflow.note.content"]
+    base, final = rouge_by_step[0], rouge_by_step[4]
+    (row,) = [line for line in description.splitlines() if line.startswith("| `eval/rouge/rougeL` |")]
+    assert row.startswith(f"| `eval/rouge/rougeL` | {base:.3f} | {final:.3f} | {final - base:+.3f} | [")
+    assert row.endswith("significant |")
+    summary_md = client.download_artifacts(run.info.run_id, "summary.md", str(tmp))
+    assert open(summary_md).read() == description
+    inputs = {(d.dataset.name, d.tags[0].value): d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {("preference.jsonl", "training"), ("eval.jsonl", "evaluation")}
+    assert inputs["preference.jsonl", "training"].digest == tags["data.train.fingerprint"]
+    assert inputs["eval.jsonl", "evaluation"].digest == tags["data.eval.fingerprint"]
+    assert json.loads(inputs["eval.jsonl", "evaluation"].profile)["num_rows"] == 256
+    assert json.loads(inputs["preference.jsonl", "training"].source)["uri"] == str(REPO_ROOT / "data/preference.jsonl")
+    assert client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
     assert f"best checkpoint: {best}" in out.stdout
 
 
@@ -301,3 +322,18 @@ def test_a_long_run_logs_every_table_past_mlflows_tag_limit(tmp_path, monkeypatc
     assert last == {"columns": ["id", "prediction"], "data": [[1, "a"], [2, "step 199"]]}
     first = client.load_table(run.info.experiment_id, "eval_samples/step_000000.json", run_ids=[tracker.run_id])
     assert list(first["prediction"]) == ["a", "step 0"]  # MLflow reads the tables it lists
+
+
+def test_an_experiment_made_before_the_tag_opens_in_the_runs_view_after_its_next_run(tmp_path, monkeypatch):
+    """MLflow 3 opens an experiment without mlflow.experimentKind in its GenAI view: an older store's experiments get
+    the tag at their next run."""
+    from harness.training.tracking.runs import mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    client.create_experiment("older", artifact_location=(tmp_path / "mlruns").as_uri())
+    assert "mlflow.experimentKind" not in client.get_experiment_by_name("older").tags
+    with mlflow_run("older", {"seed": 0}, {}):
+        pass
+    assert client.get_experiment_by_name("older").tags["mlflow.experimentKind"] == "custom_model_development"

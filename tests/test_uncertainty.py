@@ -387,7 +387,7 @@ def test_evaluation_logs_error_bars_and_the_eval_line_shows_them(capsys):
 
 
 def test_summary_marks_each_change_significant_or_not(capsys):
-    from harness.training.runner import RunSummary, print_summary
+    from harness.training.summary import RunSummary, print_summary
 
     samples, before, after = _samples_and_outputs()
     reports = [_evaluate(0, before, samples), _evaluate(2, after, samples)]
@@ -402,6 +402,34 @@ def test_summary_marks_each_change_significant_or_not(capsys):
     assert "significant" in lines["eval/answer/numeric"] and "samples with a value" in lines["eval/answer/numeric"]
 
 
+def test_the_run_description_is_the_summary_as_a_markdown_table():
+    from pathlib import Path
+
+    from harness.training.inloop import EvalReport
+    from harness.training.summary import RunSummary, summary_markdown, summary_tests
+
+    samples, before, after = _samples_and_outputs()
+    reports = [_evaluate(0, before, samples), _evaluate(2, after, samples)]
+    summary = RunSummary("rid", "sqlite:///x", "exp", reports, Path("best"), 2, 93.75, 12.0, 2, "eval/answer/exact")
+    text = summary_markdown(summary, summary_tests(summary))
+    lines = text.splitlines()
+    assert "| metric | baseline | final | delta | 95% interval | p (Holm) | verdict |" in lines
+    base, final = reports[0].metrics["eval/answer/exact"], reports[1].metrics["eval/answer/exact"]
+    assert (f"| `eval/answer/exact` | {base:.3f} | {final:.3f} | +62.500 | [+40.625, +84.375] | p<0.001 (Holm "
+            f"p<0.001) | **significant** |") in lines
+    assert lines[-1].startswith("Changes tested by paired approximate randomization over the same eval samples")
+    assert "Best checkpoint: step 2, eval/answer/exact = 93.75." in lines
+    # a description longer than MLflow keeps is cut to whole rows, saying how many are left out
+    many = {f"eval/m{i}/score": float(i) for i in range(400)}
+    wide = RunSummary("rid", "sqlite:///x", "exp", [EvalReport(0, many, {}, {}), EvalReport(1, many, {}, {})],
+                      None, None, None, 1.0, 1, "eval/m0/score")
+    cut = summary_markdown(wide, {})
+    assert len(cut) <= 8000 and "| `eval/m0/score` | 0.000 | 0.000 | +0.000 | | | not tested |" in cut
+    (note,) = [line for line in cut.splitlines() if "more rows in the artifact summary.md" in line]
+    shown = sum(line.startswith("| `eval/") for line in cut.splitlines())
+    assert note.startswith(f"| ... {400 - shown} more rows")
+
+
 def test_compare_gives_the_paired_difference_of_two_runs(tmp_path, monkeypatch):
     from harness.commands.compare import compare
     from harness.training.tracking.runs import mlflow_run
@@ -409,8 +437,8 @@ def test_compare_gives_the_paired_difference_of_two_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     samples, before, after = _samples_and_outputs()
     ids = []
-    for outputs in (before, after):
-        with mlflow_run("cmp", {}, {}) as tracker:
+    for outputs, rate in ((before, "0.0"), (after, "1e-05")):
+        with mlflow_run("cmp", {"learning_rate": rate, "seed": 0}, {}) as tracker:
             for step in (0, 2):
                 report = _evaluate(step, outputs, samples)
                 tracker.log_metrics(report.metrics, step)
@@ -422,7 +450,32 @@ def test_compare_gives_the_paired_difference_of_two_runs(tmp_path, monkeypatch):
     (exact,) = [line for line in table.splitlines() if line.strip().startswith("eval/answer/exact ") and "CI" in line]
     assert "95% CI [" in exact and exact.rstrip().endswith(", significant)")
     assert any(line.strip().startswith("eval/bleu/bleu ") and ", p<0.001 (Holm" in line for line in table.splitlines())
-    assert "_se" not in table  # the error-bar keys are not listed as metrics
+    assert "_se" not in table and "_ci_low" not in table  # the error-bar keys are not listed as metrics
+
+    # the picture: runs named by experiment and what differs, each point's interval a band, a star where the final
+    # evaluation differs from the first run's
+    import matplotlib.pyplot as plt
+
+    from harness.commands.compare import _plotted, curve_figure, format_paired
+    from harness.training.tracking.queries import load_runs, load_table
+
+    runs = load_runs(ids, None, _plotted, 10)
+    _, tests = format_paired(runs, {r.run_id: {"": load_table(r.run_id, "eval_samples/step_000002.json")}
+                                    for r in runs})
+    figure = curve_figure(runs, tests)
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert legend[:2] == [f"cmp learning_rate=0.0 ({ids[0][:8]})", f"cmp learning_rate=1e-05 ({ids[1][:8]})"]
+    assert legend[2].startswith("* final point differs from cmp learning_rate=0.0")
+    panels = {ax.get_title(): ax for ax in figure.axes if ax.get_visible()}
+    exact = panels["answer/exact"]
+    assert len(exact.collections) == 2  # one band per run
+    metrics = _evaluate(2, after, samples).metrics
+    corners = {tuple(np.round(v, 6)) for v in exact.collections[1].get_paths()[0].vertices}
+    assert {(2.0, round(metrics["eval/answer/exact_ci_low"], 6)), (2.0, round(metrics["eval/answer/exact_ci_high"], 6))
+            } <= corners
+    stars = [line for line in exact.get_lines() if line.get_marker() == "*"]
+    assert [tuple(line.get_xydata()[0]) for line in stars] == [(2, metrics["eval/answer/exact"])]
+    plt.close(figure)
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def compare(run_ids: list[str], experiment: str | None = None, out: str | None =
     else:
         check_writable_dir(DEFAULT_DIR, "the default --out directory")
     try:
-        runs = load_runs(run_ids, experiment, is_quality_metric, max_runs)
+        runs = load_runs(run_ids, experiment, _plotted, max_runs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     runs = [r for r in runs if r.history]
@@ -43,12 +43,24 @@ def compare(run_ids: list[str], experiment: str | None = None, out: str | None =
         raise ConfigError("no run to compare has eval metrics (eval/<evaluator>/<metric>)")
     digest = hashlib.sha1(" ".join(sorted(r.run_id for r in runs)).encode()).hexdigest()[:10]
     png = Path(out) if out else DEFAULT_DIR / f"eval_curves_{digest}.png"
-    plot_curves(runs, png)
+    paired, tests = format_paired(runs, {r.run_id: final_tables(r) for r in runs},
+                                  {r.run_id: final_unit_tables(r) for r in runs}) if len(runs) > 1 else ([], {})
+    plot_curves(runs, png, tests)
     for run in runs:
         existing_run(run.run_id).log_artifact(str(png), "compare")
-    paired = format_paired(runs, {r.run_id: final_tables(r) for r in runs},
-                           {r.run_id: final_unit_tables(r) for r in runs}) if len(runs) > 1 else []
     return "\n".join([format_table(runs), *paired]), png
+
+
+INTERVAL = ("_ci_low", "_ci_high")  # the ends of each point's 95% interval (evaluators/uncertainty.py)
+
+
+def _plotted(key: str) -> bool:
+    """A score, or an end of its 95% interval (drawn as a band around the score's curve)."""
+    return is_quality_metric(key) or (key.endswith(INTERVAL) and is_quality_metric(key.rsplit("_ci_", 1)[0]))
+
+
+def _scores(run: RunRecord) -> list[str]:
+    return [k for k in run.history if is_quality_metric(k)]
 
 
 def final_step(run: RunRecord) -> int | None:
@@ -81,12 +93,13 @@ def final_unit_tables(run: RunRecord) -> dict[str, dict[str, dict[str, list]]]:
 
 
 def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, dict[str, list] | None]],
-                  unit_tables: dict[str, dict[str, dict[str, dict[str, list]]]] | None = None) -> list[str]:
+                  unit_tables: dict[str, dict[str, dict[str, dict[str, list]]]] | None = None
+                  ) -> tuple[list[str], dict[str, dict[str, Paired]]]:
     """Each run after the first against the first, at their final evaluations and eval set by eval set (`tables`:
     run id -> final_tables; `unit_tables`: run id -> final_unit_tables): the paired difference of every metric with
     per-sample (or per-unit) values, its 95% interval and p-value (evaluators/uncertainty.py), when both runs were
     evaluated on the same samples (same ids and prompts). The metrics of one run over all its sets are one family
-    for Holm's correction."""
+    for Holm's correction. Returns the lines and the tests: run id -> metric key -> its test against the first run."""
     base = runs[0]
     base_tables = tables.get(base.run_id, {"": None})
     notes: dict[tuple[str, str], str] = {}
@@ -130,7 +143,7 @@ def format_paired(runs: list[RunRecord], tables: dict[str, dict[str, dict[str, l
             width = max(28, *(len(k) for k in tests)) + 2
             for key, test in sorted(tests.items()):
                 lines.append(f"    {key.ljust(width)}{test.base:10.3f} -> {test.new:10.3f}  ({test.describe()})")
-    return lines
+    return lines, {run_id: {key: t for (_, key), t in family.items()} for run_id, family in families.items()}
 
 
 def _label(run: RunRecord) -> str:
@@ -145,8 +158,14 @@ def _cell(points: list[tuple[int, float]]) -> str:
     return f"{base:.3f} -> {final:.3f} ({delta:+.3f})"
 
 
+def _differing(runs: list[RunRecord]) -> list[str]:
+    """The params whose values differ between the runs (where each run's files go aside)."""
+    return sorted(k for k in {k for r in runs for k in r.params}
+                  if k not in (PARENT, "output_dir") and len({r.params.get(k) for r in runs}) > 1)
+
+
 def format_table(runs: list[RunRecord]) -> str:
-    keys = sorted({k for r in runs for k in r.history})
+    keys = sorted({k for r in runs for k in _scores(r)})
     width = max(28, *(len(k) for k in keys)) + 2
     col = max(26, *(len(_label(r)) for r in runs)) + 2
     lines = ["metric (baseline -> final)".ljust(width) + "".join(_label(r).ljust(col) for r in runs)]
@@ -155,8 +174,7 @@ def format_table(runs: list[RunRecord]) -> str:
         lines.append("started from run".ljust(width) + "".join(r.params.get(PARENT, "-")[:8].ljust(col) for r in runs))
     for key in keys:
         lines.append(key.ljust(width) + "".join(_cell(r.history.get(key, [])).ljust(col) for r in runs))
-    differing = sorted(k for k in {k for r in runs for k in r.params}
-                       if k != PARENT and len({r.params.get(k) for r in runs}) > 1)
+    differing = _differing(runs)
     if differing:
         lines.append("params that differ:")
         for key in differing:
@@ -183,29 +201,57 @@ def _steps(run: RunRecord) -> str:
     return f"{steps[0]}-{steps[-1]}" if steps else "-"
 
 
-def plot_curves(runs: list[RunRecord], path: Path) -> None:
-    """One panel per eval metric, one line per run, step on the x axis."""
+def curve_label(run: RunRecord, differing: list[str]) -> str:
+    """A run in the plot's legend: its experiment, the params in which the compared runs differ (at most three),
+    its id's first 8 characters."""
+    shown = [f"{k}={run.params.get(k, '-')}" for k in differing[:3]] + (["..."] if len(differing) > 3 else [])
+    return " ".join([run.experiment, *shown, f"({run.run_id[:8]})"])
+
+
+def plot_curves(runs: list[RunRecord], path: Path, tests: dict[str, dict[str, Paired]] | None = None) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = curve_figure(runs, tests)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def curve_figure(runs: list[RunRecord], tests: dict[str, dict[str, Paired]] | None = None):
+    """One panel per eval metric, one line per run (labelled by curve_label), step on the x axis, each point's 95%
+    interval as a band; a star on a run's final point where the paired test (`tests`, format_paired's) finds it
+    different from the first run's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in runs for k in r.history})
+    keys = sorted({k for r in runs for k in _scores(r)})
+    differing = _differing(runs)
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     figure, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
         for run in runs:
             points = run.history.get(key)
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=_label(run))
+            if not points:
+                continue
+            (line,) = ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=curve_label(run, differing))
+            low, high = (dict(run.history.get(key + end, [])) for end in INTERVAL)
+            band = [(s, low[s], high[s]) for s, _ in points if s in low and s in high]
+            if band:
+                ax.fill_between(*zip(*band, strict=True), color=line.get_color(), alpha=0.15, linewidth=0)
+            test = (tests or {}).get(run.run_id, {}).get(key)
+            if test is not None and test.significant:
+                ax.plot(*points[-1], marker="*", markersize=12, color=line.get_color(), linestyle="none")
         ax.set_title(key.removeprefix("eval/"), fontsize=10)
         ax.set_xlabel("step")
     for ax in axes.flat[len(keys):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(4, len(runs)), fontsize=8)
-    figure.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(runs) / 4), 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    if tests:
+        labels = [*labels, f"* final point differs from {curve_label(runs[0], differing)} (paired test, Holm)"]
+        handles = [*handles, plt.Line2D([], [], marker="*", markersize=10, color="grey", linestyle="none")]
+    figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
+    figure.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(labels) / 3), 1, 1))
+    return figure

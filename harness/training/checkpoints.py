@@ -49,8 +49,9 @@ class BestCheckpoint:
         shutil.rmtree(previous, ignore_errors=True)
         self.step, self.value = report.step, value
         if self.tracker is not None:
-            self.tracker.log_metrics({"best/step": report.step, "best/value": value}, report.step)
-            self.tracker.set_tags({"best_checkpoint": str(self.directory.resolve())})
+            # tags, not metrics: the run's page and the runs table show them as values, not one-point charts
+            self.tracker.set_tags({"best_checkpoint": str(self.directory.resolve()), "best.step": str(report.step),
+                                   "best.value": repr(value), "best.metric": self.metric})
             # the checkpoint's metadata where every client of the store reads it (a tracking server's artifact store);
             # the weights stay on this machine's disk
             self.tracker.log_dict({**selection, "path": str(self.directory.resolve())}, "best/selection.json")

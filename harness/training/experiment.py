@@ -197,6 +197,14 @@ class Experiment:
         values += [(f"{e}_{k}", v) for e, opts in self.evaluator_options.items() for k, v in opts.items()]
         return {name: ",".join(map(str, v)) if isinstance(v, list) else v for name, v in values}
 
+    def run_name(self) -> str:
+        """What tells this run apart in MLflow's runs table: the experiment, every field set away from its default
+        (where its files go aside) and the seed: `simpo_qwen learning_rate=1e-05 beta=2.0 seed=0`."""
+        defaults = type(self)().params()
+        changed = [f"{k}={v}" for k, v in self.params().items()
+                   if k not in ("output_dir", "seed") and v != defaults.get(k)]
+        return " ".join([self.name(), *changed, f"seed={self.seed}"])[:250]  # MLflow's run name limit
+
     def make_evaluators(self) -> list:
         """The evaluators by name, each configured from this experiment's `<evaluator>_<option>` fields
         (e.g. `humaneval_n` sets HumanEval's `n`) and then from `evaluator_options` (the same names given on the

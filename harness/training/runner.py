@@ -4,19 +4,18 @@ print the summary. Everything that can be checked is checked before the run is o
 from __future__ import annotations
 
 import gc
-import math
+import hashlib
 import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from transformers import PrinterCallback, set_seed
 from transformers.utils import logging as hf_logging
 
 from evaluators import EVALUATORS
-from evaluators.uncertainty import Paired, holm, method_line, paired_tests
 from harness.core import ranks
 from harness.core import records as data
 from harness.core.errors import ConfigError, DataError
@@ -24,7 +23,6 @@ from harness.core.eval_data import (
     SPLIT,
     eval_set_samples,
     heldout_samples,
-    metric_key,
     parse_eval_data,
     split_records,
 )
@@ -48,7 +46,6 @@ from harness.training.inloop import (
     Evaluation,
     InLoopEvaluation,
     format_report,
-    is_quality_metric,
 )
 from harness.training.lineage import (
     log_best_model,
@@ -67,26 +64,12 @@ from harness.training.resume import (
     restore_state,
     stateful_parts,
 )
+from harness.training.summary import RunSummary, print_summary, summary_markdown, summary_tests
+from harness.training.tracking.datasets import dataset_input
 from harness.training.tracking.runs import mlflow_run
 from harness.training.tracking.store import shown_tracking_uri
 from harness.training.tracking.tracker import UNDELIVERED_FILE, Tracker
 from harness.training.tracking.train_metrics import TrainMetricsLogger
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    run_id: str
-    run_url: str
-    experiment_name: str
-    reports: list[EvalReport]
-    best_checkpoint: Path | None
-    best_step: int | None
-    best_value: float | None
-    wall_s: float
-    steps_trained: int
-    select_metric: str = ""
-    skipped_selection: tuple[int, ...] = ()  # steps whose evaluation did not produce select_metric
-    early_stopped_at: int | None = None  # the step early_stop_patience stopped training at
 
 
 @dataclass
@@ -331,6 +314,22 @@ def eval_tags(exp: Experiment) -> dict[str, str]:
             else data.fingerprint(path) for name, path in parse_eval_data(exp.eval_data)}
 
 
+def data_inputs(exp: Experiment, rows: list[dict], eval_sets: list[EvalSet]) -> list[dict]:
+    """The run's training rows and eval sets as MLflow dataset inputs, digests their data.*.fingerprint tags (a
+    held-out split's, which names the share, seed and training file, hashed to fit MLflow's digest)."""
+    paths = dict(parse_eval_data(exp.eval_data))
+    fingerprints = eval_tags(exp)
+    inputs = [dataset_input(Path(exp.train_data).name, exp.train_data, rows, data.fingerprint(exp.train_data),
+                            "training")]
+    for s in eval_sets:
+        fingerprint = fingerprints[f"data.eval.{s.name + '.' if s.name else ''}fingerprint"]
+        path = paths[s.name]
+        digest = fingerprint if path != SPLIT else hashlib.blake2b(fingerprint.encode(), digest_size=8).hexdigest()
+        samples = [{k: v for k, v in asdict(x).items() if v is not None} for x in s.samples]
+        inputs.append(dataset_input(s.name or Path(path).name, path, samples, digest, "evaluation"))
+    return inputs
+
+
 def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalSet], model_path: str,
                         evaluators: list, started: float, hooks: RunHooks) -> RunSummary:
     name = exp.name()
@@ -348,12 +347,15 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
     if exp.resume:  # the run's id here (resumed_experiment)
         check_restorable(output_root(exp) / exp.resume / "checkpoints", evaluators)
     # signals wait for a step or evaluation boundary (harness.training.interrupts), then end the run KILLED
-    with (mlflow_run(name, params, tags, run_name=hooks.run_name, resume_run_id=exp.resume or None) as tracker,
+    with (mlflow_run(name, params, tags, run_name=hooks.run_name or exp.run_name(),
+                    resume_run_id=exp.resume or None) as tracker,
           interrupts.deferred()):
         print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {shown_tracking_uri()}", flush=True)
         if hooks.on_open is not None:
             hooks.on_open(tracker)
         tracker.log_dict({"experiment": name, **exp.params()}, "config.json")
+        if not exp.resume:  # a resumed run has them
+            tracker.log_inputs(data_inputs(exp, rows, eval_sets))
         for evaluator in evaluators:
             for artifact_file, text in evaluator.artifacts.items():
                 tracker.log_text(text, artifact_file)
@@ -398,6 +400,10 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         eval_s = sum(r.metrics.get("eval/time/blocking_s", r.metrics["eval/time/total_s"]) for r in in_loop.reports)
         tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
                             trainer.state.global_step)
+        tests = summary_tests(summary)
+        description = summary_markdown(summary, tests)  # the run's page says what the console says
+        tracker.log_text(description, "summary.md")
+        tracker.set_tags({"mlflow.note.content": description})
         if exp.log_model or exp.register_as:
             _log_model(tracker.run_id, summary.best_checkpoint, exp.register_as)
     lock.close()
@@ -405,7 +411,7 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         backend.close()
     del backend, trainer
     gc.collect()
-    print_summary(summary)
+    print_summary(summary, tests)
     return summary
 
 
@@ -449,72 +455,3 @@ def _log_model(run_id: str, best: Path | None, register_as: str) -> None:
     registered = f", registered as {logged.version}" if logged.version else ""
     print(f"[mlflow] best checkpoint logged as MLflow model {logged.uri} ({logged.flavor}){registered} in "
           f"{time.time() - t:.1f}s", flush=True)
-
-
-def _tested_over(key: str, n: int, samples: int) -> str:
-    """What a paired test of `key` was over when it is not every eval sample: an evaluator's own units (choice's
-    questions, HumanEval's problems), or the samples with a value on both sides."""
-    unit = EVALUATORS[key.split("/")[-2]].unit_column if key.split("/")[-2] in EVALUATORS else ""
-    if unit:
-        return f", over its {n} units ({unit})"
-    return f", over the {n} samples with a value" if n != samples else ""
-
-
-def _summary_groups(summary: RunSummary) -> dict[str, tuple[EvalReport, EvalReport]]:
-    """Eval set name -> (baseline report, final report); one block named "" when the run has no named sets (a
-    resumed run's restored reports have no per-set reports either)."""
-    first, last = summary.reports[0], summary.reports[-1]
-    no_set = EvalReport(first.step, {}, {}, {})
-    return {n: (r, last.sets.get(n, no_set)) for n, r in first.sets.items()} or {"": (first, last)}
-
-
-def summary_tests(summary: RunSummary) -> dict[str, Paired]:
-    """The end-of-run verdicts: metric key -> the paired test of final against baseline, Holm-adjusted over every
-    change of every eval set, one family (README: What the error bars mean); empty after a single evaluation."""
-    if len(summary.reports) < 2:
-        return {}
-    return holm({metric_key(k, set_name): t for set_name, (base_report, final_report) in
-                 _summary_groups(summary).items()
-                 for k, t in paired_tests(EVALUATORS, base_report.table, final_report.table,
-                                          base_report.evaluator_tables, final_report.evaluator_tables).items()})
-
-
-def print_summary(summary: RunSummary) -> None:
-    first, last = summary.reports[0], summary.reports[-1]
-    print(f"\n== {summary.experiment_name}: baseline (step {first.step}) vs final (step {last.step})")
-    groups = _summary_groups(summary)
-    tests = summary_tests(summary)
-    if tests:
-        print(f"  (delta, its 95% interval, p-value and verdict: {method_line()})")
-    for set_name, (base_report, _) in groups.items():
-        samples = len(base_report.table.get("id", ()))
-        if set_name:
-            print(f"  eval set {set_name} ({samples} samples):")
-        prefix = f"eval/{set_name}/" if set_name else "eval/"
-        keys = [k for k in first.metrics if is_quality_metric(k) and k in last.metrics and k.startswith(prefix)]
-        width = max([28, *map(len, keys)])
-        for key in keys:
-            base = first.metrics[key]
-            final = last.metrics[key]
-            delta = final - base if not (math.isnan(base) or math.isnan(final)) else float("nan")
-            change = f"{delta:+.3f}"
-            if key in tests:
-                test = tests[key]
-                change = test.describe() + _tested_over(key, test.n, samples)
-            print(f"  {key:<{width}} {base:10.3f} -> {final:10.3f}  ({change})")
-    print(f"  MLflow run: {summary.run_id} in {shown_tracking_uri()}")
-    print(f"  MLflow UI:  {summary.run_url}" + ("" if summary.run_url.startswith(shown_tracking_uri()) else
-                                                "  (`make ui`)"))
-    if summary.best_checkpoint:
-        print(f"  best checkpoint: {summary.best_checkpoint} "
-              f"(step {summary.best_step}, {summary.best_value:.3f})")
-    else:
-        print(f"  best checkpoint: none (no evaluation produced {summary.select_metric})")
-    if summary.skipped_selection:
-        print(f"  selection skipped {len(summary.skipped_selection)} of {len(summary.reports)} evaluations without "
-              f"{summary.select_metric} (steps {', '.join(map(str, summary.skipped_selection))}): an evaluator's "
-              f"dependency failed; see the [warn] lines")
-    if summary.early_stopped_at is not None:
-        print(f"  stopped early at step {summary.early_stopped_at}: {summary.select_metric} stopped improving "
-              f"(early_stop_patience)")
-    print(f"  wall time: {summary.wall_s:.1f}s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 from mlflow.entities import Param, Run
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
 from harness.core.errors import TrackingUnavailable
@@ -42,16 +44,27 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+SYSTEM_METRICS_INTERVAL_S = 5.0
+# a tracking server that is down makes every sample's write fail; the Outbox counts and reports the run's own writes
+logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
+
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, evaluations); with it, in the runs table
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     exp = retrying(client.get_experiment_by_name, name)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:  # made before the harness tagged its experiments
+            for key, value in EXPERIMENT_KIND.items():
+                retrying(client.set_experiment_tag, exp.experiment_id, key, value)
         return exp.experiment_id
     # A SQLite store keeps artifacts in mlruns/ beside its file whatever the working directory (MLflow's default
     # is ./mlruns of the process), so `make ui` and a later run from elsewhere find them.
     db = sqlite_path(uri)
     location = (db.parent / "mlruns" / name).as_uri() if db is not None else None
     try:
-        return retrying(client.create_experiment, name, artifact_location=location)
+        return retrying(client.create_experiment, name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:
         exp = retrying(client.get_experiment_by_name, name)  # another process created it in between
         if exp is None:
@@ -91,6 +104,10 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
                         tags={**git_state(), **package_versions(), **tags})
         run_id = run.info.run_id
     tracker = Tracker(client, exp_id, run_id)
+    # CPU, memory, disk, network (and GPU where there is one) as system/* metrics, sampled beside the run
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=resumed,
+                                   tracking_uri=uri)
+    monitor.start()
     status = "FAILED"
     try:
         with _sigterm_as_interrupt():
@@ -105,6 +122,7 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
         status = "KILLED"
         raise
     finally:
+        monitor.finish()
         try:
             tracker.end(status)
         except TrackingUnavailable:

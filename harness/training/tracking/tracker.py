@@ -10,9 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_LOGGED_ARTIFACTS
 
 from harness.core.errors import TrackingUnavailable
 from harness.training.outbox import FLUSH_TIMEOUT_ENV, Outbox, flush_timeout, redact, server_answers, write_items
@@ -76,6 +76,10 @@ class Tracker:
                 copy = Path(tmp) / item["name"]
                 copy.write_bytes(base64.b64decode(item["data"]))
                 retrying(self.client.log_artifact, self.run_id, str(copy), item["artifact_path"])
+        elif kind == "inputs":
+            retrying(self.client.log_inputs, self.run_id, datasets=[
+                DatasetInput(Dataset(**d["dataset"]), tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])])
+                for d in item["datasets"]])
         elif kind == "end":
             retrying(self.client.set_terminated, self.run_id, item["status"])
         else:
@@ -95,6 +99,11 @@ class Tracker:
 
         text = pd.DataFrame(table).to_json(orient="split", index=False, date_format="iso")
         self._send({"kind": "table", "text": text, "artifact_file": artifact_file})
+
+    def log_inputs(self, datasets: list[dict]) -> None:
+        """Datasets as the run's inputs: each {"dataset": Dataset's fields, "context": training or evaluation}
+        (harness.training.tracking.datasets)."""
+        self._send({"kind": "inputs", "datasets": datasets})
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self._send({"kind": "dict", "data": data, "artifact_file": artifact_file})
