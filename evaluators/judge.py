@@ -95,7 +95,7 @@ class Judge(Evaluator):
 
     def __init__(self, base_url: str = "local", model: str = "tiny-qwen2", api_key_env: str = "OPENAI_API_KEY",
                  pointwise_template: str = "", pairwise_template: str = "", pairwise: bool = True,
-                 temperature: float = 0.0, max_tokens: int = 64, reasoning_chars: int = 40,
+                 temperature: float = 0.0, max_tokens: int = 64, reasoning_chars: int = 12,
                  max_concurrency: int = 8, timeout_s: float = 60.0,
                  retries: int = 4, budget: int = 10_000, structured: bool = True, cache: bool = True,
                  cache_dir: str = "", max_wait_s: float = 30.0):
