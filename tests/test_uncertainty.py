@@ -546,9 +546,13 @@ def test_compare_pairs_humaneval_over_its_problems_from_the_logged_own_tables(tm
 
 
 def test_the_summary_says_when_a_test_was_over_an_evaluators_own_units_or_fewer_samples():
-    from harness.training.runner import _tested_over
+    from harness.training.summary import Change
 
-    assert _tested_over("eval/choice/acc", 60, 32) == ", over its 60 units (id)"
-    assert _tested_over("eval/facts/humaneval/pass_at_1", 20, 32) == ", over its 20 units (task_id)"
-    assert _tested_over("eval/answer/numeric", 30, 32) == ", over the 30 samples with a value"
-    assert _tested_over("eval/rouge/rougeL", 32, 32) == ""
+    def tested_over(key: str, n: int, samples: int) -> str:
+        return Change("", samples, key, 0.0, 1.0, Paired(0.0, 1.0, 1.0, 0.5, 1.5, 0.01, n)).tested_over
+
+    assert tested_over("eval/choice/acc", 60, 32) == ", over its 60 units (id)"
+    assert tested_over("eval/facts/humaneval/pass_at_1", 20, 32) == ", over its 20 units (task_id)"
+    assert tested_over("eval/answer/numeric", 30, 32) == ", over the 30 samples with a value"
+    assert tested_over("eval/rouge/rougeL", 32, 32) == ""
+    assert Change("", 32, "eval/rouge/rougeL", 0.0, 1.0, None).tested_over == ""  # nothing tested
