@@ -31,6 +31,7 @@ def _run(tmp_path, monkeypatch, mode: str):
     return summary, history, run
 
 
+@pytest.mark.slow
 def test_background_evaluation_gives_the_blocking_runs_numbers_and_best_checkpoint(tmp_path, monkeypatch):
     blocking, blocking_history, _ = _run(tmp_path, monkeypatch, "blocking")
     background, history, run = _run(tmp_path, monkeypatch, "background")
