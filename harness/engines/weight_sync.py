@@ -126,13 +126,20 @@ def _linear_layers(engine_model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in engine_model.modules() if hasattr(m, "cpu_linear")]
 
 
+def _packed_away(module: torch.nn.Module) -> tuple[int, int] | None:
+    """The full shape of a CPU linear layer's weight that vLLM moved into a oneDNN (or sgl-kernel) handle, leaving
+    an empty `weight`; None for any other module."""
+    if hasattr(module, "cpu_linear") and module.weight.numel() == 0:
+        return module.output_size_per_partition, module.input_size_per_partition
+    return None
+
+
 def _engine_shapes(engine_model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Each engine parameter's full shape. vLLM on CPU moves a linear layer's weight into a oneDNN (or sgl-kernel)
-    handle and leaves an empty `weight`; its shape is the layer's."""
+    """Each engine parameter's full shape, a packed-away weight's included."""
     shapes = {name: tuple(p.shape) for name, p in engine_model.named_parameters()}
     for name, module in engine_model.named_modules():
-        if hasattr(module, "cpu_linear") and module.weight.numel() == 0:
-            shapes[f"{name}.weight"] = (module.output_size_per_partition, module.input_size_per_partition)
+        if (shape := _packed_away(module)) is not None:
+            shapes[f"{name}.weight"] = shape
     return shapes
 
 
@@ -140,7 +147,6 @@ def _staged_linear_layers(engine_model: torch.nn.Module) -> list[torch.nn.Module
     """The engine's CPU linear layers, each with a plain weight to copy into: uninitialised where vLLM left it empty."""
     layers = _linear_layers(engine_model)
     for module in layers:
-        if module.weight.numel() == 0:
-            shape = (module.output_size_per_partition, module.input_size_per_partition)
+        if (shape := _packed_away(module)) is not None:
             module.weight = torch.nn.Parameter(torch.empty(shape, dtype=module.weight.dtype), requires_grad=False)
     return layers

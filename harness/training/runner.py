@@ -314,15 +314,14 @@ def eval_tags(exp: Experiment) -> dict[str, str]:
             else data.fingerprint(path) for name, path in parse_eval_data(exp.eval_data)}
 
 
-def data_inputs(exp: Experiment, rows: list[dict], eval_sets: list[EvalSet]) -> list[dict]:
-    """The run's training rows and eval sets as MLflow dataset inputs, digests their data.*.fingerprint tags (a
-    held-out split's, which names the share, seed and training file, hashed to fit MLflow's digest)."""
+def data_inputs(exp: Experiment, rows: list[dict], eval_sets: list[EvalSet], tags: dict[str, str]) -> list[dict]:
+    """The run's training rows and eval sets as MLflow dataset inputs, digests the run's data.*.fingerprint `tags`
+    (a held-out split's, which names the share, seed and training file, hashed to fit MLflow's digest)."""
     paths = dict(parse_eval_data(exp.eval_data))
-    fingerprints = eval_tags(exp)
-    inputs = [dataset_input(Path(exp.train_data).name, exp.train_data, rows, data.fingerprint(exp.train_data),
+    inputs = [dataset_input(Path(exp.train_data).name, exp.train_data, rows, tags["data.train.fingerprint"],
                             "training")]
     for s in eval_sets:
-        fingerprint = fingerprints[f"data.eval.{s.name + '.' if s.name else ''}fingerprint"]
+        fingerprint = tags[f"data.eval.{s.name + '.' if s.name else ''}fingerprint"]
         path = paths[s.name]
         digest = fingerprint if path != SPLIT else hashlib.blake2b(fingerprint.encode(), digest_size=8).hexdigest()
         samples = [{k: v for k, v in asdict(x).items() if v is not None} for x in s.samples]
@@ -355,7 +354,7 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
             hooks.on_open(tracker)
         tracker.log_dict({"experiment": name, **exp.params()}, "config.json")
         if not exp.resume:  # a resumed run has them
-            tracker.log_inputs(data_inputs(exp, rows, eval_sets))
+            tracker.log_inputs(data_inputs(exp, rows, eval_sets, tags))
         for evaluator in evaluators:
             for artifact_file, text in evaluator.artifacts.items():
                 tracker.log_text(text, artifact_file)

@@ -140,7 +140,8 @@ def summary_markdown(summary: RunSummary, tests: dict[str, Paired]) -> str:
     table = ["| metric | baseline | final | delta | 95% interval | p (Holm) | verdict |",
              "| --- | ---: | ---: | ---: | --- | --- | --- |"]
     rows = []
-    for c in changes(summary, tests):
+    every = changes(summary, tests)
+    for c in every:
         if c.test is None:
             rows.append(f"| `{c.key}` | {c.base:.3f} | {c.final:.3f} | {c.delta:+.3f} | | | not tested |")
             continue
@@ -154,7 +155,7 @@ def summary_markdown(summary: RunSummary, tests: dict[str, Paired]) -> str:
     text = "\n".join(head + table + rows + foot)
     while len(text) > TAG_VALUE_LIMIT and rows:
         rows.pop()
-        left_out = len(changes(summary, tests)) - len(rows)
+        left_out = len(every) - len(rows)
         text = "\n".join(head + table + rows + [f"| ... {left_out} more rows in the artifact summary.md | | | | | | |"]
                          + foot)
     return text
