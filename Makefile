@@ -34,21 +34,24 @@ MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 # Sweeps: TRIALS per `make sweep`; STORAGE shared by workers (default the SQLite file optuna.db); STUDY resumes.
 TRIALS ?= 8
 SEED ?= 0
-STORAGE ?= $(or $(OPTUNA_STORAGE),sqlite:///$(CURDIR)/optuna.db)
+# With OPTUNA_STORAGE set (a PostgreSQL URL with its password), the harness reads it from the environment: a
+# password never goes on a command line, where `ps` shows it to every user of the machine.
+STORAGE ?=
 STUDY ?= $(NAME)
 PRUNER ?= hyperband
 TIMEOUT ?=
 DASHBOARD_PORT ?= 8080
-SWEEP_OPTS = --storage "$(STORAGE)" --study "$(STUDY)" --pruner $(PRUNER) $(if $(TIMEOUT),--timeout $(TIMEOUT))
+SWEEP_OPTS = $(if $(STORAGE),--storage "$(STORAGE)") --study "$(STUDY)" --pruner $(PRUNER) $(if $(TIMEOUT),--timeout $(TIMEOUT))
 
-.PHONY: setup bubblewrap experiment eval show list sweep sweep-worker dashboard compare export test test-fast lint bench gpu-check ui \
+.PHONY: setup bubblewrap experiment eval show list sweep sweep-worker dashboard compare export test test-fast lint docs bench gpu-check ui \
 	judge-server serve chat sample data \
-	services services-stop services-status postgresql clean-cache clean
+	services services-stop services-status services-user postgresql chromium clean-cache clean
 
 setup: $(STAMP)
 	@command -v bwrap >/dev/null 2>&1 || $(MAKE) --no-print-directory bubblewrap
 	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  $(MAKE) --no-print-directory postgresql
+	@command -v chromium >/dev/null 2>&1 || $(MAKE) --no-print-directory chromium
 
 # The sandbox for generated code (HumanEval) isolates programs with bubblewrap's namespaces.
 bubblewrap:
@@ -98,8 +101,17 @@ sweep: setup
 sweep-worker: setup
 	@$(PY) -m harness sweep $(NAME) $(ARGS) --trials $(TRIALS) $(SWEEP_OPTS)
 
+# `make ui` and `make dashboard` have no login: they serve only on this machine's loopback (the team's servers,
+# with passwords, are `make services`)
+LOOPBACK_ONLY = case "$(HOST)" in 127.*|localhost|::1) ;; *) echo "make $@: HOST=$(HOST) would serve every run to" \
+	"anyone who reaches it, without a password; $@ serves 127.0.0.1 only (for a team: make services, which requires" \
+	"logins)" >&2; exit 2;; esac
+
+# the storage URL goes to optuna-dashboard in the environment, not on its command line (it may hold a password)
 dashboard: setup
-	@$(VENV)/bin/optuna-dashboard "$(STORAGE)" --host $(HOST) --port $(DASHBOARD_PORT)
+	@$(LOOPBACK_ONLY)
+	@$(if $(STORAGE),OPTUNA_STORAGE="$(STORAGE)") $(PY) -c 'import os, optuna_dashboard; optuna_dashboard.run_server(\
+	  os.environ.get("OPTUNA_STORAGE") or "sqlite:///$(CURDIR)/optuna.db", host="$(HOST)", port=$(DASHBOARD_PORT))'
 
 # make compare RUNS="id id ..." or make compare EXPERIMENT=simpo_qwen
 compare: setup
@@ -119,6 +131,11 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# The documentation site (docs/, mkdocs.yml) into outputs/site; --strict: a broken link or anchor fails the build.
+# The field reference is generated from the code as it builds. Live preview: .venv/bin/mkdocs serve
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q
+
 bench: setup
 	$(PY) -m harness.commands.bench $(PARTS)
 
@@ -129,12 +146,14 @@ gpu-check: setup
 	$(PY) -m harness gpu-check
 
 ui: setup
+	@$(LOOPBACK_ONLY)
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host $(HOST) --port $(PORT)
 
-# The team set-up: PostgreSQL (databases optuna, mlflow) and an MLflow tracking server backed by it, serving its
-# artifact store, on 127.0.0.1; data in services/ (SERVICES_DIR). Prints the two URLs to export. Idempotent.
-# PG_PORT and MLFLOW_PORT (5433, 5050) and SERVICES_HOST (0.0.0.0: other machines, with the password) apply at
-# the first start of a directory.
+# The team set-up: PostgreSQL (databases optuna, mlflow, mlflow_auth) and an MLflow tracking server backed by it,
+# serving its artifact store, on 127.0.0.1; data in services/ (SERVICES_DIR). Both always authenticate: PostgreSQL
+# SCRAM passwords, MLflow its basic-auth app (admin password generated into services/mlflow-users/admin, 0600).
+# Prints the lines to export (they read the passwords from their files). Idempotent. PG_PORT and MLFLOW_PORT (5433,
+# 5050) and SERVICES_HOST (0.0.0.0: other machines, with the passwords) apply at the first start of a directory.
 SERVICES_DIR ?= $(CURDIR)/services
 SERVICES_HOST ?= 127.0.0.1
 PG_PORT ?= 5433
@@ -149,6 +168,13 @@ services-stop: setup
 services-status: setup
 	@$(PY) -m harness services status --dir "$(SERVICES_DIR)"
 
+# make services-user NAME=alice PERMISSION=READ|EDIT|MANAGE: an MLflow user with that permission on every experiment
+# and registered model, its password generated into services/mlflow-users/alice (0600); again: the permission changes
+PERMISSION ?= READ
+services-user: setup
+	@$(PY) -m harness services user --dir "$(SERVICES_DIR)" --permission $(PERMISSION) \
+	  --name $(if $(filter command line,$(origin NAME)),$(NAME),$(error make services-user needs NAME=user))
+
 # PostgreSQL's server from the system's packages, as bubblewrap (`make services` and the tests' own clusters use it)
 postgresql:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -158,6 +184,18 @@ postgresql:
 	else \
 	  echo "[setup] PostgreSQL's server (initdb, pg_ctl) is missing and needs root to install" \
 	       "(apt-get install postgresql)"; \
+	fi
+
+# Debian's Chromium, which the dashboard's browser test drives through Playwright (its own browser download is not
+# reachable from these machines)
+chromium:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "[setup] installing chromium (the browser the MLflow dashboard test drives)"; \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; }; \
+	else \
+	  echo "[setup] chromium is missing and needs root to install (apt-get install chromium); until then the" \
+	       "dashboard's browser test skips"; \
 	fi
 
 judge-server: setup

@@ -1,6 +1,7 @@
 """The team set-up against real servers: a PostgreSQL cluster and an MLflow tracking server (artifacts served
-through it), both started by `harness.commands.services` in a temporary directory on free ports, once for this
-module. Sweeps run against them in subprocesses as `make sweep-worker` runs them."""
+through it, MLflow's basic-auth app in front), both started by `harness.commands.services` in a temporary directory on
+free ports, once for this module. Sweeps run against them in subprocesses as `make sweep-worker` runs them, with
+credentials as a teammate has them: in the environment, the tracking URL or MLflow's credentials file."""
 
 import json
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 import optuna
 import psycopg
 import pytest
+import requests
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from test_sweep import EXTRA, SCRIPTED
 
@@ -22,6 +25,10 @@ from harness.commands import services
 from harness.core.errors import ConfigError
 from harness.core.files import free_port
 from harness.paths import REPO_ROOT
+from harness.training.tracking.store import auth_refusal
+
+RUNNER = "runner"  # the MLflow user (EDIT) the module's sweeps log as
+CLIENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "OPTUNA_STORAGE")
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +37,32 @@ def servers():
     directory = Path(tempfile.mkdtemp(prefix="harness-services-"))
     try:
         s = services.start(directory, pg_port=free_port(), mlflow_port=free_port(), workers=1)
+        services.add_user(directory, RUNNER, "EDIT", quiet=True)
         yield s
     finally:
         services.stop(directory, quiet=True)
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _env(s: services.Services, experiments: str = EXTRA) -> dict:
-    """What a worker on another machine is given: the two URLs (and the test-only experiment's path)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OPTUNA_STORAGE")}
-    return {**env, "MLFLOW_TRACKING_URI": s.mlflow_url, "OPTUNA_STORAGE": s.optuna_url, "PYTHONUNBUFFERED": "1",
-            "HARNESS_EXPERIMENTS_PATH": experiments}
+@pytest.fixture
+def as_admin(servers, monkeypatch) -> MlflowClient:
+    """This process's MLflow client, as the server's admin (credentials from the environment, as MLflow reads them)."""
+    for key, value in servers.mlflow_env().items():
+        monkeypatch.setenv(key, value)
+    return MlflowClient(servers.mlflow_url)
+
+
+def _env(s: services.Services, experiments: str = EXTRA, user: str | None = RUNNER) -> dict:
+    """What a worker on another machine is given: the two URLs, `user`'s MLflow credentials (none: no variables) and
+    the test-only experiment's path."""
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_ENV}
+    return {**env, **(s.mlflow_env(user) if user else {"MLFLOW_TRACKING_URI": s.mlflow_url}),
+            "OPTUNA_STORAGE": s.optuna_url, "PYTHONUNBUFFERED": "1", "HARNESS_EXPERIMENTS_PATH": experiments}
+
+
+def _secrets(s: services.Services) -> dict[str, str]:
+    return {"postgres": s.password, **{user: s.mlflow_env(user)["MLFLOW_TRACKING_PASSWORD"]
+                                       for user in (services.MLFLOW_ADMIN, RUNNER)}}
 
 
 def _worker(s, out_dir: Path, study: str, *args, cwd=REPO_ROOT, env=None, **popen):
@@ -78,6 +100,13 @@ def test_urls_a_missing_program_and_no_services_are_named(tmp_path, capsys):
         services.pg_binary("no-such-initdb")
     with pytest.raises(ConfigError, match=f"{tmp_path}: no services were started there"):
         services.stop(tmp_path)
+    with pytest.raises(ConfigError, match=f"{tmp_path}: no services were started there"):
+        services.add_user(tmp_path, "alice", "READ")
+    with pytest.raises(ConfigError, match="permission 'WRITE': expected one of READ, EDIT, MANAGE"):
+        services.add_user(tmp_path, "alice", "WRITE")
+    for name in ("admin", "../alice", "-alice", ""):  # the admin is not remade; a name is a file name in mlflow-users/
+        with pytest.raises(ConfigError, match="user name .*: expected a letter"):
+            services.add_user(tmp_path, name, "READ")
     assert not services.status(tmp_path)
     assert "[services] none in" in capsys.readouterr().out
     if os.geteuid() == 0:  # as root the cluster belongs to the postgres user, who cannot enter a private directory
@@ -89,29 +118,158 @@ def test_urls_a_missing_program_and_no_services_are_named(tmp_path, capsys):
             shutil.rmtree(private)
 
 
+def test_a_refused_request_says_which_credentials_to_set(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5050")
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.mlflow/credentials
+    refused = MlflowException("API request to endpoint /api/2.0/mlflow/runs/create failed with error code 401 != 200. "
+                              "Response body: 'You are not authenticated.'")
+    assert auth_refusal(refused) == (
+        "the MLflow server http://127.0.0.1:5050 refused the request (401 on /api/2.0/mlflow/runs/create): "
+        "no credentials were given. Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLflow's "
+        "credentials file ~/.mlflow/credentials) to an account on it: `make services` prints the lines for its "
+        "admin, `make services-user NAME=...` adds accounts")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret-pw")
+    assert "it does not take the password given for user 'alice'. Set" in auth_refusal(refused)
+    denied = MlflowException(str(refused).replace("401", "403"))
+    assert auth_refusal(denied).endswith("does not let user 'alice' do this (403 on /api/2.0/mlflow/runs/create): "
+                                         "its admin can give EDIT with `make services-user NAME=alice PERMISSION=EDIT`")
+    assert "secret-pw" not in auth_refusal(refused) + auth_refusal(denied)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:secret-pw@127.0.0.1:5050")  # the URL's account is sent
+    assert "http://bob:***@127.0.0.1:5050 refused the request (401 on /api/2.0/mlflow/runs/create): it does not " \
+           "take the password given for user 'bob'" in (message := auth_refusal(refused))
+    assert "secret-pw" not in message
+    assert auth_refusal(MlflowException("API request to endpoint /x failed with error code 404 != 200")) is None
+    assert auth_refusal(ValueError("no such run")) is None
+
+    def http_error(url: str, status: int) -> requests.HTTPError:  # as MLflow's artifact client raises it
+        response = requests.Response()
+        response.status_code, response.url = status, url
+        return requests.HTTPError(f"{status} Client Error", response=response)
+
+    upload = "http://alice:pw@127.0.0.1:5050/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/c.png"
+    assert "(403 on /api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/c.png)" in auth_refusal(http_error(upload, 403))
+    assert auth_refusal(http_error("http://127.0.0.1:8000/v1/chat/completions", 401)) is None  # a judge's, not MLflow's
+
+
 @pytest.mark.slow
-def test_services_start_is_idempotent_and_the_password_stays_private(servers, capsys):
+def test_services_start_is_idempotent_and_the_passwords_stay_private(servers, capsys):
     s = servers
     again = services.start(s.dir)
     out = capsys.readouterr().out
     assert "PostgreSQL on 127.0.0.1" in out and out.count("already running") == 2
-    assert f"export OPTUNA_STORAGE={s.optuna_url}\nexport MLFLOW_TRACKING_URI={s.mlflow_url}" in out
+    assert "(authentication on; artifacts served from" in out
+    # the lines to export read the passwords from their files where they are run: no password in this output
+    exports = (f'export OPTUNA_STORAGE="postgresql://harness:$(cat {s.dir}/password)@127.0.0.1:{s.pg_port}/optuna"\n'
+               f"export MLFLOW_TRACKING_URI={s.mlflow_url}\nexport MLFLOW_TRACKING_USERNAME=admin\n"
+               f'export MLFLOW_TRACKING_PASSWORD="$(cat {s.dir}/mlflow-users/admin)"')
+    assert exports in out
+    assert not any(secret in out for secret in _secrets(s).values())
+    shell = subprocess.run(["bash", "-c", f"{exports}\nenv"], capture_output=True, text=True, check=True).stdout
+    exported = dict(line.split("=", 1) for line in shell.splitlines() if line.startswith(("MLFLOW_", "OPTUNA_")))
+    assert exported == {**s.mlflow_env(), "OPTUNA_STORAGE": s.optuna_url}  # and these work: the other tests use them
     assert again == s  # same ports and password as the first start
-    assert (s.dir / "password").stat().st_mode & 0o777 == 0o600
+    for private in ("password", "pgpass", "mlflow-auth.ini", "mlflow-users/admin", f"mlflow-users/{RUNNER}"):
+        assert (s.dir / private).stat().st_mode & 0o777 == 0o600, private
+    assert (s.dir / "mlflow-users").stat().st_mode & 0o777 == 0o700
     assert services.status(s.dir)
-    # the MLflow server reads the password from its pgpass file, not from its command line (visible in ps)
+    assert "MLflow server on http://127.0.0.1:" in (status := capsys.readouterr().out)
+    assert status.endswith(": running, authentication on\n")
+    # the MLflow server reads the database password from its pgpass file and the admin's from its auth settings,
+    # none from its command line (visible in ps) or its environment
     pid = int((s.dir / "mlflow.pid").read_text())
-    assert s.password not in Path(f"/proc/{pid}/cmdline").read_text()
-    assert s.password not in (s.dir / "mlflow.log").read_text()
+    for secret in _secrets(s).values():
+        assert secret not in Path(f"/proc/{pid}/cmdline").read_text()
+        assert secret not in Path(f"/proc/{pid}/environ").read_bytes().decode("utf-8", "replace")
+        assert secret not in (s.dir / "mlflow.log").read_text()
+    assert s.password not in (s.dir / "mlflow-auth.ini").read_text()
 
 
-def test_two_workers_on_postgres_log_through_the_tracking_server(servers, tiny_model_dir, tmp_path):
+@pytest.mark.slow
+def test_anonymous_and_wrong_password_requests_get_401(servers):
     s = servers
-    # a tracking URL with credentials in it too (the server, without auth, ignores them): they must not show either
-    tracking_secret = "trk-" + s.password[:8]
-    env = {**_env(s), "MLFLOW_TRACKING_URI": f"http://team:{tracking_secret}@127.0.0.1:{s.mlflow_port}"}
+    admin, password = services.MLFLOW_ADMIN, s.mlflow_env()["MLFLOW_TRACKING_PASSWORD"]
+    rest = f"{s.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=5"
+    artifact = f"{s.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/0/any-run/artifacts/file.txt"  # the artifact proxy
+    for method, url in (("GET", rest), ("GET", artifact), ("PUT", artifact), ("GET", f"{s.mlflow_url}/"),
+                        ("GET", f"{s.mlflow_url}/get-artifact?path=file.txt&run_uuid=any-run")):
+        for auth in (None, (admin, "not-the-password"), ("nobody", password)):
+            answer = requests.request(method, url, auth=auth, data=b"x" if method == "PUT" else None, timeout=60)
+            assert answer.status_code == 401, (method, url, auth and auth[0])
+            assert answer.headers["WWW-Authenticate"] == 'Basic realm="mlflow"'
+    assert requests.get(rest, auth=(admin, password), timeout=60).status_code == 200
+    assert requests.get(f"{s.mlflow_url}/health", timeout=60).status_code == 200  # probes need no account
+
+
+@pytest.mark.slow
+def test_a_read_only_user_reads_but_cannot_write_until_given_edit(servers, as_admin, monkeypatch, tmp_path, capsys):
+    s = servers
+    password_file = services.add_user(s.dir, "reader", "READ")
+    out = capsys.readouterr().out
+    assert password_file == s.dir / "mlflow-users" / "reader" and password_file.stat().st_mode & 0o777 == 0o600
+    password = password_file.read_text()
+    assert "MLflow user reader: created, READ on every experiment and registered model" in out
+    assert f'export MLFLOW_TRACKING_PASSWORD="$(cat {password_file})"' in out and password not in out
+    experiment = as_admin.create_experiment("read_only_check")
+    run = as_admin.create_run(experiment).info.run_id
+    as_admin.log_param(run, "lr", "0.1")
+    (tmp_path / "notes.txt").write_text("logged by the admin")
+    as_admin.log_artifact(run, str(tmp_path / "notes.txt"))
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    reader = MlflowClient(s.mlflow_url)
+    assert reader.get_run(run).data.params == {"lr": "0.1"}
+    assert Path(reader.download_artifacts(run, "notes.txt", str(tmp_path / "got"))).read_text() == "logged by the admin"
+    writes = (lambda: reader.create_run(experiment), lambda: reader.log_metric(run, "loss", 1.0),
+              lambda: reader.set_tag(run, "by", "reader"), lambda: reader.log_artifact(run, str(tmp_path / "notes.txt"),
+                                                                                       "again"))
+    for write in writes:  # artifacts go through the server's proxy, where requests raises its own error
+        with pytest.raises((MlflowException, requests.HTTPError), match="403") as refused:
+            write()
+        assert "does not let user 'reader' do this (403 on" in auth_refusal(refused.value)
+    assert as_admin.get_run(run).data.metrics == {} and "by" not in as_admin.get_run(run).data.tags
+
+    assert services.add_user(s.dir, "reader", "EDIT") == password_file  # the permission changes, the password stays
+    assert "MLflow user reader: exists, EDIT on every" in capsys.readouterr().out
+    assert password_file.read_text() == password
+    reader.log_metric(reader.create_run(experiment).info.run_id, "loss", 1.0)
+    with pytest.raises(MlflowException, match="403"):  # EDIT is not MANAGE: no deleting another's experiment
+        reader.delete_experiment(experiment)
+
+
+@pytest.mark.slow
+def test_postgresql_takes_only_scram_passwords(servers):
+    s = servers
+    connect = dict(host="127.0.0.1", port=s.pg_port, user=services.DB_USER, dbname="postgres", connect_timeout=10)
+    with psycopg.connect(**connect, password=s.password) as con:
+        methods = {m for (m,) in con.execute("SELECT auth_method FROM pg_hba_file_rules")}
+    assert methods == {"scram-sha-256"}
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(**connect, password="not-the-password")
+    hba = s.dir / "pg" / "pg_hba.conf"
+    rules = hba.read_text()
+    try:
+        hba.write_text(rules + "host all all 0.0.0.0/0 trust\n")  # someone opens it to the network
+        line = len(rules.splitlines()) + 1
+        with pytest.raises(ConfigError, match=rf"pg_hba.conf lets clients in without a SCRAM password \(line "
+                                              rf"{line}: trust\): the team set-up accepts only `scram-sha-256`"):
+            services.start(s.dir, quiet=True)
+    finally:
+        hba.write_text(rules)
+    services.start(s.dir, quiet=True)
+
+
+def test_two_workers_on_postgres_log_through_the_tracking_server(servers, as_admin, tiny_model_dir, tmp_path):
+    s = servers
+    # one worker has its MLflow credentials in MLflow's environment variables, the other in the tracking URL (which
+    # the harness shows without the password)
+    password = s.mlflow_env(RUNNER)["MLFLOW_TRACKING_PASSWORD"]
+    in_url = {**_env(s, user=None), "MLFLOW_TRACKING_URI": f"http://{RUNNER}:{password}@127.0.0.1:{s.mlflow_port}"}
     workers = [_worker(s, tmp_path / "outputs", "team", "--trials", "2", env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE) for _ in range(2)]
+                       stderr=subprocess.PIPE) for env in (_env(s), in_url)]
     outputs = [w.communicate(timeout=900) for w in workers]
     for w, (stdout, stderr) in zip(workers, outputs, strict=True):
         assert w.returncode == 0, stdout[-2000:] + stderr[-3000:]
@@ -120,7 +278,7 @@ def test_two_workers_on_postgres_log_through_the_tracking_server(servers, tiny_m
     trials = optuna.load_study(study_name="team", storage=s.optuna_url).get_trials()
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]  # no trial number run twice
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]  # the script's row 2 raises
-    client = MlflowClient(s.mlflow_url)  # another client: it has the URL and nothing else
+    client = as_admin  # another client: it has the URL and an account, nothing else
     (parent,), runs = _study_runs(client, "team")
     assert {x["mlflow_parent_run_id"] for x in summaries} == {parent.info.run_id}
     assert sorted(runs) == [0, 1, 2, 3]
@@ -147,21 +305,37 @@ def test_two_workers_on_postgres_log_through_the_tracking_server(servers, tiny_m
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep/plots")} >= \
         {"sweep/plots/optimization_history.png"}
 
-    # `harness compare` from another working directory: histories and tables through the server, its plot back up
+    # `harness compare` from another working directory, with the credentials in MLflow's credentials file only:
+    # histories and tables through the server, its plot back up
+    home = tmp_path / "home"
+    (home / ".mlflow").mkdir(parents=True)
+    (home / ".mlflow" / "credentials").write_text(
+        f"[mlflow]\nmlflow_tracking_username = {RUNNER}\nmlflow_tracking_password = {password}\n")
     ids = [runs[0].info.run_id, runs[1].info.run_id]
-    out = subprocess.run([sys.executable, "-m", "harness", "compare", *ids, "--out", str(tmp_path / "c.png")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    compare = [sys.executable, "-m", "harness", "compare", *ids, "--out", str(tmp_path / "c.png")]
+    out = subprocess.run(compare, cwd=tmp_path, env={**_env(s, user=None), "HOME": str(home)}, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "eval/perplexity/perplexity" in out.stdout and ", 8 samples:" in out.stdout  # tables paired
     assert [a.path for a in client.list_artifacts(ids[1], "compare")] == ["compare/c.png"]
     outputs.append((out.stdout, out.stderr))
+    # a read-only account reads the runs but may not log the plot to them: refused, with what to ask for
+    services.add_user(s.dir, "viewer", "READ", quiet=True)
+    denied = subprocess.run(compare, cwd=tmp_path, env=_env(s, user="viewer"), capture_output=True, text=True,
+                            timeout=300)
+    assert denied.returncode == 2, denied.stderr[-2000:]
+    assert "error: the MLflow server http://127.0.0.1:" in denied.stderr
+    assert "does not let user 'viewer' do this (403 on /api/2.0/mlflow-artifacts/artifacts/" in denied.stderr
+    assert [a.path for a in client.list_artifacts(ids[1], "compare")] == ["compare/c.png"]
+    outputs.append((denied.stdout, denied.stderr))
 
-    # the passwords of both URLs: not in any output, param, tag or artifact (the shown URLs hide them)
+    # the database's and the MLflow accounts' passwords: not in any output, param, tag or artifact (the shown URLs
+    # hide them)
     shown = f"postgresql://harness:***@127.0.0.1:{s.pg_port}/optuna"
     assert parent.data.params["sweep.storage"] == shown and parent.data.tags["optuna.storage"] == shown
-    assert f"at http://team:***@127.0.0.1:{s.mlflow_port}" in outputs[0][0]
+    assert f"at http://{RUNNER}:***@127.0.0.1:{s.mlflow_port}" in outputs[1][0]
     logged = _everything_logged(client, "scripted_simpo", tmp_path / "all")
-    for secret in (s.password, tracking_secret):
+    for secret in [*_secrets(s).values(), s.mlflow_env("viewer")["MLFLOW_TRACKING_PASSWORD"]]:
         assert all(secret not in stdout + stderr for stdout, stderr in outputs)
         assert secret not in logged
 
@@ -186,7 +360,8 @@ def _reported_steps(s: services.Services) -> int:
     return max(trial.intermediate_values, default=-1)
 
 
-def test_two_clones_share_only_the_urls_and_a_killed_workers_trial_fails(servers, tiny_model_dir, tmp_path):
+def test_two_clones_share_only_the_urls_and_a_killed_workers_trial_fails(servers, as_admin, tiny_model_dir,
+                                                                           tmp_path):
     """Machine A's worker loses its database connections mid-trial and goes on; then it is killed with its trial
     (SIGKILL: nothing can clean up); machine B's worker, in another clone, finds the trial's heartbeat stale, marks
     it FAIL and runs its own trial."""
@@ -196,7 +371,7 @@ def test_two_clones_share_only_the_urls_and_a_killed_workers_trial_fails(servers
     a = _worker(s, clones[0] / "outputs", "clones", "--trials", "1", "--heartbeat", "1", "max_steps=400",
                 cwd=clones[0], env=envs[0], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True)
-    client = MlflowClient(s.mlflow_url)
+    client = as_admin
     try:
         deadline = time.time() + 300
         while time.time() < deadline:  # until trial 0 trains: its run has an eval metric
@@ -246,3 +421,38 @@ def test_two_clones_share_only_the_urls_and_a_killed_workers_trial_fails(servers
     for clone in clones:
         assert not (clone / "mlflow.db").exists() and not (clone / "optuna.db").exists()
         assert not (clone / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_started_before_authentication_is_restarted_with_it(servers, capsys):
+    """A services directory from before authentication: its MLflow server, as the harness started it then, answers
+    anyone. `status` says so and fails; `start` restarts it with authentication."""
+    s = servers
+    services._stop_mlflow(s)
+    old = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                            f"postgresql+psycopg://{services.DB_USER}@127.0.0.1:{s.pg_port}/mlflow",
+                            "--artifacts-destination", str(s.dir / "artifacts"), "--serve-artifacts",
+                            "--host", "127.0.0.1", "--port", str(s.mlflow_port), "--workers", "1"],
+                           env={**os.environ, "PGPASSFILE": str(s.dir / "pgpass"),
+                                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                           cwd=s.dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    (s.dir / "mlflow.pid").write_text(f"{old.pid}\n")
+    try:
+        deadline = time.time() + services.START_TIMEOUT_S
+        while not services.mlflow_healthy(s):
+            assert old.poll() is None and time.time() < deadline, "the unauthenticated server did not come up"
+            time.sleep(0.5)
+        probe = f"{s.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(probe, timeout=60).status_code == 200  # anyone
+        capsys.readouterr()
+        assert not services.status(s.dir)
+        assert "running WITHOUT authentication" in capsys.readouterr().out
+        services.start(s.dir)
+        assert "restarted with authentication (it answered anonymous requests)" in capsys.readouterr().out
+        old.wait(timeout=60)  # stopped with its group
+    finally:
+        if old.poll() is None:
+            os.killpg(old.pid, signal.SIGKILL)
+            old.wait()
+    assert requests.get(probe, timeout=60).status_code == 401
+    assert services.status(s.dir)

@@ -4,8 +4,6 @@ line the Makefile wraps."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import os
 import signal
@@ -95,15 +93,6 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli_value(value) -> str:
-    """A value as it is written on the command line (`key=value`)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return ",".join(map(_cli_value, value))
-    return '""' if value == "" else str(value)
-
-
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
@@ -111,35 +100,30 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 
 def _fields_table(exp) -> str:
-    from harness.training.experiment import field_help
-    from harness.training.overrides import field_default, field_types, type_name
+    from harness.training.overrides import cli_value, field_settings
 
-    types = field_types(type(exp))
     rows = []
-    for f in dataclasses.fields(exp):
-        if f.name in types:
-            default, value = _cli_value(field_default(f)), _cli_value(getattr(exp, f.name))
-            rows.append((f.name, type_name(types[f.name]), default, value + (" *" if value != default else ""),
-                         field_help(f)))
+    for s in field_settings(type(exp)):
+        value = cli_value(getattr(exp, s.key))
+        rows.append((s.key, s.type, s.default, value + (" *" if value != s.default else ""), s.help))
     return "fields (* = not the default):\n" + _table(("field", "type", "default", "value", "help"), rows)
 
 
 def _options_table(exp) -> str:
     """The options of the chosen evaluators (and of any other given on the command line): each one's value is the
     command line's `<evaluator>_<option>`, else the experiment's field of that name, else the evaluator's default."""
-    from harness.training.overrides import evaluator_option_types, type_name
+    from harness.training.overrides import cli_value, evaluator_option_settings
 
     names = [e for e in EVALUATORS if e in exp.evaluators or e in exp.evaluator_options]
     rows = []
     for name in names:
-        defaults = inspect.signature(EVALUATORS[name].__init__).parameters
         given = exp.evaluator_options.get(name, {})
-        for option, tp in evaluator_option_types(name).items():
-            key = f"{name}_{option}"
-            default = _cli_value(defaults[option].default)
-            value = _cli_value(given[option] if option in given else getattr(exp, key, defaults[option].default))
-            rows.append((key, type_name(tp), default, value + (" *" if value != default else "")))
-    others = ", ".join(e for e in EVALUATORS if e not in names and evaluator_option_types(e))
+        for s in evaluator_option_settings(name):
+            option = s.key.removeprefix(f"{name}_")
+            value = (cli_value(given[option]) if option in given else
+                     cli_value(getattr(exp, s.key)) if hasattr(exp, s.key) else s.default)
+            rows.append((s.key, s.type, s.default, value + (" *" if value != s.default else "")))
+    others = ", ".join(e for e in EVALUATORS if e not in names and evaluator_option_settings(e))
     text = "evaluator options (<evaluator>_<option>=value; * = not the evaluator's default):\n"
     text += _table(("option", "type", "default", "value"), rows) if rows else "  (the chosen evaluators have none)"
     return text + (f"\n  other evaluators: {others} (add one to evaluators= to list its options)" if others else "")
@@ -532,3 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from harness.training.tracking.store import auth_refusal
+
+        if (refusal := auth_refusal(e)) is None:
+            raise
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2

@@ -347,7 +347,8 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         check_restorable(output_root(exp) / exp.resume / "checkpoints", evaluators)
     # signals wait for a step or evaluation boundary (harness.training.interrupts), then end the run KILLED
     with (mlflow_run(name, params, tags, run_name=hooks.run_name or exp.run_name(),
-                    resume_run_id=exp.resume or None) as tracker,
+                    resume_run_id=exp.resume or None, shown=([exp.select_metric], [*exp.changed_fields(), "seed"]))
+          as tracker,
           interrupts.deferred()):
         print(f"[mlflow] run {tracker.run_id} in experiment '{name}' at {shown_tracking_uri()}", flush=True)
         if hooks.on_open is not None:
@@ -394,15 +395,15 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         summary = RunSummary(tracker.run_id, tracker.url(), name, in_loop.reports,
                              best.directory if best.step is not None else None, best.step, best.value,
                              time.time() - started, trainer.state.global_step, exp.select_metric, tuple(best.skipped),
-                             stoppers[0].stopped_at if stoppers else None)
+                             stoppers[0].stopped_at if stoppers else None, tracker.experiment_url())
         # the evaluations' time on training's path: all of it, or for background ones what training waited
         eval_s = sum(r.metrics.get("eval/time/blocking_s", r.metrics["eval/time/total_s"]) for r in in_loop.reports)
         tracker.log_metrics({"run/wall_s": summary.wall_s, "run/eval_share": eval_s / summary.wall_s},
                             trainer.state.global_step)
         tests = summary_tests(summary)
-        description = summary_markdown(summary, tests)  # the run's page says what the console says
-        tracker.log_text(description, "summary.md")
-        tracker.set_tags({"mlflow.note.content": description})
+        whole, shown = summary_markdown(summary, tests)  # the run's page says what the console says
+        tracker.log_text(whole, "summary.md")
+        tracker.set_tags({"mlflow.note.content": shown})
         if exp.log_model or exp.register_as:
             _log_model(tracker.run_id, summary.best_checkpoint, exp.register_as)
     lock.close()

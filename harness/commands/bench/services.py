@@ -20,6 +20,8 @@ from harness.core.files import free_port
 from harness.paths import REPO_ROOT
 from harness.training.tracking.runs import mlflow_run
 
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
 
 def services_speed(evaluations: int = 20, trials: int = 4) -> dict:
     """The team set-up (`make services`), started in a temporary directory: what one in-loop evaluation's logging
@@ -34,11 +36,12 @@ def services_speed(evaluations: int = 20, trials: int = 4) -> dict:
     result: dict = {"evaluations": evaluations, "trials": trials, "args": SWEEP_ARGS}
     directory = Path(tempfile.mkdtemp(prefix="bench-services-"))
     directory.chmod(0o755)  # the cluster's user (postgres, when we are root) must enter it
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = {key: os.environ.get(key) for key in TRACKING_ENV}
     try:
         s = services.start(directory / "services", pg_port=free_port(), mlflow_port=free_port(), quiet=True)
-        for store, uri in (("sqlite", f"sqlite:///{directory}/mlflow.db"), ("server", s.mlflow_url)):
-            os.environ["MLFLOW_TRACKING_URI"] = uri
+        server = s.mlflow_env()  # as its admin, from the environment as any client
+        for store, env in (("sqlite", {"MLFLOW_TRACKING_URI": f"sqlite:///{directory}/mlflow.db"}), ("server", server)):
+            os.environ.update(env)
             with mlflow_run("bench_logging", {}, {}) as tracker:
                 times = []
                 for step in range(evaluations):
@@ -47,23 +50,24 @@ def services_speed(evaluations: int = 20, trials: int = 4) -> dict:
                     tracker.log_table(table, f"eval_samples/step_{step:06d}.json")
                     times.append(time.perf_counter() - start)
             result[f"log_{store}_s_median"] = statistics.median(times)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": s.mlflow_url}
+        env = {**os.environ, **server, "OPTUNA_STORAGE": s.optuna_url}  # not on the workers' command lines
         for workers in (1, 2):
             start = time.perf_counter()
             procs = [subprocess.Popen([sys.executable, "-m", "harness", "sweep", "simpo_qwen", *SWEEP_ARGS,
                                        f"output_dir={directory}/out", "--trials", str(trials // workers),
-                                       "--study", f"workers{workers}", "--pruner", "none", "--storage",
-                                       s.optuna_url], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL)
+                                       "--study", f"workers{workers}", "--pruner", "none"], cwd=REPO_ROOT, env=env,
+                                      stdout=subprocess.DEVNULL)
                      for _ in range(workers)]
             if any(p.wait() != 0 for p in procs):
                 raise RuntimeError(f"a sweep worker failed ({workers} workers)")
             wall = time.perf_counter() - start
             result[f"workers_{workers}"] = {"wall_s": wall, "trials_per_hour": trials / wall * 3600}
     finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         with contextlib.suppress(Exception):
             services.stop(directory / "services", quiet=True)
         shutil.rmtree(directory, ignore_errors=True)

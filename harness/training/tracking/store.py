@@ -1,17 +1,20 @@
 """Which MLflow tracking store a process uses and a client for it. A SQLite store is checked, and created or
 upgraded, under a file lock the first time a process opens it: two processes migrating one fresh store at once
-both fail and can leave it broken, and a store MLflow cannot migrate is refused with the way out."""
+both fail and can leave it broken, and a store MLflow cannot migrate is refused with the way out. A tracking server's
+refusal of the credentials (401) or of the permission (403) is turned into what to set or ask for."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mlflow.tracking import MlflowClient
 
@@ -29,6 +32,42 @@ def tracking_uri() -> str:
 def shown_tracking_uri() -> str:
     """tracking_uri() as it may be printed or logged: without a password."""
     return redact(tracking_uri())
+
+
+# MLflow's REST client raises a refused request as "API request to endpoint E failed with error code 401 != 200"
+_REFUSED = re.compile(r"API request to endpoint (\S+) failed with error code (401|403)\b")
+
+
+def _refused(error: BaseException) -> tuple[int, str] | None:
+    """(401 or 403, the endpoint) when `error` is the tracking server refusing a request."""
+    response = getattr(error, "response", None)  # requests' HTTPError: MLflow's artifact uploads and downloads
+    if getattr(response, "status_code", None) in (401, 403):  # (httpx's, from a judge, has them too)
+        server, asked = urlsplit(tracking_uri()), urlsplit(str(response.url))
+        if (asked.hostname, asked.port) == (server.hostname, server.port):  # not a judge's or a hub's refusal
+            return response.status_code, asked.path
+    found = _REFUSED.search(str(error))
+    return (int(found[2]), found[1]) if found else None
+
+
+def auth_refusal(error: BaseException) -> str | None:
+    """What to do about a request the tracking server refused: not authenticated (401) or not permitted (403);
+    None for any other error."""
+    refused = _refused(error)
+    if refused is None:
+        return None
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    status, endpoint = refused
+    # the tracking URL's account is the one sent when it has one; else the environment's, else ~/.mlflow/credentials'
+    user = urlsplit(tracking_uri()).username or read_mlflow_creds().username
+    if status == 401:
+        who = f"it does not take the password given for user {user!r}" if user else "no credentials were given"
+        return (f"the MLflow server {shown_tracking_uri()} refused the request (401 on {endpoint}): {who}. Set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLflow's credentials file "
+                "~/.mlflow/credentials) to an account on it: `make services` prints the lines for its admin, "
+                "`make services-user NAME=...` adds accounts")
+    return (f"the MLflow server {shown_tracking_uri()} does not let user {user!r} do this (403 on {endpoint}): its "
+            f"admin can give EDIT with `make services-user NAME={user or '...'} PERMISSION=EDIT`")
 
 
 class TrackingStoreError(ConfigError):
