@@ -1,5 +1,6 @@
-"""Fields explain themselves: every configuration field carries its help, README's table of the base fields is
-complete, and `python -m harness show` prints fields, values and help, then the settings check, without running."""
+"""Fields explain themselves: every configuration field carries its help, the guide's table of the base fields
+(docs/guides/experiments.md) is complete, and `python -m harness show` prints fields, values and help, then the
+settings check, without running."""
 
 import dataclasses
 import re
@@ -29,10 +30,10 @@ def test_internal_field_has_help_too():
     assert field_help(options)
 
 
-def readme_base_fields() -> list[str]:
-    """The field names in README's table under "Fields every experiment has" (a cell may name several)."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    section = text.split("Fields every experiment has:", 1)[1]
+def guide_base_fields() -> list[str]:
+    """The field names in the guide's table under "Fields every experiment has" (a cell may name several)."""
+    text = (REPO_ROOT / "docs" / "guides" / "experiments.md").read_text(encoding="utf-8")
+    section = text.split("## Fields every experiment has\n", 1)[1]
     rows = re.match(r"\s*((?:\|.*\|\s*\n)+)", section).group(1).splitlines()
     names = []
     for row in rows[2:]:  # past the header and its --- line
@@ -41,12 +42,12 @@ def readme_base_fields() -> list[str]:
     return names
 
 
-def test_readme_lists_exactly_the_base_fields():
-    listed = readme_base_fields()
+def test_guide_lists_exactly_the_base_fields():
+    listed = guide_base_fields()
     assert len(listed) == len(set(listed)), f"listed twice: {sorted({n for n in listed if listed.count(n) > 1})}"
     fields = {f.name for f in dataclasses.fields(Experiment)} - INTERNAL
-    assert set(listed) == fields, (f"README lacks {sorted(fields - set(listed))}; "
-                                   f"README has extra {sorted(set(listed) - fields)}")
+    assert set(listed) == fields, (f"the guide lacks {sorted(fields - set(listed))}; "
+                                   f"the guide has extra {sorted(set(listed) - fields)}")
 
 
 def test_atomic_writer_is_all_or_nothing(tmp_path):

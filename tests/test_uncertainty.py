@@ -411,7 +411,8 @@ def test_the_run_description_is_the_summary_as_a_markdown_table():
     samples, before, after = _samples_and_outputs()
     reports = [_evaluate(0, before, samples), _evaluate(2, after, samples)]
     summary = RunSummary("rid", "sqlite:///x", "exp", reports, Path("best"), 2, 93.75, 12.0, 2, "eval/answer/exact")
-    text = summary_markdown(summary, summary_tests(summary))
+    whole, text = summary_markdown(summary, summary_tests(summary))
+    assert whole == text  # short enough for the run's page
     lines = text.splitlines()
     assert "| metric | baseline | final | delta | 95% interval | p (Holm) | verdict |" in lines
     base, final = reports[0].metrics["eval/answer/exact"], reports[1].metrics["eval/answer/exact"]
@@ -423,7 +424,8 @@ def test_the_run_description_is_the_summary_as_a_markdown_table():
     many = {f"eval/m{i}/score": float(i) for i in range(400)}
     wide = RunSummary("rid", "sqlite:///x", "exp", [EvalReport(0, many, {}, {}), EvalReport(1, many, {}, {})],
                       None, None, None, 1.0, 1, "eval/m0/score")
-    cut = summary_markdown(wide, {})
+    whole, cut = summary_markdown(wide, {})
+    assert sum(line.startswith("| `eval/") for line in whole.splitlines()) == 400
     assert len(cut) <= 8000 and "| `eval/m0/score` | 0.000 | 0.000 | +0.000 | | | not tested |" in cut
     (note,) = [line for line in cut.splitlines() if "more rows in the artifact summary.md" in line]
     shown = sum(line.startswith("| `eval/") for line in cut.splitlines())

@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.sweeps.winner import Finisher, Verdict, judge_best
-from harness.training.tracking.tracker import Tracker
+from harness.training.tracking.tracker import Tracker, description
 
 PLOTS = {
     "optimization_history": "plot_optimization_history",
@@ -46,6 +46,9 @@ def log_study(study: optuna.Study, parent: Tracker) -> dict:
         parent.log_text(verdict.text() + "\n", "sweep/verdict.txt")
     parent.log_dict(summary, "sweep/summary.json")
     parent.log_table(_trials_table(trials), "sweep/trials.json")
+    whole, shown = _description(study, trials, summary, verdict, parent.experiment_id)
+    parent.log_text(whole, "sweep/summary.md")
+    parent.set_tags({"mlflow.note.content": shown})  # the parent's page lists its trials
     _log_plots(study, parent, verdict)
     return summary
 
@@ -67,6 +70,31 @@ def _trials_table(trials: list[optuna.trial.FrozenTrial]) -> dict[str, list]:
              "mlflow_run_id": [t.user_attrs.get("mlflow_run_id") for t in trials]}
     table.update({f"params.{n}": [t.params.get(n) for t in trials] for n in names})
     return table
+
+
+def _description(study: optuna.Study, trials: list[optuna.trial.FrozenTrial], summary: dict,
+                 verdict: Verdict | None, experiment_id: str) -> tuple[str, str]:
+    """The parent run's description: the study, its best trial and verdict, and a table of every trial (state,
+    value, params, a link to its run); all of it (sweep/summary.md) and what the run's page shows."""
+    counts = ", ".join(f"{n} {state}" for state, n in summary["trials"].items())
+    objective = study.user_attrs.get("objective", "the objective")
+    head = [f"**Sweep `{study.study_name}`** on {objective}: {len(trials)} trials ({counts}), "
+            f"{summary['steps_trained']} steps trained.", ""]
+    if summary["best_trial"] is not None:
+        head += [f"Best: trial {summary['best_trial']}, {objective} = {summary['best_value']:.4g}.", ""]
+    if verdict is not None:
+        head += [f"Verdict: {verdict.sentence}.", ""]
+    names = sorted({k for t in trials for k in t.params})
+    table = [f"| trial | state | {objective} | {' | '.join(names)} | run |", "|" + " --- |" * (len(names) + 4)]
+
+    def link(t: optuna.trial.FrozenTrial) -> str:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        return f"[trial-{t.number}](#/experiments/{experiment_id}/runs/{run_id})" if run_id else ""
+
+    rows = [f"| {t.number} | {t.state.name} | {'' if t.value is None else f'{t.value:.4g}'} | "
+            + " | ".join(f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else str(t.params.get(n, ""))
+                         for n in names) + f" | {link(t)} |" for t in trials]
+    return description(head + table, rows, [], "sweep/summary.md")
 
 
 def _log_plots(study: optuna.Study, parent: Tracker, verdict: Verdict | None) -> None:

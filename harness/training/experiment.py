@@ -197,12 +197,16 @@ class Experiment:
         values += [(f"{e}_{k}", v) for e, opts in self.evaluator_options.items() for k, v in opts.items()]
         return {name: ",".join(map(str, v)) if isinstance(v, list) else v for name, v in values}
 
+    def changed_fields(self) -> list[str]:
+        """The fields set away from their defaults, but where files go and the seed (which every run names)."""
+        defaults = type(self)().params()
+        return [k for k, v in self.params().items() if k not in ("output_dir", "seed") and v != defaults.get(k)]
+
     def run_name(self) -> str:
         """What tells this run apart in MLflow's runs table: the experiment, every field set away from its default
-        (where its files go aside) and the seed: `simpo_qwen learning_rate=1e-05 beta=2.0 seed=0`."""
-        defaults = type(self)().params()
-        changed = [f"{k}={v}" for k, v in self.params().items()
-                   if k not in ("output_dir", "seed") and v != defaults.get(k)]
+        and the seed: `simpo_qwen learning_rate=1e-05 beta=2.0 seed=0`."""
+        params = self.params()
+        changed = [f"{k}={params[k]}" for k in self.changed_fields()]
         return " ".join([self.name(), *changed, f"seed={self.seed}"])[:250]  # MLflow's run name limit
 
     def make_evaluators(self) -> list:

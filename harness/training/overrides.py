@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 
 from evaluators import EVALUATORS
@@ -33,8 +34,43 @@ def describe_fields(cls: type[Experiment]) -> str:
     lines = [f"  {decl:<{width}}  # {field_help(f)}" for decl, f in zip(decls, fields, strict=True)]
     options = [f"{name}_<{'|'.join(evaluator_option_types(name))}>" for name in EVALUATORS
                if evaluator_option_types(name)]
-    lines.append("  evaluator options (see README): " + "; ".join(options))
+    lines.append("  evaluator options (`harness show NAME` lists them; docs/reference/fields.md): "
+                 + "; ".join(options))
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting as `harness show` and the documentation's field reference list it: its command-line key, type
+    name, default as written on the command line, and help ("" for an evaluator option, which has none)."""
+
+    key: str
+    type: str
+    default: str
+    help: str = ""
+
+
+def field_settings(cls: type[Experiment]) -> list[Setting]:
+    """Every field of `cls` that the command line sets, in declaration order."""
+    types = field_types(cls)
+    return [Setting(f.name, type_name(types[f.name]), cli_value(field_default(f)), field_help(f))
+            for f in dataclasses.fields(cls) if f.name in types]
+
+
+def evaluator_option_settings(name: str) -> list[Setting]:
+    """The options of evaluator `name`, each under its command-line key `<evaluator>_<option>`."""
+    defaults = inspect.signature(EVALUATORS[name].__init__).parameters
+    return [Setting(f"{name}_{option}", type_name(tp), cli_value(defaults[option].default))
+            for option, tp in evaluator_option_types(name).items()]
+
+
+def cli_value(value) -> str:
+    """A value as it is written on the command line (`key=value`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(cli_value, value))
+    return '""' if value == "" else str(value)
 
 
 def field_default(f: dataclasses.Field):

