@@ -13,6 +13,11 @@ ARGS ?=
 # or torchrun; rank 0 evaluates in the loop and logs the one MLflow run
 LAUNCH ?=
 NPROC ?= 2
+# several machines: the same make line on each, NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0's address> (MASTER_PORT)
+NNODES ?=
+NODE_RANK ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?=
 # make bench PARTS="sweep judge" runs only those parts of the benchmark
 PARTS ?=
 HOST ?= 127.0.0.1
@@ -77,7 +82,9 @@ endif
 	@echo "[setup] done"
 
 experiment: setup
-	$(PY) -m harness run $(NAME) $(ARGS) $(if $(LAUNCH),--launch $(LAUNCH) --nproc $(NPROC))
+	$(PY) -m harness run $(NAME) $(ARGS) $(if $(LAUNCH),--launch $(LAUNCH) --nproc $(NPROC)) \
+	  $(if $(NNODES),--nnodes $(NNODES) --node-rank $(NODE_RANK)) $(if $(MASTER_ADDR),--master-addr $(MASTER_ADDR)) \
+	  $(if $(MASTER_PORT),--master-port $(MASTER_PORT))
 
 # make eval MODEL=tiny-qwen2|smollm2|DIR|FILE.gguf|HUB_NAME|run:RUN_ID|run:latest:EXPERIMENT ARGS="k=v ...": the
 # model evaluated without training, as a run's step 0 (MLflow experiment `eval`); LIKE=x: x's evaluation fields

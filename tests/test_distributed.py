@@ -1,6 +1,8 @@
 """Data-parallel training in two processes under DeepSpeed (CPU accelerator): one MLflow run, in-loop evaluation on
-rank 0 with the ZeRO-3 shards gathered, and the refusals that stop a launch before anything starts."""
+rank 0 with the ZeRO-3 shards gathered, and the refusals that stop a launch before anything starts. The launch
+across several nodes is built and checked here; tests/test_two_nodes.py runs it."""
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from harness.commands.cli import main
 from harness.commands.score import score_file
 from harness.core.errors import ConfigError
 from harness.paths import REPO_ROOT
+from harness.training import distributed
 from harness.training.overrides import apply_overrides
 
 
@@ -85,6 +88,7 @@ def test_rollout_engines_is_checked_before_a_launch():
     ("rm_qwen", ["deepspeed=zero3"], r"rm_qwen: under ZeRO-3 .* \(reward_accuracy\) need zero2 or no DeepSpeed"),
     ("sft_qwen", ["deepspeed=zero3", "backend=hf"], r"must go through the vLLM engine \(backend=vllm, got hf\)"),
     ("grpo_qwen", ["deepspeed=zero3"], r"grpo_qwen: online RL under ZeRO-3: rank 0 syncs the rollout engine"),
+    ("sft_qwen", ["--nnodes", "2"], r"--nnodes 2 needs --master-addr: node 0's address"),
 ])
 def test_launch_refuses_what_ranks_cannot_do_before_starting_them(name, overrides, message, tmp_path, monkeypatch,
                                                                   capsys):
@@ -96,3 +100,42 @@ def test_launch_refuses_what_ranks_cannot_do_before_starting_them(name, override
     assert code == 2 and "[launch]" not in out
     assert re.search(message, err), err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(("launch", "nnodes", "node_rank", "master_addr", "master_port", "message"), [
+    (None, 2, 0, "127.0.0.1", None, r"^--nnodes 2: .* add --launch deepspeed or --launch torchrun$"),
+    ("torchrun", 2, 2, "127.0.0.1", None, r"^--node-rank 2: expected 0 to 1 \(--nnodes 2\)$"),
+    ("deepspeed", 2, -1, "127.0.0.1", None, r"^--node-rank -1: expected 0 to 1"),
+    ("torchrun", 3, 1, None, None, r"^--nnodes 3 needs --master-addr"),
+    ("torchrun", 2, 1, "127.0.0.1", 70000, r"^--master-port 70000: expected 1-65535$"),
+    ("torchrun", 1, 1, None, None, r"^--node-rank: only with several nodes"),
+    ("torchrun", 1, 0, "10.0.0.1", 29400, r"^--master-addr, --master-port: only with several nodes \(--nnodes N"),
+])
+def test_multi_node_options_are_checked_against_each_other(launch, nnodes, node_rank, master_addr, master_port,
+                                                           message):
+    with pytest.raises(ConfigError, match=message):
+        distributed.check_nodes(launch, nnodes, node_rank, master_addr, master_port)
+
+
+def test_each_node_joins_node_0s_rendezvous_from_its_interface_toward_it(tmp_path, monkeypatch):
+    # two nodes on this machine's loopback: tests/test_two_nodes.py runs the real thing across two network namespaces
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    node0 = distributed.check_nodes("torchrun", 2, 0, "127.0.0.1", None)
+    assert node0 == distributed.Nodes(2, 0, "127.0.0.1", 29500, "127.0.0.1", "lo")
+    node1 = dataclasses.replace(node0, rank=1)
+    for node, host in ((node0, "true"), (node1, "false")):  # node 0 hosts the rendezvous, the others join it
+        command, env = distributed.launch_command("torchrun", 2, 0, ["run", "sft_qwen"], node)
+        assert " ".join(command).endswith(
+            "--nnodes 2 --nproc_per_node 2 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:29500 --rdzv-id harness "
+            f"--rdzv-conf is_host={host},join_timeout={distributed.JOIN_TIMEOUT_S} --local-addr 127.0.0.1 "
+            "-m harness run sft_qwen")
+        assert {k: env[k] for k in ("GLOO_SOCKET_IFNAME", distributed.NODES_ENV, distributed.NODE_ADDR_ENV)} == \
+            {"GLOO_SOCKET_IFNAME": "lo", distributed.NODES_ENV: "2", distributed.NODE_ADDR_ENV: "127.0.0.1"}
+    # DeepSpeed's launcher without ssh: node K's ranks follow the hostfile's Kth line
+    hostfile = distributed.write_hostfile(tmp_path, node1, 2)
+    assert hostfile.read_text() == "node0 slots=2\nnode1 slots=2\n"
+    command, _ = distributed.launch_command("deepspeed", 2, 0, ["run", "sft_qwen"], node1, hostfile)
+    assert f"--hostfile {hostfile} --no_ssh --node_rank 1 --master_addr 127.0.0.1 --master_port 29500 " \
+           "--module harness run sft_qwen" in " ".join(command)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # chosen by the user: kept
+    assert distributed.launch_command("torchrun", 2, 0, ["run", "sft_qwen"], node1)[1]["GLOO_SOCKET_IFNAME"] == "eth7"

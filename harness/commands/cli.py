@@ -36,8 +36,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_routed(args: argparse.Namespace) -> int:
     # Imported here, not at the top: these modules pull in torch, transformers, mlflow or optuna (start-up time).
-    from experiments import load_class
     from harness.training import distributed
+
+    # the multi-node options first: a refusal comes before the slower imports below
+    nodes = None if ranks.launched() else distributed.check_nodes(args.launch, args.nnodes, args.node_rank,
+                                                                   args.master_addr, args.master_port)
+    from experiments import load_class
     from harness.training.lineage import pinned_overrides
     from harness.training.overrides import apply_overrides, build_experiment
     from harness.training.runner import prepare, run_experiment
@@ -45,19 +49,22 @@ def _run_routed(args: argparse.Namespace) -> int:
     if ranks.launched():  # a rank: the parent checked these settings and passes them resolved
         run_experiment(build_experiment(load_class(args.name), args.overrides))
         return 0
-    if any(o.partition("=")[0] == "resume" and o.partition("=")[2] for o in args.overrides):
-        from harness.training.resume import resumed_experiment  # the run's own config; a differing one is refused
+    overrides = args.overrides
+    if any(o.partition("=")[0] == "resume" and o.partition("=")[2] for o in overrides):
+        from harness.training.resume import resumed_config  # the run's own config; a differing one is refused
 
-        exp = resumed_experiment(load_class(args.name), args.overrides, launch=args.launch)
+        exp, overrides = resumed_config(load_class(args.name), overrides, launch=args.launch)
     else:
-        exp = apply_overrides(load_class(args.name), args.overrides, launch=args.launch)
+        exp = apply_overrides(load_class(args.name), overrides, launch=args.launch)
     if args.launch is None:
         run_experiment(exp)
         return 0
-    prepare(exp)  # checks the data and builds the model once, before the ranks start
+    # checks the data and builds the model once, before the ranks start; on every node, since under torchrun any
+    # node may hold rank 0 (distributed.Nodes)
+    prepare(exp)
     # model (and reward_model): a run:latest:... reference as prepare pinned it, so every rank uses the same run
-    return distributed.launch(args.launch, args.nproc, ["run", args.name, *args.overrides,
-                                                        f"deepspeed={exp.deepspeed}", *pinned_overrides(exp)])
+    return distributed.launch(args.launch, args.nproc, ["run", args.name, *overrides, f"deepspeed={exp.deepspeed}",
+                                                        *pinned_overrides(exp)], nodes)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -339,7 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--launch", choices=("deepspeed", "torchrun"),
                      help="train data-parallel in --nproc processes started by this launcher (deepspeed: ZeRO-2 "
                           "unless deepspeed=zero3 or a config file is given); rank 0 evaluates and logs")
-    run.add_argument("--nproc", type=_positive, default=2, help="processes with --launch (default 2)")
+    run.add_argument("--nproc", type=_positive, default=2, help="processes with --launch (default 2), per node")
+    run.add_argument("--nnodes", type=_positive, default=1,
+                     help="machines the run spans, with --launch: the same command on each, with its --node-rank "
+                          "(default 1)")
+    run.add_argument("--node-rank", type=int, default=0,
+                     help="this machine's number, 0 to NNODES-1; node 0 hosts the rendezvous at --master-addr")
+    run.add_argument("--master-addr", help="several nodes: node 0's address, as every node reaches it")
+    run.add_argument("--master-port", type=int,
+                     help="several nodes: the rendezvous port on node 0 (default 29500), free there")
     run.set_defaults(func=_run)
     ev = sub.add_parser("eval", help="evaluate a model without training, as a run's step 0 evaluates it: the same "
                                      "evaluators, eval sets, tables and error bars, logged to the MLflow experiment "

@@ -24,7 +24,9 @@ from typing import Protocol
 
 from transformers import TrainerCallback
 
+from harness.core import ranks
 from harness.core.errors import ConfigError
+from harness.training import distributed
 from harness.training.experiment import Experiment
 from harness.training.inloop import EvalReport
 from harness.training.overrides import _evaluator_option, apply_overrides, field_types
@@ -100,13 +102,18 @@ def save_state(checkpoint: Path, step: int, parts: dict[str, Stateful]) -> None:
 class CheckpointKeeper(TrainerCallback):
     """After each periodic save: writes the state of the run's stateful `parts` into it and marks it complete, then
     keeps the newest `limit` complete ones and deletes the older ones (the trainer's own save_total_limit is off: it
-    would delete the previous complete checkpoint before the new one is marked, leaving a window with none)."""
+    would delete the previous complete checkpoint before the new one is marked, leaving a window with none). In a
+    multi-process run every rank has one: all wait until each has written its part of the checkpoint, then rank 0
+    alone marks and rotates."""
 
     def __init__(self, limit: int, parts: dict[str, Stateful] | None = None):
         self.limit = limit
         self.parts = parts or {}
 
     def on_save(self, args, state, control, **kwargs):
+        distributed.barrier()
+        if not ranks.is_main():
+            return
         directory = Path(args.output_dir)
         saved = directory / f"checkpoint-{state.global_step}"
         if saved.is_dir():
@@ -161,15 +168,23 @@ def resumed_experiment(cls: type[Experiment], overrides: list[str], launch: str 
     """The experiment for `python -m harness run NAME ... resume=RUN_ID|latest`: the run's own configuration (its
     MLflow params) with `resume` set to the run's id. An override that differs from the run's params is refused
     (a resumed run keeps its configuration; MLflow cannot change a param either)."""
+    return resumed_config(cls, overrides, launch)[0]
+
+
+def resumed_config(cls: type[Experiment], overrides: list[str],
+                   launch: str | None = None) -> tuple[Experiment, list[str]]:
+    """resumed_experiment, and the overrides that build it again: what a launch passes its ranks, which do not look
+    the run up themselves."""
     resume = next(v for k, _, v in (o.partition("=") for o in overrides) if k == "resume")
     given = [o for o in overrides if o.partition("=")[0] != "resume"]
     run = resolve_run(cls.name(), resume)
     types = field_types(cls)
     known = [f"{k}={v}" for k, v in run.params.items()
              if k != "resume" and (k in types or _evaluator_option(k) is not None)]
-    exp = apply_overrides(cls, [*known, *given, f"resume={run.run_id}"], launch=launch)
+    full = [*known, *given, f"resume={run.run_id}"]
+    exp = apply_overrides(cls, full, launch=launch)
     check_same_config(exp, run.params)
-    return exp
+    return exp, full
 
 
 def check_same_config(exp: Experiment, run_params: dict[str, str]) -> None:

@@ -286,6 +286,8 @@ def load_tokenizer_and_model(exp: Experiment, model_path: str):
 def _train(exp: Experiment, model, tokenizer, rows: list[dict], callbacks: list, output_dir: str,
            resume_from: Path | None = None, **extra):
     trainer = exp.build_trainer(model, tokenizer, rows, callbacks, output_dir, **extra)
+    if ranks.world_size() > 1:  # the trainer has started the ranks' process group
+        resume_from = _follow_rank0(exp, trainer, callbacks, resume_from)
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; TrainMetricsLogger prints progress
     if ranks.is_main():
         trainer.add_callback(console.train_progress())  # a bar with an ETA, on a terminal only
@@ -294,16 +296,36 @@ def _train(exp: Experiment, model, tokenizer, rows: list[dict], callbacks: list,
     return trainer
 
 
+def _follow_rank0(exp: Experiment, trainer, callbacks: list, resume_from: Path | None) -> Path | None:
+    """Every rank checkpoints into rank 0's directory (a rank's RNG state, its DeepSpeed optimizer shard) and resumes
+    where rank 0 does: from its checkpoint, not evaluating again the steps it evaluated before (a rank waiting at an
+    evaluation's barrier that rank 0 skips would hang). Returns the checkpoint to resume from."""
+    in_loop = next(c for c in callbacks if isinstance(c, InLoopEvaluation))
+    output_dir, resume_from, done = distributed.from_rank0((trainer.args.output_dir, resume_from, in_loop.done))
+    if ranks.is_main():
+        return resume_from
+    if (exp.save_every or resume_from) and not Path(output_dir).parent.is_dir():
+        raise ConfigError(f"rank {ranks.rank()}: {Path(output_dir).parent}, rank 0's run directory, is not on this "
+                          "node: with save_every or resume across several nodes, output_dir must be on a filesystem "
+                          "that every node shares")
+    trainer.args.output_dir, in_loop.done = output_dir, done
+    return resume_from
+
+
 def _train_shard(exp: Experiment, rows: list[dict], model_path: str) -> None:
-    """A rank other than 0: trains on its shard of every batch and joins rank 0's evaluations; logs nothing. With
-    rollout_engines=each_rank it builds an engine of its own for its rollouts (harness.rl.rollouts)."""
+    """A rank other than 0: trains on its shard of every batch and joins rank 0's evaluations and checkpoints; logs
+    nothing. With rollout_engines=each_rank it builds an engine of its own for its rollouts (harness.rl.rollouts)."""
     tokenizer, model = load_tokenizer_and_model(exp, model_path)
     extra = {}
     if exp.needs_rollouts:
         extra["backend"] = make_backend(exp, model_path, tokenizer) if exp.rollout_engines == "each_rank" else None
     set_seed(exp.seed)  # after the engine, which reseeds the process's global RNGs itself
+    callbacks = [InLoopEvaluation(None, exp.eval_every, [])]
+    if exp.save_every:
+        callbacks.append(CheckpointKeeper(exp.save_total_limit))  # its barrier: rank 0 marks a checkpoint complete
+    # the trainer's directory until rank 0's is known (_follow_rank0)
     with tempfile.TemporaryDirectory(prefix=f"rank{ranks.rank()}-") as output_dir:
-        _train(exp, model, tokenizer, rows, [InLoopEvaluation(None, exp.eval_every, [])], output_dir, **extra)
+        _train(exp, model, tokenizer, rows, callbacks, output_dir, **extra)
 
 
 def eval_tags(exp: Experiment) -> dict[str, str]:
@@ -342,7 +364,10 @@ def _train_and_evaluate(exp: Experiment, rows: list[dict], eval_sets: list[EvalS
         tags["reward_model_run"] = params["reward_model_run"] = reward_run
     if ranks.launched():
         tags.update({"distributed.world_size": str(ranks.world_size()),
-                     "distributed.launcher": os.environ.get(distributed.LAUNCHER_ENV, "unknown")})
+                     "distributed.launcher": os.environ.get(distributed.LAUNCHER_ENV, "unknown"),
+                     "distributed.nodes": os.environ.get(distributed.NODES_ENV, "1")})
+        if distributed.NODE_ADDR_ENV in os.environ:  # several nodes: the one that evaluates and checkpoints
+            tags["distributed.rank0_addr"] = os.environ[distributed.NODE_ADDR_ENV]
     if exp.resume:  # the run's id here (resumed_experiment)
         check_restorable(output_root(exp) / exp.resume / "checkpoints", evaluators)
     # signals wait for a step or evaluation boundary (harness.training.interrupts), then end the run KILLED

@@ -264,9 +264,6 @@ def _start_rules(exp: Experiment, launch: str | None, sweep: bool, stage: int | 
     return [
         (not sweep or not exp.resume, f"resume={exp.resume}: a sweep resumes its own trials (run the sweep again); "
                                       f"resume one run with `python -m harness run {exp.name()} resume=RUN_ID`"),
-        (launch is None or (not exp.resume and exp.save_every == 0),
-         "save_every and resume are single-process for now (each rank would need its own checkpoint shard); run "
-         "without --launch, or with save_every=0 and no resume"),
         (not sweep or exp.early_stop_patience == 0,
          f"early_stop_patience={exp.early_stop_patience}: a sweep stops unpromising trials with its pruner "
          f"(--pruner); run the sweep with early_stop_patience=0"),
