@@ -58,16 +58,19 @@ setup: $(STAMP)
 	  $(MAKE) --no-print-directory postgresql
 	@command -v chromium >/dev/null 2>&1 || $(MAKE) --no-print-directory chromium
 
+# $(call APT_INSTALL,package,what it is for,what happens without it): a system package, installed as root with apt
+APT_INSTALL = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "[setup] installing $(1) ($(2))"; \
+	  apt-get install -y -q $(1) >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(1) >/dev/null; }; \
+	else \
+	  echo "[setup] $(1) is missing and needs root to install (apt-get install $(1)); $(3)"; \
+	fi
+
 # The sandbox for generated code (HumanEval) isolates programs with bubblewrap's namespaces.
 bubblewrap:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "[setup] installing bubblewrap (isolation for generated code)"; \
-	  apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null; }; \
-	else \
-	  echo "[setup] bwrap is missing and needs root to install (apt-get install bubblewrap); until then code" \
-	       "evaluation refuses to run unless weak isolation is accepted"; \
-	fi
+	@$(call APT_INSTALL,bubblewrap,isolation for generated code,until then code evaluation refuses to run unless \
+	  weak isolation is accepted)
 
 $(STAMP): pyproject.toml
 	@echo "[setup] installing into $(VENV) for DEVICE=$(DEVICE) (first time a few minutes; again only when pyproject.toml changes)"
@@ -184,26 +187,13 @@ services-user: setup
 
 # PostgreSQL's server from the system's packages, as bubblewrap (`make services` and the tests' own clusters use it)
 postgresql:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "[setup] installing postgresql (the team set-up's database server)"; \
-	  apt-get install -y -q postgresql >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null; }; \
-	else \
-	  echo "[setup] PostgreSQL's server (initdb, pg_ctl) is missing and needs root to install" \
-	       "(apt-get install postgresql)"; \
-	fi
+	@$(call APT_INSTALL,postgresql,the team set-up's database server: initdb and pg_ctl,until then make services \
+	  and the tests that need a database cannot run)
 
 # Debian's Chromium, which the dashboard's browser test drives through Playwright (its own browser download is not
 # reachable from these machines)
 chromium:
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "[setup] installing chromium (the browser the MLflow dashboard test drives)"; \
-	  apt-get install -y -q chromium >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null; }; \
-	else \
-	  echo "[setup] chromium is missing and needs root to install (apt-get install chromium); until then the" \
-	       "dashboard's browser test skips"; \
-	fi
+	@$(call APT_INSTALL,chromium,the browser the MLflow dashboard test drives,until then that test skips)
 
 judge-server: setup
 	$(PY) -m harness judge-server --model $(JUDGE_MODEL) --port $(JUDGE_PORT)
