@@ -25,28 +25,30 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
 
 from experiments import load_class
 from harness.core.errors import ConfigError
 from harness.paths import REPO_ROOT
+from harness.sweeps.storage import (
+    PARENT_RUN_ATTR,
+    display_url,
+    fail_lost_trials,
+    fail_trial,
+    make_pruner,
+    make_storage,
+    open_study,
+    stop_at,
+    study_attr,
+)
 from harness.training.experiment import Experiment
 from harness.training.overrides import apply_overrides, field_types, parse_overrides
-from harness.training.tracking.runs import end_runs, existing_run, mlflow_run
+from harness.training.tracking.runs import existing_run, mlflow_run
 from harness.training.tracking.store import shown_tracking_uri
 
-PRUNERS = ("median", "hyperband", "none")
-# Heartbeats and PartialFixedSampler are marked experimental by Optuna; their warnings would repeat every trial.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-PARENT_RUN_ATTR = "mlflow_parent_run_id"
-DRIVER_ATTR = "sweep.driver"  # on each trial: the driver process that runs it, so a later driver can tell it died
 TRIAL_PID_ATTR = "sweep.trial_pid"
 TRIAL_GRACE_S = 30.0  # a stopped driver gives its trial process this long to end its run, then kills it
 
@@ -60,7 +62,7 @@ class SweepConfig:
     experiment: str
     overrides: list[str]  # key=value fixed for every trial
     trials: int | None = None  # trials this driver runs; None: until timeout or total_trials
-    total_trials: int | None = None  # stop once the study has this many finished trials (all workers together)
+    total_trials: int | None = None  # stop once the study has this many results (all workers together): stop_at
     timeout_s: float | None = None
     storage: str | None = None
     study: str | None = None
@@ -77,46 +79,6 @@ def default_storage() -> str:
     return os.environ.get("OPTUNA_STORAGE") or f"sqlite:///{REPO_ROOT / 'optuna.db'}"
 
 
-def display_url(url: str) -> str:
-    """The storage URL without its password: what may be printed and logged."""
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def make_storage(url: str, heartbeat_s: int | None = None, on_stale=None) -> optuna.storages.RDBStorage:
-    # SQLite allows one writer at a time; trial processes and other workers write too, so wait for the lock
-    # instead of failing at once. A database server can drop a pooled connection (restart, idle timeout, network):
-    # each connection is tested before use and replaced if dropped (Optuna does that for MySQL only), else the
-    # next call fails, and a failed call in the heartbeat thread ends the heartbeat of a trial that still runs.
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    for attempt in range(3):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_s,
-                                              grace_period=heartbeat_s * 4 if heartbeat_s else None,
-                                              heartbeat_stale_trial_callback=on_stale)
-        except Exception as e:  # a bad scheme, a missing driver, a server that refuses: say which storage
-            # Workers started together on a new database race to create its tables; the loser finds them made.
-            if ("already exists" in str(e) or "alembic_version" in str(e)) and attempt < 2:
-                time.sleep(1)
-                continue
-            raise ConfigError(f"--storage {display_url(url)}: {e}") from None
-
-
-def make_pruner(kind: str, warmup_steps: int, startup_trials: int, eval_every: int,
-                max_steps: int) -> optuna.pruners.BasePruner:
-    """The same pruner is rebuilt in each trial process from these arguments (Optuna does not store it)."""
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_steps)
-    if kind == "hyperband":
-        # max_steps=0 trains for num_train_epochs: Optuna then takes the steps the first trials reach
-        return optuna.pruners.HyperbandPruner(min_resource=max(eval_every, warmup_steps),
-                                              max_resource=max_steps if max_steps > 0 else "auto")
-    if kind == "none":
-        return optuna.pruners.NopPruner()
-    raise ConfigError(f"--pruner {kind!r}: choose one of {', '.join(PRUNERS)}")
-
-
 def trial_overrides(exp: Experiment, fixed: list[str], values: dict) -> list[str]:
     """The trial's command line: the fixed overrides, then the sampled fields (checked against the experiment)."""
     types = field_types(type(exp))
@@ -125,72 +87,6 @@ def trial_overrides(exp: Experiment, fixed: list[str], values: dict) -> list[str
         raise ConfigError(f"experiments/{exp.name()}.py: search_space returned {unknown}, which are not fields; "
                           f"fields: {', '.join(types)}")
     return [*fixed, *(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in values.items())]
-
-
-def fail_trial(study: optuna.Study, trial_id: int, run_status: str, why: str, *, tell: bool = True,
-               run_ids: tuple[str, ...] = ()) -> None:
-    """The one way a trial ends FAIL, whoever finds it failed (its driver, the trial process, a later driver): the
-    Optuna trial FAIL if still RUNNING (`tell=False`: the objective is about to raise inside `study.optimize`,
-    which tells Optuna itself), and its MLflow run ended `run_status` if still RUNNING (KILLED: its process was
-    killed or lost; FAILED: it exited on an error) and tagged `optuna.trial.state=FAIL`. The run is found by
-    `run_ids`, the trial's `mlflow_run_id` attribute, or its tags (a process killed before it recorded the id)."""
-    trial = study._storage.get_trial(trial_id)
-    if tell and trial.state == TrialState.RUNNING:
-        with contextlib.suppress(UpdateFinishedTrialError):  # another worker failed it at the same moment
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-    attrs = study.user_attrs
-    parent = attrs.get(PARENT_RUN_ATTR)
-    tags = {"mlflow.parentRunId": parent, "optuna.trial.number": str(trial.number)} if parent else None
-    try:
-        for run_id in end_runs(run_status, (*run_ids, *filter(None, [trial.user_attrs.get("mlflow_run_id")])),
-                               attrs.get("experiment"), tags):
-            existing_run(run_id).set_tags({"optuna.trial.state": "FAIL"})
-    except Exception as e:  # the MLflow store is unreachable: the Optuna state above is what counts
-        print(f"[sweep] trial {trial.number}: could not close its MLflow run: {e}", file=sys.stderr, flush=True)
-    print(f"[sweep] trial {trial.number}: FAIL ({why})", flush=True)
-
-
-def _on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A trial whose driver stopped beating: Optuna has marked it FAIL; close its MLflow run the same way."""
-    fail_trial(study, trial._trial_id, "KILLED", "its driver stopped beating: lost")
-
-
-def process_identity(pid: int) -> dict | None:
-    """What identifies a live process for a later driver: this kernel boot and PID namespace (where the same pid
-    means the same process), the pid and its start time (a reused pid has another). None off Linux."""
-    try:
-        machine = Path("/proc/sys/kernel/random/boot_id").read_text().strip() + "/" + os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-    started = _start_time(pid)
-    return {"machine": machine, "pid": pid, "start": started} if started else None
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time from /proc/PID/stat; None when it is gone or a zombie (dead, not yet waited for)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]  # fields[0] is field 3 (state); starttime is field 22
-
-
-def _is_gone(identity: dict | None) -> bool:
-    """True only when the process certainly ended: it ran on this machine and is no longer there."""
-    here = process_identity(os.getpid())
-    if not identity or here is None or identity.get("machine") != here["machine"]:
-        return False
-    return _start_time(identity["pid"]) != identity["start"]
-
-
-def fail_lost_trials(study: optuna.Study) -> None:
-    """Trials that a dead driver left RUNNING: those whose driver ran on this machine and is gone (at once), and
-    those whose heartbeat is stale (any machine; Optuna fails them and calls `_on_stale_trial`)."""
-    optuna.storages.fail_stale_trials(study)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        driver = trial.user_attrs.get(DRIVER_ATTR)
-        if _is_gone(driver):
-            fail_trial(study, trial._trial_id, "KILLED", f"its driver (pid {driver['pid']}) is gone")
 
 
 class _Signals:
@@ -226,50 +122,21 @@ class _Signals:
             raise KeyboardInterrupt(f"{self.name()}: sweep stopped")
 
 
-def _open_study(cfg: SweepConfig, exp: Experiment, storage, sampler, pruner) -> tuple[optuna.Study, bool]:
-    name = cfg.study or exp.name()
-    direction = "maximize" if exp.select_mode == "max" else "minimize"
-    try:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                    direction=direction)
-        study.set_user_attr("experiment", exp.name())
-        study.set_user_attr("objective", exp.select_metric)
-        return study, True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    recorded = _study_attr(study, storage, "experiment", True), _study_attr(study, storage, "objective", True)
-    if recorded != (exp.name(), exp.select_metric) or study.direction.name.lower() != direction:
-        raise ConfigError(f"--study {name}: the study was created for experiment {recorded[0]!r} optimising "
-                          f"{recorded[1]!r} ({study.direction.name.lower()}), not {exp.name()!r} "
-                          f"{exp.select_metric!r} ({direction}); choose another --study name")
-    return study, False
-
-
-def _study_attr(study: optuna.Study, storage, key: str, wait: bool) -> str | None:
-    """A study attribute that the driver which created the study sets right after creating it. A driver that
-    joined at the same moment waits briefly for it, so that concurrent workers share one parent run."""
-    deadline = time.time() + (30 if wait else 0)
-    while True:
-        value = optuna.load_study(study_name=study.study_name, storage=storage).user_attrs.get(key)
-        if value or time.time() >= deadline:
-            return value
-        time.sleep(1)
-
-
 def run_sweep(cfg: SweepConfig) -> dict:
     cls = load_class(cfg.experiment)
     exp = apply_overrides(cls, cfg.overrides, sweep=True)
     if type(exp).search_space is Experiment.search_space:
         exp.search_space(None)  # raises the error that says how to declare one
     url = cfg.storage or default_storage()
-    storage = make_storage(url, cfg.heartbeat_s, _on_stale_trial)
+    storage = make_storage(url, cfg.heartbeat_s)
     pruner_args = dict(kind=cfg.pruner, warmup_steps=cfg.warmup_steps, startup_trials=cfg.startup_trials,
                        eval_every=exp.eval_every, max_steps=exp.max_steps)
     pruner = make_pruner(**pruner_args)
     fixed, _ = parse_overrides(cls, cfg.overrides)
     # Fields fixed on the command line keep their value when the search space suggests them too.
     sampler = optuna.samplers.PartialFixedSampler(fixed, optuna.samplers.TPESampler(seed=cfg.seed))
-    study, created = _open_study(cfg, exp, storage, sampler, pruner)
+    study, created = open_study(cfg.study or exp.name(), storage, sampler, pruner, exp.name(), exp.select_metric,
+                                "maximize" if exp.select_mode == "max" else "minimize")
     shown_url = display_url(url)
     print(f"[sweep] study '{study.study_name}' in {shown_url}: {'created' if created else 'resumed'}, "
           f"{len(study.trials)} trials so far; objective {exp.select_metric} ({study.direction.name.lower()}), "
@@ -281,7 +148,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
             "sweep.overrides": " ".join(cfg.overrides)}
     # a parent run left RUNNING by a killed driver is reopened here and ends with this driver
     with mlflow_run(exp.name(), params, tags, run_name=f"sweep-{study.study_name}",
-                    resume_run_id=_study_attr(study, storage, PARENT_RUN_ATTR, wait=not created)) as parent, \
+                    resume_run_id=study_attr(study, storage, PARENT_RUN_ATTR, wait=not created)) as parent, \
             tempfile.TemporaryDirectory(prefix="sweep-") as scratch, _Signals() as signals:
         study.set_user_attr(PARENT_RUN_ATTR, parent.run_id)
         print(f"[mlflow] parent run {parent.run_id} at {shown_tracking_uri()}", flush=True)
@@ -289,8 +156,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
                                    cfg.grace_s)
         callbacks = [signals.check]  # stop between trials once a signal came
         if cfg.total_trials is not None:
-            callbacks.append(optuna.study.MaxTrialsCallback(
-                cfg.total_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+            callbacks += stop_at(cfg.total_trials)
         study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout_s, catch=(TrialFailed,),
                        callbacks=callbacks)
         signals.check()
@@ -328,7 +194,6 @@ class _TrialLauncher:
         spec_path.write_text(json.dumps(spec))
         tuned = " ".join(overrides[len(self.fixed):])
         print(f"\n[sweep] trial {trial.number}: {tuned}", flush=True)
-        trial.set_user_attr(DRIVER_ATTR, process_identity(os.getpid()))
         proc = subprocess.Popen([sys.executable, "-m", "harness", "trial", str(spec_path)], cwd=REPO_ROOT)
         try:
             trial.set_user_attr(TRIAL_PID_ATTR, proc.pid)

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from experiments import load_class
 from harness.core.files import write_json_atomic
-from harness.sweeps.study import fail_trial, make_pruner, make_storage
+from harness.sweeps.storage import fail_trial, make_pruner, make_storage
 from harness.training import interrupts
 from harness.training.inloop import EvalReport, selection_value
 from harness.training.overrides import apply_overrides

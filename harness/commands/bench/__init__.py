@@ -25,6 +25,11 @@
 12. `choice`: multiple choice by log-likelihood (the `choice` evaluator) on SmolLM2, 400 questions x 4 choices:
    questions/s through the in-loop vLLM engine vs the HF backend, alternating, and the scoring's share of a default
    sft_smollm2 eval step (BENCH_CHOICE_TINY=1: the embedded model and 8 questions, a check of the part end to end).
+13. `sweep_scale`: one PostgreSQL study driven by 1, 4, 16 and 64 simulated sweep workers (the harness's study code,
+   trials that only sleep and report): trials/min, duplicate and missing trials, claim conflicts, connections and lock
+   waits against max_connections; then a fault run (workers SIGKILLed, PostgreSQL restarted) and what every trial
+   and MLflow run ended as (BENCH_SWEEP_WORKERS=1,4: other worker counts; BENCH_SWEEP_MAX_CONNECTIONS=100: another
+   max_connections than `make services`' 300).
 
 `python -m harness.commands.bench [PART ...]` runs only the named parts (all by default). A part that measures in a
 fresh process runs one of the `*_child` modules here as `python -m harness.commands.bench.<module>`.

@@ -12,7 +12,8 @@ import sys
 # part -> its module under harness.commands.bench; `generation` and `sync` are one measurement
 PARTS = {"generation": "generation", "sync": "generation", "share": "share", "lora": "lora", "ddp": "ddp",
          "sandbox": "sandbox", "judge": "judge", "sweep": "sweep", "smollm2": "smollm2", "services": "services",
-         "ppo": "ppo", "rollout_ranks": "rollout_ranks", "choice": "choice", "roofline": "roofline"}
+         "ppo": "ppo", "rollout_ranks": "rollout_ranks", "choice": "choice", "roofline": "roofline",
+         "sweep_scale": "sweep_scale"}
 
 
 def main(parts: list[str]) -> None:
