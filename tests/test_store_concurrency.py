@@ -147,6 +147,27 @@ def test_case10_sqlite_store_keeps_artifacts_beside_its_file(tmp_path, monkeypat
     assert sqlite_path("http://127.0.0.1:5000") is None and sqlite_path("sqlite://") is None
 
 
+def test_a_run_shorter_than_a_sample_has_system_metrics_and_its_columns_join_the_view(tmp_path, monkeypatch):
+    import json
+
+    from harness.training.tracking.runs import mlflow_run
+    from harness.training.tracking.view import VIEW_TAG
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow_run("short", {}, {}, shown=(["eval/rouge/rougeL"], ["learning_rate", "seed"])) as first:
+        pass  # well under the monitor's 5 s: its one sample is logged at the end
+    with mlflow_run("short", {}, {}, shown=(["eval/rouge/rougeL"], ["beta", "seed"])):
+        pass
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    metrics = client.get_run(first.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    view = json.loads(client.get_experiment(first.experiment_id).tags[VIEW_TAG])
+    assert view["selectedColumns"] == ["attributes.`Dataset`", "metrics.`eval/rouge/rougeL`", "params.`learning_rate`",
+                                       "params.`seed`", "params.`beta`"]  # the second run's beta added, nothing twice
+    assert first.experiment_url().endswith(f"/#/experiments/{first.experiment_id}/runs?"
+                                           "workflowType=machine_learning&viewStateShareKey=harness")
+
+
 def test_case1_first_opening_of_a_store_waits_for_its_lock(tmp_path, monkeypatch):
     """While another process holds `<db>.lock` (here: another open file, which flock treats alike), opening a run
     does not touch the store; it goes on once the lock is released."""

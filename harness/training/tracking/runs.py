@@ -124,13 +124,23 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
         status = "KILLED"
         raise
     finally:
-        monitor.finish()
+        _stop_sampling(monitor)
         try:
             tracker.end(status)
         except TrackingUnavailable:
             if status == "FINISHED":
                 raise
             # else the run's own error propagates; the [error] line above named the file
+
+
+def _stop_sampling(monitor: SystemMetricsMonitor) -> None:
+    """Stop the system metrics and log the sample MLflow's monitor took since its last write, which it drops: a run
+    shorter than one interval would otherwise have none. A sample the store does not take is not worth the run."""
+    monitor.finish()
+    with contextlib.suppress(Exception):
+        if sample := monitor.aggregate_metrics():
+            monitor.publish_metrics(sample)
+            monitor.mlflow_logger.flush()
 
 
 def send_undelivered(path: Path) -> tuple[dict[str, int], Path]:
