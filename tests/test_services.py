@@ -167,7 +167,9 @@ def test_services_start_is_idempotent_and_the_passwords_stay_private(servers, ca
                f'export MLFLOW_TRACKING_PASSWORD="$(cat {s.dir}/mlflow-users/admin)"')
     assert exports in out
     assert not any(secret in out for secret in _secrets(s).values())
-    shell = subprocess.run(["bash", "-c", f"{exports}\nenv"], capture_output=True, text=True, check=True).stdout
+    # in an environment of its own: what this process set (other tests' MLFLOW_* settings) is not what was exported
+    shell = subprocess.run(["bash", "-c", f"{exports}\nenv"], capture_output=True, text=True, check=True,
+                           env={"PATH": os.environ["PATH"]}).stdout
     exported = dict(line.split("=", 1) for line in shell.splitlines() if line.startswith(("MLFLOW_", "OPTUNA_")))
     assert exported == {**s.mlflow_env(), "OPTUNA_STORAGE": s.optuna_url}  # and these work: the other tests use them
     assert again == s  # same ports and password as the first start
