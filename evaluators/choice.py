@@ -17,7 +17,7 @@ Metrics, 0-100 but bpb:
   averaged over the sets when `data` names several (nanochat's CORE).
 With several sets, each set's own five metrics are logged as <set>_<metric> too.
 
-Record shapes (see README: Multiple choice): plain (`prompt`, `choices`, `answer`), MMLU (`question`, `choices`,
+Record shapes (see docs/evaluators/choice.md): plain (`prompt`, `choices`, `answer`), MMLU (`question`, `choices`,
 `answer`, optional `subject`), ARC (`question`, `choices` {text, label}, `answerKey`), HellaSwag (`ctx` or `ctx_a` and
 `ctx_b`, optional `activity_label`, `endings`, `label`).
 """

@@ -4,7 +4,7 @@ training file (`eval_split`), and eval samples from plain and whole-conversation
 - `eval_data=data/eval.jsonl`: one set, metrics `eval/<evaluator>/<metric>` (a hub `name:split` stays one set too);
 - `eval_data=hf:openai/gsm8k:main:test` (or `gsm8k:hf:openai/gsm8k:main:test` among several): a hub dataset with
   its config, loaded by `datasets.load_dataset` (harness.core.records.hub_dataset); its records are read in the
-  shapes the evaluators know (GSM8K's question/answer as they are: README, Hub datasets);
+  shapes the evaluators know (GSM8K's question/answer as they are: docs/guides/eval-sets.md);
 - `eval_data=facts:data/eval.jsonl,chat:my_chats.jsonl`: several sets, metrics `eval/<set>/<evaluator>/<metric>`;
 - `split` (alone, or as a set's path: `heldout:split`) is the share `eval_split` of the training file held out,
   seeded by the run's seed and removed from the training rows; an empty `eval_data` means `split`.

@@ -164,7 +164,7 @@ def _read_json(path: Path) -> list[Record]:
     return [Record(f"{path} record {i + 1}", row) for i, row in enumerate(rows)]
 
 
-HUB_PREFIX = "hf:"  # hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT, a hub dataset with its config (README: Hub datasets)
+HUB_PREFIX = "hf:"  # hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT, a hub dataset with its config (docs/guides/eval-sets.md)
 
 
 @dataclass(frozen=True)

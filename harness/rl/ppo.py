@@ -1,7 +1,7 @@
 """PPO for language models with a value model, as RLHF (Ziegler et al., InstructGPT) and its open implementations
 define it: rollouts from the in-loop vLLM engine synced to the policy, a per-token KL penalty against the frozen
 step-0 policy with the score added at the last token, GAE advantages (whitened), and clipped policy and value losses
-over several epochs of minibatches per rollout. The README's PPO section says which choice follows which
+over several epochs of minibatches per rollout. docs/guides/ppo.md says which choice follows which
 implementation (TRL's PPOTrainer of v0.11-0.19, OpenRLHF, Huang et al.'s "N implementation details").
 
 The pure functions take per-token tensors of shape (batch, tokens) and a 0/1 `mask` of the completion tokens;
@@ -380,7 +380,7 @@ class PPOTrainer(Trainer):
         everything = slice(None)
         t = time.perf_counter()
         model.eval()  # no dropout (policy and value model): the first minibatch's ratio is then exactly 1
-        sum_ranks = self._sum_ranks()  # advantages whitened over every rank's tokens (see the README's PPO section)
+        sum_ranks = self._sum_ranks()  # advantages whitened over every rank's tokens (see docs/guides/ppo.md)
         with torch.no_grad():
             # no gradient, so no wrapper: the unwrapped models (only an unwrapped PeftModel has disable_adapter)
             old_logprobs, logits, old_values = self._forward(self.policy_and_value, rollout, everything)

@@ -118,7 +118,7 @@ class Evaluation:
             table.update({f"{evaluator.name}/{k}{STATS_SUFFIX}": v for k, v in result.corpus_stats.items()})
             if result.table is not None:
                 evaluator_tables[evaluator.name] = result.table
-            # error bars of every metric with per-sample values (README: What the error bars mean)
+            # error bars of every metric with per-sample values (docs/evaluators/error-bars.md)
             start = time.perf_counter()
             units = unit_table(evaluator, result.table) if evaluator.unit_column else None  # HumanEval's problems
             bars = error_bars(evaluator, units if units is not None else table)

@@ -71,7 +71,7 @@ def _summary_groups(summary: RunSummary) -> dict[str, tuple[EvalReport, EvalRepo
 
 def summary_tests(summary: RunSummary) -> dict[str, Paired]:
     """The end-of-run verdicts: metric key -> the paired test of final against baseline, Holm-adjusted over every
-    change of every eval set, one family (README: What the error bars mean); empty after a single evaluation."""
+    change of every eval set, one family (docs/evaluators/error-bars.md); empty after a single evaluation."""
     if len(summary.reports) < 2:
         return {}
     return holm({metric_key(k, set_name): t for set_name, (base_report, final_report) in
