@@ -124,7 +124,7 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
         status = "KILLED"
         raise
     finally:
-        _stop_sampling(monitor)
+        _stop_sampling(monitor, tracker)
         try:
             tracker.end(status)
         except TrackingUnavailable:
@@ -133,14 +133,13 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
             # else the run's own error propagates; the [error] line above named the file
 
 
-def _stop_sampling(monitor: SystemMetricsMonitor) -> None:
+def _stop_sampling(monitor: SystemMetricsMonitor, tracker: Tracker) -> None:
     """Stop the system metrics and log the sample MLflow's monitor took since its last write, which it drops: a run
-    shorter than one interval would otherwise have none. A sample the store does not take is not worth the run."""
+    shorter than one interval would otherwise have none. Through the tracker, so a server that is down at the end
+    costs no wait (its Outbox keeps the write)."""
     monitor.finish()
-    with contextlib.suppress(Exception):
-        if sample := monitor.aggregate_metrics():
-            monitor.publish_metrics(sample)
-            monitor.mlflow_logger.flush()
+    if sample := monitor.aggregate_metrics():
+        tracker.log_metrics({f"system/{k}": v for k, v in sample.items()}, monitor._logging_step)  # its next step
 
 
 def send_undelivered(path: Path) -> tuple[dict[str, int], Path]:
