@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 from harness.commands import services
+from harness.commands.bench.environ import environ
 from harness.commands.bench.sweep import SWEEP_ARGS
 from harness.core.files import free_port
 from harness.paths import REPO_ROOT
 from harness.training.tracking.runs import mlflow_run
-
-TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def services_speed(evaluations: int = 20, trials: int = 4) -> dict:
@@ -36,13 +35,11 @@ def services_speed(evaluations: int = 20, trials: int = 4) -> dict:
     result: dict = {"evaluations": evaluations, "trials": trials, "args": SWEEP_ARGS}
     directory = Path(tempfile.mkdtemp(prefix="bench-services-"))
     directory.chmod(0o755)  # the cluster's user (postgres, when we are root) must enter it
-    previous = {key: os.environ.get(key) for key in TRACKING_ENV}
     try:
         s = services.start(directory / "services", pg_port=free_port(), mlflow_port=free_port(), quiet=True)
         server = s.mlflow_env()  # as its admin, from the environment as any client
         for store, env in (("sqlite", {"MLFLOW_TRACKING_URI": f"sqlite:///{directory}/mlflow.db"}), ("server", server)):
-            os.environ.update(env)
-            with mlflow_run("bench_logging", {}, {}) as tracker:
+            with environ(**env), mlflow_run("bench_logging", {}, {}) as tracker:
                 times = []
                 for step in range(evaluations):
                     start = time.perf_counter()
@@ -63,11 +60,6 @@ def services_speed(evaluations: int = 20, trials: int = 4) -> dict:
             wall = time.perf_counter() - start
             result[f"workers_{workers}"] = {"wall_s": wall, "trials_per_hour": trials / wall * 3600}
     finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         with contextlib.suppress(Exception):
             services.stop(directory / "services", quiet=True)
         shutil.rmtree(directory, ignore_errors=True)

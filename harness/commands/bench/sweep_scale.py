@@ -37,6 +37,7 @@ import psycopg
 from optuna.trial import TrialState
 
 from harness.commands import services
+from harness.commands.bench.environ import environ
 from harness.commands.bench.sweep_scale_child import EXPERIMENT, OBJECTIVE
 from harness.core.files import free_port
 from harness.paths import REPO_ROOT
@@ -267,20 +268,6 @@ def scale_run(s: services.Services, directory: Path, workers: int, window_s: flo
             "max_connections": int(max_connections), **figures, **audit(trials, events)}
 
 
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    previous = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _results(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
@@ -309,7 +296,7 @@ def fault_run(s: services.Services, directory: Path, seed: int = 0, workers: int
     killed: dict[int, int] = {}  # pid -> the result count at which it was killed
     downtime_s = None
     started = time.time()
-    with _environ(MLFLOW_TRACKING_URI=tracking):
+    with environ(MLFLOW_TRACKING_URI=tracking):
         storage = make_storage(s.optuna_url, heartbeat_s)  # the next driver's, for what the workers left
         study, _ = open_study(study_name, storage, None, None, EXPERIMENT, OBJECTIVE, "minimize")
         with mlflow_run(EXPERIMENT, {}, {"optuna.study": study_name, "sweep.role": "parent"},
