@@ -309,7 +309,7 @@ def test_case10_compare_lists_a_run_given_twice_once(store, tmp_path):
     from harness.commands.compare import compare
 
     client, (a, b) = store
-    table, png = compare([a, b, a], out=str(tmp_path / "curves.png"))
+    table, png, _ = compare([a, b, a], out=str(tmp_path / "curves.png"))
     header = table.splitlines()[0]
     assert header.count(a[:8]) == 1 and header.count(b[:8]) == 1
     assert header.index(a[:8]) < header.index(b[:8])  # order kept

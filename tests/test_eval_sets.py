@@ -250,7 +250,7 @@ def test_compare_pairs_runs_set_by_set(tmp_path, monkeypatch):
                 tracker.log_metrics({f"eval/{name}/rouge/rougeL": sum(values) / 6}, 1)
                 tracker.log_table(table, f"eval_samples/{name}/step_000001.json")
             ids.append(tracker.run_id)
-    text, _ = compare(ids, out=str(tmp_path / "c.png"))
+    text, _, _ = compare(ids, out=str(tmp_path / "c.png"))
     lines = text.splitlines()
     assert any(line.strip().endswith("6 samples for eval set a:") for line in lines)
     (a_line,) = [line for line in lines if line.strip().startswith("eval/a/rouge/rougeL ") and "CI" in line]

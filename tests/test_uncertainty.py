@@ -446,7 +446,7 @@ def test_compare_gives_the_paired_difference_of_two_runs(tmp_path, monkeypatch):
                 tracker.log_metrics(report.metrics, step)
                 tracker.log_table(report.table, f"eval_samples/step_{step:06d}.json")
             ids.append(tracker.run_id)
-    table, _ = compare(ids, out=str(tmp_path / "c.png"))
+    table, _, _ = compare(ids, out=str(tmp_path / "c.png"))
     (header,) = [line for line in table.splitlines() if line.startswith("paired difference vs ")]
     assert f"({ids[0][:8]})" in header
     (exact,) = [line for line in table.splitlines() if line.strip().startswith("eval/answer/exact ") and "CI" in line]
@@ -541,7 +541,7 @@ def test_compare_pairs_humaneval_over_its_problems_from_the_logged_own_tables(tm
                 tracker.log_table({"task_id": tasks, "pass_at_1": [100.0] * solved + [0.0] * (16 - solved)},
                                   f"eval_samples/humaneval/step_{step:06d}.json")
             ids.append(tracker.run_id)
-    table, _ = compare(ids, out=str(tmp_path / "c.png"))
+    table, _, _ = compare(ids, out=str(tmp_path / "c.png"))
     (line,) = [row for row in table.splitlines() if row.strip().startswith("eval/humaneval/pass_at_1 ") and "CI" in row]
     # 12 problems solved by the second run only: a paired test over 16 problems, not a bare difference
     assert "12.500 ->     87.500  (+75.000, 95% CI [" in line and line.rstrip().endswith(", significant)")

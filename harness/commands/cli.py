@@ -160,9 +160,13 @@ def _compare(args: argparse.Namespace) -> int:
 
     if bool(args.run_ids) == bool(args.experiment):
         raise ConfigError("compare needs RUN_ID ... or --experiment NAME (one of the two)")
-    table, png = compare(args.run_ids, args.experiment, args.out, args.max_runs)
+    table, png, unlogged = compare(args.run_ids, args.experiment, args.out, args.max_runs)
     print(table)
-    print(f"eval curves: {png} (also logged to each run under compare/)")
+    if not unlogged:
+        print(f"eval curves: {png} (also logged to each run under compare/)")
+    else:  # read-only access to the runs: the comparison stands, the plot stays on this machine
+        print(f"eval curves: {png} (not logged to {len(unlogged)} of the runs: {', '.join(unlogged)}; "
+              f"{next(iter(unlogged.values()))})")
     return 0
 
 

@@ -2,7 +2,9 @@
 each run's final evaluation against the first run's, paired over the same eval samples (difference, 95% interval,
 p-value) from the per-sample tables the runs logged.
 
-The plot is also logged to each compared run (under `compare/`) so that the MLflow UI shows it next to the run.
+The plot is also logged to each compared run (under `compare/`) so that the MLflow UI shows it next to the run; a
+run the tracking server does not let this account write to (a READ account on a team server) keeps none, and the
+comparison is printed all the same.
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from harness.paths import REPO_ROOT
 from harness.training.inloop import is_quality_metric
 from harness.training.tracking.queries import RunRecord, eval_set_names, eval_tables, load_runs, load_table
 from harness.training.tracking.runs import existing_run
+from harness.training.tracking.store import auth_refusal
 
 DEFAULT_DIR = REPO_ROOT / "outputs" / "compare"
 PARENT = "parent_run"  # the param a chained stage logs (harness.training.runner): the run it started from
 
 
 def compare(run_ids: list[str], experiment: str | None = None, out: str | None = None,
-            max_runs: int = 10) -> tuple[str, Path]:
-    """The printed table and the PNG of eval curves for these runs (or an experiment's newest finished runs). A run
-    given twice is compared once (first place kept); an `out` that cannot be written stops before any work."""
+            max_runs: int = 10) -> tuple[str, Path, dict[str, str]]:
+    """The printed table and the PNG of eval curves for these runs (or an experiment's newest finished runs), and
+    why the plot was not logged to a run, by run id, where the tracking server refused it. A run given twice is
+    compared once (first place kept); an `out` that cannot be written stops before any work."""
     run_ids = list(dict.fromkeys(run_ids))
     if out:
         check_writable_file(Path(out), "--out")
@@ -46,9 +50,15 @@ def compare(run_ids: list[str], experiment: str | None = None, out: str | None =
     paired, tests = format_paired(runs, {r.run_id: final_tables(r) for r in runs},
                                   {r.run_id: final_unit_tables(r) for r in runs}) if len(runs) > 1 else ([], {})
     plot_curves(runs, png, tests)
+    unlogged = {}
     for run in runs:
-        existing_run(run.run_id).log_artifact(str(png), "compare")
-    return "\n".join([format_table(runs), *paired]), png
+        try:
+            existing_run(run.run_id).log_artifact(str(png), "compare")
+        except Exception as e:  # the server's answer (401/403) is the reason; anything else is a real failure
+            if (why := auth_refusal(e)) is None:
+                raise
+            unlogged[run.run_id] = why
+    return "\n".join([format_table(runs), *paired]), png, unlogged
 
 
 INTERVAL = ("_ci_low", "_ci_high")  # the ends of each point's 95% interval (evaluators/uncertainty.py)
