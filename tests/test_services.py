@@ -336,6 +336,7 @@ def test_two_workers_on_postgres_log_through_the_tracking_server(servers, as_adm
     assert sorted(runs) == [0, 1, 2, 3]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs.values())
     assert [runs[n].info.status for n in range(4)] == ["FINISHED", "FINISHED", "FAILED", "FINISHED"]
+    assert {r.info.user_id for r in [parent, *runs.values()]} == {RUNNER}  # the account, wherever it was given
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs.values()}
 
     # artifacts went up to the server's store: the runs point at it, not at a path on the workers' disk

@@ -1,6 +1,7 @@
 """The MLflow SQLite store under concurrency and after crashes (tracking/store.py): fresh stores opened by several
 processes at once, stores an interrupted schema upgrade left half-done, and where a SQLite store's artifacts go."""
 
+import getpass
 import os
 import shutil
 import sqlite3
@@ -61,6 +62,7 @@ def test_case1_two_runs_on_a_fresh_sqlite_store(tmp_path):
         assert sorted(r.info.run_name for r in runs) == [f"a-{i}", f"b-{i}"]
         own = [{k: v for k, v in r.data.metrics.items() if not k.startswith("system/")} for r in runs]
         assert all(r.info.status == "FINISHED" for r in runs) and own == [{"m": float(i)}] * 2, own
+        assert {r.info.user_id for r in runs} == {getpass.getuser()}  # no tracking account: the system user
     assert not list(tmp_path.rglob("_alembic_tmp*"))
 
 

@@ -4,6 +4,7 @@ process that died ended for it, and the writes a run kept in a file sent to the 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import logging
 import signal
@@ -21,7 +22,7 @@ from harness.paths import REPO_ROOT
 from harness.training.outbox import flush_timeout, replay
 from harness.training.tracking.queries import find_run
 from harness.training.tracking.retries import retrying
-from harness.training.tracking.store import open_client, sqlite_path, tracking_uri
+from harness.training.tracking.store import open_client, sqlite_path, tracking_account, tracking_uri
 from harness.training.tracking.tracker import Tracker
 from harness.training.tracking.view import EXPERIMENT_KIND, add_columns
 
@@ -102,8 +103,10 @@ def mlflow_run(experiment_name: str, params: dict, tags: dict[str, str], run_nam
         run_id = resume_run_id
         retrying(client.update_run, run_id, status="RUNNING")
     else:
+        # who ran it (MLflow's User column): the tracking account on a team server, else the system user
+        user = {"mlflow.user": tracking_account() or getpass.getuser()}
         run = retrying(client.create_run, exp_id, run_name=run_name,
-                        tags={**git_state(), **package_versions(), **tags})
+                        tags={**user, **git_state(), **package_versions(), **tags})
         run_id = run.info.run_id
     tracker = Tracker(client, exp_id, run_id)
     # CPU, memory, disk, network (and GPU where there is one) as system/* metrics, sampled beside the run

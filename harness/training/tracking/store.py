@@ -49,17 +49,22 @@ def _refused(error: BaseException) -> tuple[int, str] | None:
     return (int(found[2]), found[1]) if found else None
 
 
+def tracking_account() -> str | None:
+    """The account the tracking server is sent: the tracking URL's when it has one, else the environment's, else
+    ~/.mlflow/credentials'; None without one."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    return urlsplit(tracking_uri()).username or read_mlflow_creds().username or None
+
+
 def auth_refusal(error: BaseException) -> str | None:
     """What to do about a request the tracking server refused: not authenticated (401) or not permitted (403);
     None for any other error."""
     refused = _refused(error)
     if refused is None:
         return None
-    from mlflow.utils.credentials import read_mlflow_creds
-
     status, endpoint = refused
-    # the tracking URL's account is the one sent when it has one; else the environment's, else ~/.mlflow/credentials'
-    user = urlsplit(tracking_uri()).username or read_mlflow_creds().username
+    user = tracking_account()
     if status == 401:
         who = f"it does not take the password given for user {user!r}" if user else "no credentials were given"
         return (f"the MLflow server {shown_tracking_uri()} refused the request (401 on {endpoint}): {who}. Set "
