@@ -41,7 +41,9 @@ def test_case1_two_runs_on_a_fresh_sqlite_store(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     logs = [tmp_path / f"{name}.log" for name in ("a", "b")]
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), log.stem, str(rounds)], cwd=tmp_path,
-                                env={**env, "PYTHONPATH": str(REPO_ROOT)}, stdout=log.open("w"),
+                                # an account for a team server in the environment is not who ran a local run
+                                env={**env, "PYTHONPATH": str(REPO_ROOT), "MLFLOW_TRACKING_USERNAME": "teammate"},
+                                stdout=log.open("w"),
                                 stderr=subprocess.STDOUT) for log in logs]
     deadline = time.monotonic() + 120
     try:  # the first worker to fail fails the test at once (its partner would wait for it at the barrier)
@@ -62,7 +64,7 @@ def test_case1_two_runs_on_a_fresh_sqlite_store(tmp_path):
         assert sorted(r.info.run_name for r in runs) == [f"a-{i}", f"b-{i}"]
         own = [{k: v for k, v in r.data.metrics.items() if not k.startswith("system/")} for r in runs]
         assert all(r.info.status == "FINISHED" for r in runs) and own == [{"m": float(i)}] * 2, own
-        assert {r.info.user_id for r in runs} == {getpass.getuser()}  # no tracking account: the system user
+        assert {r.info.user_id for r in runs} == {getpass.getuser()}  # a local store: the system user
     assert not list(tmp_path.rglob("_alembic_tmp*"))
 
 

@@ -51,10 +51,13 @@ def _refused(error: BaseException) -> tuple[int, str] | None:
 
 def tracking_account() -> str | None:
     """The account the tracking server is sent: the tracking URL's when it has one, else the environment's, else
-    ~/.mlflow/credentials'; None without one."""
+    ~/.mlflow/credentials'; None without one, and for a local store, which is sent none."""
     from mlflow.utils.credentials import read_mlflow_creds
 
-    return urlsplit(tracking_uri()).username or read_mlflow_creds().username or None
+    url = urlsplit(tracking_uri())
+    if url.scheme not in ("http", "https"):
+        return None
+    return url.username or read_mlflow_creds().username or None
 
 
 def auth_refusal(error: BaseException) -> str | None:
